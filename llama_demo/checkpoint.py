@@ -1,0 +1,269 @@
+"""Meta's sharded checkpoints: find and verify shards, the split table, reshard N files to M ranks.
+
+A folder holds params.json and consolidated.00.pth ... consolidated.NN.pth, one file per
+model-parallel rank the model was saved with. Each split tensor holds 1/N of the full tensor
+along the dimension the split table names (fairscale's Column/RowParallelLinear and
+ParallelEmbedding). When the rank count differs from the shard count, each rank reads the
+memory-mapped shards and copies out only its own slice, so no rank ever holds the whole model.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from .config import ConfigError, ModelArgs
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint folder or file is broken; the message names the file and what was expected."""
+
+
+SHARD_RE = re.compile(r"consolidated\.(\d+)\.pth$")
+
+# The split table: for each tensor, the dimension along which each shard/rank holds a 1/N slice
+# (None: replicated). Layer index is stripped before lookup.
+SPLIT_DIM: dict[str, int | None] = {
+    "tok_embeddings.weight": 1,      # ParallelEmbedding splits the embedding dimension
+    "attention.wq.weight": 0,        # ColumnParallelLinear: output rows
+    "attention.wk.weight": 0,
+    "attention.wv.weight": 0,
+    "attention.wo.weight": 1,        # RowParallelLinear: input columns
+    "feed_forward.w1.weight": 0,
+    "feed_forward.w3.weight": 0,
+    "feed_forward.w2.weight": 1,
+    "output.weight": 0,
+    "norm.weight": None,
+    "attention_norm.weight": None,
+    "ffn_norm.weight": None,
+}
+IGNORED = {"rope.freqs"}  # LLaMA 1 stores its rotary table; we recompute it
+KV_NAMES = ("attention.wk.weight", "attention.wv.weight")
+_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
+
+
+def table_key(name: str) -> str:
+    m = _LAYER_RE.match(name)
+    return m.group(2) if m else name
+
+
+def split_dim(name: str) -> int | None:
+    key = table_key(name)
+    if key not in SPLIT_DIM:
+        raise KeyError(name)
+    return SPLIT_DIM[key]
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Full (unsharded) shape of every tensor of the model, in Meta's names."""
+    d, hd, f, v = args.dim, args.head_dim, args.ffn_hidden, args.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (v, d), "norm.weight": (d,), "output.weight": (v, d)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "attention.wq.weight": (args.n_heads * hd, d),
+            p + "attention.wk.weight": (args.n_kv_heads * hd, d),
+            p + "attention.wv.weight": (args.n_kv_heads * hd, d),
+            p + "attention.wo.weight": (d, args.n_heads * hd),
+            p + "feed_forward.w1.weight": (f, d),
+            p + "feed_forward.w3.weight": (f, d),
+            p + "feed_forward.w2.weight": (d, f),
+            p + "attention_norm.weight": (d,),
+            p + "ffn_norm.weight": (d,),
+        })
+    return shapes
+
+
+def kv_heads_of_part(n_kv: int, part: int, n_parts: int) -> list[int]:
+    """KV heads held by `part` of `n_parts` (a shard or a rank): a contiguous slice when the parts
+    divide the heads, one replicated head when there are more parts than heads."""
+    if n_parts <= n_kv:
+        per = n_kv // n_parts
+        return list(range(part * per, (part + 1) * per))
+    return [part // (n_parts // n_kv)]
+
+
+def find_shards(ckpt_dir: str | Path) -> list[Path]:
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"checkpoint folder {ckpt_dir} does not exist; expected a folder with params.json and consolidated.00.pth, ...")
+    shards = sorted((p for p in ckpt_dir.iterdir() if SHARD_RE.search(p.name)), key=lambda p: int(SHARD_RE.search(p.name).group(1)))
+    if not shards:
+        raise CheckpointError(f"no consolidated.NN.pth files in {ckpt_dir}; expected Meta's layout (params.json, consolidated.00.pth, ...)")
+    numbers = [int(SHARD_RE.search(p.name).group(1)) for p in shards]
+    if numbers != list(range(len(shards))):
+        raise CheckpointError(f"shards in {ckpt_dir} are numbered {numbers}; expected consolidated.00.pth to consolidated.{len(shards) - 1:02d}.pth with none missing")
+    return shards
+
+
+def load_model_args(ckpt_dir: str | Path, **overrides) -> ModelArgs:
+    return ModelArgs.from_params_file(Path(ckpt_dir) / "params.json", **overrides)
+
+
+def open_shard(path: Path) -> dict[str, torch.Tensor]:
+    """Memory-map one shard without running pickled code."""
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty; re-download it (see checklist.chk)")
+    try:
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError as e:
+        if "mmap" in str(e) and "zipfile" in str(e):  # legacy (pre-1.6) format cannot be mapped
+            sd = _load_unmapped(path)
+        else:
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupted?): {_first_line(e)}") from None
+    except Exception as e:  # pickle errors, zip errors, weights_only refusals
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupted?): {_first_line(e)}") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise CheckpointError(f"{path} does not hold a dict of named tensors; expected a Meta consolidated.NN.pth")
+    return sd
+
+
+def _load_unmapped(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0] if s else type(e).__name__
+
+
+@dataclass
+class ShardedCheckpoint:
+    """The shards of one folder, opened lazily, addressed as if they were one full state dict."""
+
+    args: ModelArgs
+    paths: list[Path]
+
+    def __post_init__(self) -> None:
+        self._open: dict[int, dict[str, torch.Tensor]] = {}
+        self.full_shapes = expected_shapes(self.args)
+
+    @property
+    def n(self) -> int:
+        return len(self.paths)
+
+    def shard(self, i: int) -> dict[str, torch.Tensor]:
+        if i not in self._open:
+            sd = open_shard(self.paths[i])
+            self._check_shard(i, sd)
+            self._open[i] = sd
+        return self._open[i]
+
+    def _check_shard(self, i: int, sd: dict[str, torch.Tensor]) -> None:
+        path = self.paths[i]
+        names = set(sd) - IGNORED
+        missing = sorted(set(self.full_shapes) - names, key=_natural)
+        if missing:
+            raise CheckpointError(f"{path} lacks {len(missing)} tensors (first: {missing[0]}); params.json says n_layers={self.args.n_layers}")
+        extra = sorted(names - set(self.full_shapes), key=_natural)
+        if extra:
+            raise CheckpointError(f"{path} holds unexpected tensors (first: {extra[0]}); params.json says n_layers={self.args.n_layers}")
+        for name, full in self.full_shapes.items():
+            want = self.shard_shape(name, full)
+            got = tuple(sd[name].shape)
+            if got != want:
+                raise CheckpointError(
+                    f"{path}: {name} has shape {list(got)}, expected {list(want)} "
+                    f"(params.json: dim={self.args.dim}, n_heads={self.args.n_heads}, n_kv_heads={self.args.n_kv_heads}, "
+                    f"vocab_size={self.args.vocab_size}, {self.n} shard(s))")
+
+    def shard_shape(self, name: str, full: tuple[int, ...]) -> tuple[int, ...]:
+        d = split_dim(name)
+        if d is None:
+            return full
+        shape = list(full)
+        if table_key(name) in KV_NAMES:
+            shape[0] = len(kv_heads_of_part(self.args.n_kv_heads, 0, self.n)) * self.args.head_dim
+        else:
+            if full[d] % self.n:
+                raise CheckpointError(f"{name} of size {full[d]} cannot have been split over {self.n} shards; is params.json right?")
+            shape[d] = full[d] // self.n
+        return tuple(shape)
+
+    def rank_slice(self, name: str, rank: int, world: int) -> torch.Tensor:
+        """This rank's part of tensor `name`, copied out of the memory-mapped shards."""
+        full = self.full_shapes[name]
+        d = split_dim(name)
+        if d is None:
+            return self.shard(0)[name].clone()
+        if table_key(name) in KV_NAMES:
+            hd, n_kv = self.args.head_dim, self.args.n_kv_heads
+            blocks = []
+            for h in kv_heads_of_part(n_kv, rank, world):
+                # find a shard holding head h and its offset there
+                for s in range(self.n):
+                    held = kv_heads_of_part(n_kv, s, self.n)
+                    if h in held:
+                        blocks.append(self.shard(s)[name].narrow(0, held.index(h) * hd, hd))
+                        break
+            return torch.cat(blocks, 0)
+        per_shard = full[d] // self.n
+        start, stop = rank * full[d] // world, (rank + 1) * full[d] // world
+        pieces = []
+        for s in range(start // per_shard, (stop - 1) // per_shard + 1):
+            lo, hi = max(start, s * per_shard), min(stop, (s + 1) * per_shard)
+            pieces.append(self.shard(s)[name].narrow(d, lo - s * per_shard, hi - lo))
+        return pieces[0].clone() if len(pieces) == 1 else torch.cat(pieces, d)
+
+
+def _natural(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def open_checkpoint(ckpt_dir: str | Path, world_size: int, **overrides) -> ShardedCheckpoint:
+    """Check the folder and the rank count before touching any weights; fill in vocab_size."""
+    args = load_model_args(ckpt_dir, **overrides)
+    paths = find_shards(ckpt_dir)
+    if args.vocab_size <= 0:  # LLaMA 1/2 say -1: the embedding's row count is the truth
+        emb = open_shard(paths[0]).get("tok_embeddings.weight")
+        if emb is None or emb.dim() != 2:
+            raise CheckpointError(f"{paths[0]} has no 2-D tok_embeddings.weight; expected a Meta consolidated.NN.pth")
+        args.vocab_size = emb.shape[0]
+    args.validate()
+    args.check_world_size(world_size)
+    n = len(paths)
+    if args.n_heads % n or (args.n_kv_heads % n and n % args.n_kv_heads):
+        raise CheckpointError(f"{n} shards cannot split {args.n_heads} heads / {args.n_kv_heads} KV heads; is params.json right?")
+    return ShardedCheckpoint(args, paths)
+
+
+def iter_rank_state(ckpt: ShardedCheckpoint, rank: int, world: int, dtype: torch.dtype,
+                    progress: Callable[[Iterator], Iterator] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of this rank's slices, one tensor in memory at a time."""
+    names = sorted(ckpt.full_shapes, key=_natural)
+    it = progress(names) if progress else names
+    for name in it:
+        yield name, ckpt.rank_slice(name, rank, world).to(dtype)
+
+
+def save_sharded(state: dict[str, torch.Tensor], args: ModelArgs, out_dir: str | Path, n_shards: int,
+                 extra_params: dict | None = None) -> list[Path]:
+    """Write a full state dict (Meta's names and layout) as params.json + n_shards consolidated files."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    args.check_world_size(n_shards)
+    shapes = expected_shapes(args)
+    for name, shape in shapes.items():
+        if name not in state:
+            raise CheckpointError(f"state dict lacks {name}")
+        if tuple(state[name].shape) != shape:
+            raise CheckpointError(f"{name} has shape {list(state[name].shape)}, expected {list(shape)}")
+    fake = ShardedCheckpoint(args, [Path("<memory>")])
+    fake._open[0] = state
+    paths = []
+    for s in range(n_shards):
+        shard = {name: fake.rank_slice(name, s, n_shards).contiguous() for name in shapes}
+        p = out / f"consolidated.{s:02d}.pth"
+        torch.save(shard, p)
+        paths.append(p)
+    params = args.to_params()
+    params.update(extra_params or {})
+    (out / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+    return paths

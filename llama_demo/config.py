@@ -1,0 +1,154 @@
+"""Model shapes from Meta's params.json, and the server's tunables.
+
+One place per fact: derived sizes (head_dim, FFN hidden size) are computed here and nowhere else.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A model folder or a setting is wrong in a way the user can fix; the message says how."""
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # grouped-query attention (Llama 2 70B, Llama 3); None = n_heads
+    vocab_size: int = -1  # -1 in LLaMA 1/2 params.json: taken from the tokenizer
+    multiple_of: int = 256  # FFN hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    use_scaled_rope: bool = False  # Llama 3.1's long-context frequency scaling
+    max_seq_len: int = 2048  # KV cache length: a serving choice, not a property of the weights
+    max_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        h = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            h = int(self.ffn_dim_multiplier * h)
+        return self.multiple_of * ((h + self.multiple_of - 1) // self.multiple_of)
+
+    def validate(self) -> None:
+        if self.dim <= 0 or self.n_layers <= 0 or self.n_heads <= 0:
+            raise ConfigError(f"dim, n_layers and n_heads must be positive (got {self.dim}, {self.n_layers}, {self.n_heads})")
+        if self.dim % self.n_heads:
+            raise ConfigError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head dimension {self.head_dim} must be even for rotary embeddings")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        if self.vocab_size <= 0:
+            raise ConfigError("vocab_size is unknown: params.json says -1 and no tokenizer gave it")
+
+    def check_world_size(self, world_size: int) -> None:
+        """Model-parallel ranks must divide the query heads and the KV heads (or be a multiple of
+        the KV heads, which are then replicated)."""
+        if self.n_heads % world_size:
+            raise ConfigError(
+                f"{world_size} ranks cannot split {self.n_heads} attention heads: use a rank count that divides {self.n_heads}")
+        kv = self.n_kv_heads
+        if kv % world_size and world_size % kv:
+            raise ConfigError(
+                f"{world_size} ranks cannot split or replicate {kv} KV heads: use a divisor or a multiple of {kv}")
+        if self.dim % world_size or self.ffn_hidden % world_size:
+            raise ConfigError(f"{world_size} ranks cannot split dim {self.dim} / FFN {self.ffn_hidden} evenly")
+
+    def to_params(self) -> dict:
+        """params.json content in Meta's spelling (serving fields left out)."""
+        d = {"dim": self.dim, "n_layers": self.n_layers, "n_heads": self.n_heads,
+             "n_kv_heads": self.n_kv_heads, "vocab_size": self.vocab_size,
+             "multiple_of": self.multiple_of, "norm_eps": self.norm_eps, "rope_theta": self.rope_theta}
+        if self.ffn_dim_multiplier is not None:
+            d["ffn_dim_multiplier"] = self.ffn_dim_multiplier
+        if self.use_scaled_rope:
+            d["use_scaled_rope"] = True
+        return d
+
+    @classmethod
+    def from_params_file(cls, path: str | os.PathLike, **overrides) -> "ModelArgs":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path} is missing: a Meta checkpoint folder needs params.json beside consolidated.*.pth")
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path} is not valid JSON ({e}); expected Meta's params.json with dim, n_layers, n_heads, ...") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a JSON object with dim, n_layers, n_heads, ...")
+        return cls.from_params(raw, source=str(path), **overrides)
+
+    @classmethod
+    def from_params(cls, raw: dict, source: str = "params", **overrides) -> "ModelArgs":
+        missing = [k for k in ("dim", "n_layers", "n_heads") if k not in raw]
+        if missing:
+            raise ConfigError(f"{source} lacks {', '.join(missing)}; expected Meta's params.json fields dim, n_layers, n_heads, norm_eps, ...")
+        known = {f.name: f for f in fields(cls)}
+        kw = {}
+        for k, v in raw.items():
+            if k not in known:
+                continue  # e.g. "rope_scaling" notes in some exports: not used by Meta's code either
+            if v is None and k in ("n_kv_heads", "ffn_dim_multiplier"):
+                kw[k] = None
+                continue
+            want = {"ffn_dim_multiplier": float, "norm_eps": float, "rope_theta": float, "use_scaled_rope": bool}.get(k, int)
+            if isinstance(v, bool) and want is not bool or not isinstance(v, (int, float, bool)):
+                raise ConfigError(f"{source}: {k} must be a number, got {v!r}")
+            if want is int and float(v) != int(v):
+                raise ConfigError(f"{source}: {k} must be an integer, got {v!r}")
+            kw[k] = want(v)
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**kw)
+
+
+# Shapes for benchmarks and tests: the 110M shape is the one the speed targets are stated for.
+NAMED_SHAPES: dict[str, dict] = {
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=512, multiple_of=32),
+    "110M": dict(dim=768, n_layers=12, n_heads=12, vocab_size=32000, multiple_of=256),
+    "1B": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+               ffn_dim_multiplier=1.5, rope_theta=500000.0),
+    "7B": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256),
+    "8B": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
+               ffn_dim_multiplier=1.3, rope_theta=500000.0),
+    "13B": dict(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, multiple_of=256),
+    "70B": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000, multiple_of=4096,
+                ffn_dim_multiplier=1.3),
+}
+
+
+def env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        raise ConfigError(f"environment variable {name} must be a number") from None
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"  # safe by default: only this machine can reach the UI unless asked
+    port: int = 7860
+    zmq_port: int = 5557
+    share: bool = False
+    auth: tuple[str, str] | None = None
+    max_seq_len: int = 2048
+    max_batch_size: int = 8
+    dist_timeout: float = 1800.0  # seconds; passed to init_process_group
+    heartbeat_interval: float = 60.0  # seconds between idle collectives; must stay below dist_timeout
+    chat: bool | None = None  # None: decide from the model folder
+    default_max_new_tokens: int = 512
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,29 @@
+"""Run under torchrun by the tests: each rank writes its last-position logits for a fixed prompt
+and the greedy tokens the engine generates for a batch of prompts."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from llama_demo.distributed import init_distributed, shutdown_distributed
+from llama_demo.engine import Engine, Request
+from llama_demo.loading import load_model
+from llama_demo.sampling import SamplingParams
+from llama_demo.tokenizer import load_tokenizer
+
+ckpt, out, prompts_json, n_new = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+prompts = json.loads(prompts_json)  # lists of token ids
+info = init_distributed()
+model = load_model(ckpt, info, max_seq_len=256, max_batch_size=8)
+ids = torch.tensor([prompts[0]])
+logits = model(ids, torch.arange(ids.shape[1])[None], slice(0, 1), ids.shape[1], logits_at=torch.tensor([ids.shape[1] - 1]))
+engine = Engine(model, load_tokenizer(ckpt), info.rank, info.world_size, info.device)
+params = SamplingParams(temperature=0.0, max_new_tokens=n_new)
+batch = engine.generate([Request(i, p, params) for i, p in enumerate(prompts)])
+sampled = engine.generate([Request(0, prompts[0], SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=n_new))])
+out.mkdir(parents=True, exist_ok=True)
+torch.save(logits[0].clone(), out / f"logits{info.rank}.pt")
+(out / f"tokens{info.rank}.json").write_text(json.dumps({
+    "batch": [batch[i][0] for i in range(len(prompts))], "sampled": sampled[0][0]}))
+shutdown_distributed()
