@@ -1,0 +1,232 @@
+"""Speed and memory of the engine, with Hugging Face transformers side by side in the same run.
+
+    python -m llama_demo.bench --shape 110M --vs-hf
+    torchrun --nproc_per_node 2 -m llama_demo.bench --shape 110M
+    python -m llama_demo.bench --ckpt_dir models/7B --dtype bfloat16
+
+Reports time to first token, batch-1 decode tokens/s, aggregate tokens/s with 1, 4 and 16
+concurrent requests (continuous batching), and peak memory. A named shape gets random weights,
+written once as a Meta checkpoint into the cache so that every peer reads the same weights.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import expected_shapes, open_checkpoint, save_sharded
+from .config import NAMED_SHAPES, ModelArgs
+from .distributed import init_distributed, parse_dtype, shutdown_distributed
+from .engine import Engine, Request
+from .loading import load_model
+from .sampling import SamplingParams
+
+
+class _NoTextTokenizer:
+    """The engine only needs stop ids and a decoder; benchmarks measure tokens, not text."""
+    stop_ids: frozenset = frozenset()
+    special_ids: frozenset = frozenset()
+    vocab_size = 0
+
+    def decode(self, ids) -> str:
+        return ""
+
+
+def random_checkpoint(shape: str, cache: Path | None = None) -> Path:
+    if shape not in NAMED_SHAPES:
+        raise ValueError(f"--shape must be one of {', '.join(NAMED_SHAPES)}")
+    cache = cache or Path(os.environ.get("LLAMA_DEMO_CACHE", Path.home() / ".cache" / "llama_demo")) / "bench"
+    folder = cache / f"random-{shape}"
+    if (folder / "params.json").is_file():
+        return folder
+    args = ModelArgs(**NAMED_SHAPES[shape])
+    g = torch.Generator().manual_seed(0)
+    state = {n: (torch.randn(s, generator=g) * 0.02 if len(s) == 2 else torch.ones(s))
+             for n, s in expected_shapes(args).items()}
+    tmp = Path(tempfile.mkdtemp(dir=cache.mkdir(parents=True, exist_ok=True) or cache))
+    save_sharded(state, args, tmp, 1)
+    tmp.rename(folder)
+    return folder
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_engine(engine: Engine, prompt_len: int, new_tokens: int, concurrency: list[int]) -> dict:
+    vocab = engine.model.args.vocab_size
+    g = torch.Generator().manual_seed(1)
+
+    def prompt() -> list[int]:
+        return torch.randint(3, vocab, (prompt_len,), generator=g).tolist()
+
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
+    engine.generate([Request("warm", prompt(), SamplingParams(temperature=0.0, max_new_tokens=4))])
+    # time to first token: prefill + one sampled token
+    _sync(engine.device)
+    t0 = time.perf_counter()
+    engine.generate([Request("ttft", prompt(), SamplingParams(temperature=0.0, max_new_tokens=1))])
+    _sync(engine.device)
+    ttft = time.perf_counter() - t0
+    out = {"ttft_s": ttft}
+    for n in concurrency:
+        reqs = [Request(f"c{n}-{i}", prompt(), greedy) for i in range(n)]
+        for r in reqs:
+            engine.add(r)
+        first_done = None
+        tokens = 0
+        t0 = time.perf_counter()
+        while not engine.idle:
+            events = engine.step()
+            tokens += sum(1 for e in events if e.token_id is not None)
+            if first_done is None and tokens >= n:  # every request has its first token: prefill over
+                first_done = (time.perf_counter(), tokens)
+        _sync(engine.device)
+        t1 = time.perf_counter()
+        # decode rate: tokens after every prompt was prefilled, over the time after that point
+        out[f"decode_tok_s_c{n}"] = (tokens - first_done[1]) / (t1 - first_done[0])
+    out["peak_mem_mb"] = peak_memory_mb(engine.device)
+    return out
+
+
+def hf_model_from_meta(folder: Path, dtype: torch.dtype, device: torch.device):
+    """transformers' LlamaForCausalLM on a one-rank view of a Meta checkpoint (rotary rows permuted)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ck = open_checkpoint(folder, 1)
+    a = ck.args
+    hd = a.head_dim
+
+    def permute(w, n):
+        return w.view(n, hd // 2, 2, a.dim).transpose(1, 2).reshape(n * hd, a.dim)
+
+    cfg = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.ffn_hidden,
+                      num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
+                      rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta, max_position_embeddings=4096,
+                      tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+    sub = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+           "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+           "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    sd = {}
+    for name in ck.full_shapes:
+        t = ck.rank_slice(name, 0, 1).to(dtype)
+        if name in names:
+            sd[names[name]] = t
+            continue
+        _, i, rest = name.split(".", 2)
+        key = rest.rsplit(".", 1)[0]
+        if key == "attention.wq":
+            t = permute(t, a.n_heads)
+        elif key == "attention.wk":
+            t = permute(t, a.n_kv_heads)
+        sd[f"model.layers.{i}.{sub[key]}.weight"] = t
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model.load_state_dict(sd, strict=False, assign=True)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg, device=device)
+    return model.to(device).eval()
+
+
+def bench_hf(model, prompt_len: int, new_tokens: int, device: torch.device) -> dict:
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (1, prompt_len), generator=g).to(device)
+
+    def gen(n: int) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    gen(2)
+    ttft = gen(1)
+    total = gen(new_tokens)
+    return {"ttft_s": ttft, "decode_tok_s_c1": (new_tokens - 1) / max(total - ttft, 1e-9)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m llama_demo.bench", description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt_dir", help="a Meta-layout checkpoint folder")
+    src.add_argument("--shape", help=f"random weights of a named shape: {', '.join(NAMED_SHAPES)}")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default=None)
+    p.add_argument("--prompt_len", type=int, default=128)
+    p.add_argument("--new_tokens", type=int, default=64)
+    p.add_argument("--concurrency", default="1,4,16", help="comma-separated request counts")
+    p.add_argument("--vs-hf", dest="vs_hf", action="store_true", help="run transformers generate in the same run")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    a = p.parse_args(argv)
+    conc = [int(c) for c in a.concurrency.split(",")]
+    info = init_distributed(device=a.device)
+    try:
+        folder = Path(a.ckpt_dir) if a.ckpt_dir else None
+        if folder is None:
+            # rank 0 writes the random checkpoint once; the others wait for it
+            if info.rank == 0:
+                folder = random_checkpoint(a.shape)
+            if info.world_size > 1:
+                torch.distributed.barrier()
+            folder = folder or random_checkpoint(a.shape)
+        max_len = a.prompt_len + a.new_tokens + 8
+        model = load_model(folder, info, parse_dtype(a.dtype), max_len, max(conc), progress=False)
+        engine = Engine(model, _NoTextTokenizer(), info.rank, info.world_size, info.device, seed=0)
+        ours = bench_engine(engine, a.prompt_len, a.new_tokens, conc)
+        result = {"model": a.shape or str(folder), "ranks": info.world_size, "device": str(info.device),
+                  "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+                  "llama_demo": ours}
+        if a.vs_hf and info.rank == 0:
+            del engine, model
+            hf = hf_model_from_meta(folder, parse_dtype(a.dtype) or (torch.float32 if info.device.type == "cpu" else torch.bfloat16), info.device)
+            result["transformers"] = bench_hf(hf, a.prompt_len, a.new_tokens, info.device)
+            result["ratio_decode_c1_vs_hf"] = ours["decode_tok_s_c1"] / result["transformers"]["decode_tok_s_c1"]
+        if info.rank == 0:
+            if a.json:
+                print(json.dumps(result))
+            else:
+                _print(result, conc)
+        return 0
+    except ValueError as e:
+        if info.rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown_distributed()
+
+
+def _print(r: dict, conc: list[int]) -> None:
+    o = r["llama_demo"]
+    print(f"model {r['model']}  ranks {r['ranks']}  device {r['device']}  dtype {r['dtype']}  threads/rank {r['threads']}")
+    print(f"{'':24}{'llama_demo':>12}" + (f"{'transformers':>14}{'ratio':>8}" if "transformers" in r else ""))
+    hf = r.get("transformers", {})
+    print(f"{'time to first token s':24}{o['ttft_s']:12.3f}" + (f"{hf['ttft_s']:14.3f}{hf['ttft_s'] / o['ttft_s']:8.2f}" if hf else ""))
+    for n in conc:
+        line = f"{f'decode tok/s, {n} req':24}{o[f'decode_tok_s_c{n}']:12.1f}"
+        if hf and n == 1:
+            line += f"{hf['decode_tok_s_c1']:14.1f}{r['ratio_decode_c1_vs_hf']:8.2f}"
+        print(line)
+    if len(conc) > 1:
+        print(f"{f'{conc[-1]} req vs 1 req':24}{o[f'decode_tok_s_c{conc[-1]}'] / o['decode_tok_s_c1']:12.2f}x")
+    print(f"{'peak memory MB':24}{o['peak_mem_mb']:12.0f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""`python app.py ...` / `torchrun ... app.py ...`: serve a model to the browser and the OpenAI API.
+
+Every rank loads its slice of the model and runs the same serving loop; rank 0 alone binds the
+web port and the request bus.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .config import ConfigError, ServerConfig
+from .distributed import shutdown_distributed
+
+log = logging.getLogger("llama_demo")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from .generate import add_model_args
+
+    p = argparse.ArgumentParser(prog="app.py", description="Chat with a LLaMA model split across ranks.")
+    add_model_args(p)
+    p.set_defaults(ckpt_dir=None)
+    for action in p._actions:
+        if action.dest == "ckpt_dir":
+            action.required = False
+            action.help = "Meta-layout model folder (default: the embedded SmolLM2-135M-Instruct)"
+    d = ServerConfig()
+    p.add_argument("--host", default=d.host, help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--share", action="store_true", help="also open a public Gradio share link")
+    p.add_argument("--auth", default=None, help="USER:PASS required by the web UI and the API")
+    p.add_argument("--zmq_port", type=int, default=d.zmq_port, help="rank 0's request bus port")
+    p.add_argument("--dist_timeout", type=float, default=d.dist_timeout, help="collective timeout in seconds")
+    p.add_argument("--heartbeat_interval", type=float, default=d.heartbeat_interval, help="seconds between idle collectives")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="use the model's chat format (default: yes for chat/instruct models)")
+    p.add_argument("--system_prompt", default=None, help="initial system prompt in the UI")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max_new_tokens", type=int, default=d.default_max_new_tokens, help="default answer length")
+    a = p.parse_args(argv)
+    if a.heartbeat_interval <= 0 or a.heartbeat_interval >= a.dist_timeout:
+        p.error("--heartbeat_interval must be positive and below --dist_timeout")
+    if a.auth is not None and ":" not in a.auth:
+        p.error("--auth must be USER:PASS")
+    return a
+
+
+def server_config(a: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(host=a.host, port=a.port, zmq_port=a.zmq_port, share=a.share,
+                        auth=tuple(a.auth.split(":", 1)) if a.auth else None, max_seq_len=a.max_seq_len,
+                        max_batch_size=a.max_batch_size, dist_timeout=a.dist_timeout,
+                        heartbeat_interval=a.heartbeat_interval, chat=a.chat, default_max_new_tokens=a.max_new_tokens)
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}): pass another --port") from None
+
+
+class WebServer:
+    """uvicorn in a thread of rank 0, so the main thread runs the same loop as the other ranks."""
+
+    def __init__(self, app, host: str, port: int):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                    timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, daemon=True, name="web")
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise ConfigError("the web server did not start (port taken?)")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=5)
+
+
+def resolve_model(a: argparse.Namespace, rank: int) -> None:
+    """No --ckpt_dir: the embedded default model, converted once into the cache (rank 0 first,
+    the others wait for the folder: conversion is not repeated per rank)."""
+    if a.ckpt_dir:
+        return
+    from .convert import default_model_dir
+
+    a.ckpt_dir = str(default_model_dir())
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    a = parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    cfg = server_config(a)
+    web = heartbeat = bus = None
+    try:
+        from .bus import Bus
+        from .generate import build_engine
+        from .server import EngineClient, Heartbeat, ServingLoop
+
+        if rank == 0:
+            check_port_free(cfg.host, cfg.port)
+        resolve_model(a, rank)
+        engine, tokenizer = build_engine(a, cfg.dist_timeout)
+        bus = Bus(rank, os.environ.get("MASTER_ADDR", "127.0.0.1"), cfg.zmq_port)
+        bus.handshake()
+        client = None
+        from .chat_format import chat_format_for, is_chat_model
+
+        chat = cfg.chat if cfg.chat is not None else is_chat_model(a.ckpt_dir)
+        chat_format = chat_format_for(a.ckpt_dir, tokenizer) if chat else None
+        if chat_format is not None:  # every rank: stop decisions must not differ between ranks
+            engine.stop_ids = engine.stop_ids | frozenset(chat_format.stop_ids)
+        if rank == 0:
+            from .web import build_app
+
+            client = EngineClient(bus, engine, Path(a.ckpt_dir).name)
+            app = build_app(client, chat_format, cfg, system_prompt=a.system_prompt or "")
+            web = WebServer(app, cfg.host, cfg.port)
+            web.start()
+            heartbeat = Heartbeat(bus, engine, cfg.heartbeat_interval).start()
+            url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}/"
+            print(f"llama_demo: serving {client.model_name} on {engine.world_size} rank(s) "
+                  f"({'chat' if chat_format else 'completion'} mode) at {url}  (OpenAI API: {url}v1)", flush=True)
+            if cfg.share:
+                from .web import open_share_tunnel
+
+                print(f"llama_demo: public link {open_share_tunnel(cfg.host, cfg.port)}", flush=True)
+        ServingLoop(engine, bus, cfg.heartbeat_interval, client).run()
+        return 0
+    except KeyboardInterrupt:
+        if rank == 0:
+            print("\nllama_demo: shutting down", file=sys.stderr)
+        return 0
+    except (ValueError, OSError) as e:  # bad flags, folders, ports: the user's to fix
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except RuntimeError as e:  # a collective failed: another rank died or hung
+        print(f"error: rank {rank} lost contact with the other ranks ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+              "the job stops", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if heartbeat:
+            heartbeat.stop()
+        if web:
+            web.stop()
+        if bus:
+            bus.close()
+        shutdown_distributed()
