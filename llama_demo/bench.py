@@ -136,11 +136,11 @@ def hf_model_from_meta(folder: Path, dtype: torch.dtype, device: torch.device):
         elif key == "attention.wk":
             t = permute(t, a.n_kv_heads)
         sd[f"model.layers.{i}.{sub[key]}.weight"] = t
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    model.load_state_dict(sd, strict=False, assign=True)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg, device=device)
-    return model.to(device).eval()
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+    return model.eval()
 
 
 def bench_hf(model, prompt_len: int, new_tokens: int, device: torch.device) -> dict:

@@ -68,6 +68,8 @@ class ModelArgs:
                 f"{world_size} ranks cannot split or replicate {kv} KV heads: use a divisor or a multiple of {kv}")
         if self.dim % world_size or self.ffn_hidden % world_size:
             raise ConfigError(f"{world_size} ranks cannot split dim {self.dim} / FFN {self.ffn_hidden} evenly")
+        if self.vocab_size > 0 and self.vocab_size % world_size:
+            raise ConfigError(f"{world_size} ranks cannot split the output layer's {self.vocab_size} vocabulary rows evenly")
 
     def to_params(self) -> dict:
         """params.json content in Meta's spelling (serving fields left out)."""

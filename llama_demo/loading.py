@@ -12,7 +12,11 @@ from .model import Transformer, skip_fairscale_init
 
 
 def load_model(ckpt_dir: str | Path, dist_info: DistInfo, dtype: torch.dtype | None = None,
-               max_seq_len: int = 2048, max_batch_size: int = 8, progress: bool = True) -> Transformer:
+               max_seq_len: int = 2048, max_batch_size: int = 8, progress: bool = True,
+               quantize: str | None = None) -> Transformer:
+    """This rank's model: its slice of every split weight, in `dtype`, with a KV cache for
+    max_batch_size sequences of max_seq_len tokens; `quantize` ("int8"/"int4") converts the
+    linear layers' weights at load (a checkpoint written by llama_demo.quantize is loaded as is)."""
     ckpt = open_checkpoint(ckpt_dir, dist_info.world_size)
     args = ckpt.args
     dtype = dtype or default_dtype(dist_info.device, _checkpoint_dtype(ckpt))
@@ -27,6 +31,10 @@ def load_model(ckpt_dir: str | Path, dist_info: DistInfo, dtype: torch.dtype | N
         state[name] = tensor.to(dist_info.device)
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False)
+    if quantize:
+        from .quant import quantize_model
+
+        quantize_model(model, quantize)
     model.setup_cache(max_batch_size, max_seq_len, dist_info.device, dtype)
     return model.eval()
 

@@ -70,43 +70,9 @@ def make_checkpoint(folder: Path, shape: str = "mha", n_shards: int = 1, seed: i
 
 def hf_model(ckpt_dir: Path):
     """transformers' LlamaForCausalLM on the same weights, wq/wk permuted to its rotary layout."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from llama_demo.bench import hf_model_from_meta
 
-    params = json.loads((ckpt_dir / "params.json").read_text())
-    args = ModelArgs.from_params(params)
-    shards = sorted(ckpt_dir.glob("consolidated.*.pth"))
-    from llama_demo.checkpoint import open_checkpoint
-
-    ckpt = open_checkpoint(ckpt_dir, 1)
-    full = {name: ckpt.rank_slice(name, 0, 1).float() for name in ckpt.full_shapes}
-    assert len(shards) >= 1
-    hd = args.head_dim
-
-    def permute(w, n):
-        return w.view(n, hd // 2, 2, args.dim).transpose(1, 2).reshape(n * hd, args.dim)
-
-    cfg = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden,
-                      num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
-                      num_key_value_heads=args.n_kv_heads, rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta,
-                      max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
-                      pad_token_id=None)
-    sd = {"model.embed_tokens.weight": full["tok_embeddings.weight"], "model.norm.weight": full["norm.weight"],
-          "lm_head.weight": full["output.weight"]}
-    for i in range(args.n_layers):
-        p, q = f"layers.{i}.", f"model.layers.{i}."
-        sd[q + "self_attn.q_proj.weight"] = permute(full[p + "attention.wq.weight"], args.n_heads)
-        sd[q + "self_attn.k_proj.weight"] = permute(full[p + "attention.wk.weight"], args.n_kv_heads)
-        sd[q + "self_attn.v_proj.weight"] = full[p + "attention.wv.weight"]
-        sd[q + "self_attn.o_proj.weight"] = full[p + "attention.wo.weight"]
-        sd[q + "mlp.gate_proj.weight"] = full[p + "feed_forward.w1.weight"]
-        sd[q + "mlp.up_proj.weight"] = full[p + "feed_forward.w3.weight"]
-        sd[q + "mlp.down_proj.weight"] = full[p + "feed_forward.w2.weight"]
-        sd[q + "input_layernorm.weight"] = full[p + "attention_norm.weight"]
-        sd[q + "post_attention_layernorm.weight"] = full[p + "ffn_norm.weight"]
-    model = LlamaForCausalLM(cfg).float().eval()
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
-    return model
+    return hf_model_from_meta(ckpt_dir, torch.float32, torch.device("cpu"))
 
 
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:

@@ -1,0 +1,158 @@
+"""End to end: `torchrun --nproc_per_node 2 app.py` on a random checkpoint, driven by the official
+openai client; idle periods longer than the collective timeout; a rank that dies."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import ROOT, python_module, test_env
+from llama_demo.distributed import free_port
+
+PROMPTS = ["Once upon a time", "The quick brown fox", "def main():", "Café in 東京", "a little llama",
+           "lived in the mountains", "emoji 🦙", "return 42"]
+N_NEW = 12
+
+
+class Server:
+    def __init__(self, ckpt: Path, nproc: int, *extra: str):
+        self.port, self.zmq = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "app.py", "--ckpt_dir", str(ckpt), "--port", str(self.port),
+               "--zmq_port", str(self.zmq), "--no-chat", "--max_seq_len", "128", *extra]
+        self.log = open(ckpt.parent / f"server-{self.port}.log", "w+")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=test_env(), stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_healthy(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited early:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"server not healthy within {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def rank_pid(self, rank: int) -> int:
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"app.py" in cmdline and str(self.port).encode() in cmdline and f"RANK={rank}".encode() in env:
+                return int(pid)
+        raise AssertionError(f"no process for rank {rank}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(ckpts):
+    s = Server(ckpts["mha-2"], 2, "--dist_timeout", "5", "--heartbeat_interval", "1")
+    try:
+        s.wait_healthy()
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(ckpts) -> dict[str, str]:
+    """What the engine's CLI generates greedily for each prompt (a batch, on one rank)."""
+    args = ["llama_demo.generate", "--ckpt_dir", str(ckpts["mha-2"]), "--json", "--temperature", "0",
+            "--max_new_tokens", str(N_NEW), "--max_seq_len", "128"]
+    for p in PROMPTS:
+        args += ["--prompt", p]
+    proc = python_module(args)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    return {r["prompt"]: r["completion"] for r in rows}
+
+
+def _client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key="none", timeout=60, max_retries=0)
+
+
+def test_completion_plain_and_streamed_equal_the_cli(server, reference):
+    c = _client(server)
+    prompt = PROMPTS[0]
+    r = c.completions.create(model="x", prompt=prompt, max_tokens=N_NEW, temperature=0)
+    assert r.choices[0].text == reference[prompt]
+    assert r.usage.completion_tokens == N_NEW
+    chunks = [ch.choices[0].text for ch in c.completions.create(model="x", prompt=prompt, max_tokens=N_NEW,
+                                                                 temperature=0, stream=True)]
+    assert "".join(chunks) == reference[prompt]
+    assert len([x for x in chunks if x]) > 1  # really streamed, not one blob
+
+
+def test_eight_concurrent_clients_get_their_own_answers(server, reference):
+    c = _client(server)
+
+    def ask(p):
+        stream = c.completions.create(model="x", prompt=p, max_tokens=N_NEW, temperature=0, stream=True)
+        return "".join(ch.choices[0].text for ch in stream)
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, PROMPTS))
+    assert answers == [reference[p] for p in PROMPTS]
+
+
+def test_overlong_prompt_is_a_400_and_the_server_keeps_answering(server, reference):
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "llama " * 400, "max_tokens": 4}, timeout=30)
+    assert r.status_code == 400
+    assert "context" in r.json()["error"]["message"]
+    c = _client(server)
+    assert c.completions.create(model="x", prompt=PROMPTS[1], max_tokens=N_NEW, temperature=0).choices[0].text == reference[PROMPTS[1]]
+
+
+def test_answers_after_idling_far_longer_than_the_collective_timeout(server, reference):
+    time.sleep(16)  # --dist_timeout is 5 s
+    assert httpx.get(server.url + "/health", timeout=5).status_code == 200
+    c = _client(server)
+    assert c.completions.create(model="x", prompt=PROMPTS[2], max_tokens=N_NEW, temperature=0).choices[0].text == reference[PROMPTS[2]]
+
+
+def test_job_exits_promptly_naming_the_rank_that_died(ckpts):
+    s = Server(ckpts["mha-1"], 2, "--heartbeat_interval", "1")
+    try:
+        s.wait_healthy()
+        os.kill(s.rank_pid(1), signal.SIGKILL)
+        t0 = time.monotonic()
+        s.proc.wait(timeout=30)
+        assert time.monotonic() - t0 < 15
+        out = s.output()
+        assert s.proc.returncode != 0
+        assert "rank: 1" in out or "rank 1" in out, out[-3000:]
+    finally:
+        s.stop()
