@@ -219,6 +219,8 @@ def _natural(name: str) -> list:
 
 def open_checkpoint(ckpt_dir: str | Path, world_size: int, **overrides) -> ShardedCheckpoint:
     """Check the folder and the rank count before touching any weights; fill in vocab_size."""
+    if not Path(ckpt_dir).is_dir():
+        raise CheckpointError(f"checkpoint folder {ckpt_dir} does not exist; expected a folder with params.json and consolidated.00.pth, ...")
     args = load_model_args(ckpt_dir, **overrides)
     paths = find_shards(ckpt_dir)
     if args.vocab_size <= 0:  # LLaMA 1/2 say -1: the embedding's row count is the truth

@@ -89,6 +89,9 @@ class Engine:
         self.running: dict[int | str, _Sequence] = {}  # insertion order = admission order
         self.free_slots = list(range(self.max_batch))
         self.steps = 0
+        # ids that end a generation: EOS, plus e.g. a chat format's end-of-turn token. Every rank
+        # must use the same set, so it is derived from the model folder, never from rank 0 alone.
+        self.stop_ids = frozenset(tokenizer.stop_ids)
 
     # ----------------------------------------------------------------- bookkeeping
     @property
@@ -220,7 +223,7 @@ class Engine:
             s.out_ids.append(tok)
             p = s.req.params
             reason = None
-            if tok in self.tokenizer.stop_ids:
+            if tok in self.stop_ids:
                 reason = "stop"
             else:
                 s.text += s.decoder.push(tok)
@@ -275,7 +278,7 @@ class Engine:
         reasons = {}
         while not self.idle:
             for ev in self.step():
-                if ev.token_id is not None and ev.token_id not in self.tokenizer.stop_ids:
+                if ev.token_id is not None and ev.token_id not in self.stop_ids:
                     toks[ev.request_id].append(ev.token_id)
                 texts[ev.request_id].append(ev.text)
                 if ev.finished:
