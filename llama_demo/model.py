@@ -57,9 +57,13 @@ class ColumnLinear(ColumnParallelLinear):
     def __init__(self, in_features: int, out_features: int, gather_output: bool = False):
         super().__init__(in_features, out_features, bias=False, gather_output=gather_output, init_method=_keep)
 
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's matrix product; quantized layers (quant.py) override only this."""
+        return matmul_t(x, self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # copy_to_model_parallel_region is the identity in the forward pass: skip it
-        y = matmul_t(x, self.weight)
+        y = self._mm(x)
         return gather_from_model_parallel_region(y) if self.gather_output else y
 
 
@@ -69,8 +73,11 @@ class RowLinear(RowParallelLinear):
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False, input_is_parallel=True, init_method=_keep)
 
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        return matmul_t(x, self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reduce_from_model_parallel_region(matmul_t(x, self.weight))
+        return reduce_from_model_parallel_region(self._mm(x))
 
 
 class RMSNorm(nn.Module):
