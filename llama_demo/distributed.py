@@ -56,11 +56,12 @@ def init_distributed(timeout_s: float = 1800.0, device: str | None = None) -> Di
         with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints three banner lines
             initialize_model_parallel(world)
     if not use_cuda:
-        # ranks on one CPU share its cores: oversubscribed threads make every collective wait
-        # for the slowest rank. torchrun sets OMP_NUM_THREADS=1 for multi-rank jobs unless told.
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        if "OMP_NUM_THREADS" not in os.environ and local_world > 1:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        # On CPU the matrix products run in OpenBLAS's threads (model.matmul_t; OpenBLAS takes its
+        # thread count from OPENBLAS_NUM_THREADS or OMP_NUM_THREADS, which torchrun sets to 1 for
+        # several ranks). torch's own thread pool only runs small element-wise ops; left at the
+        # core count, its spinning threads fight OpenBLAS's for the cores (measured: 20x slower
+        # decode steps on 2 cores), so it gets one thread.
+        torch.set_num_threads(int(os.environ.get("LLAMA_DEMO_TORCH_THREADS", "1")))
     return DistInfo(rank, world, local_rank, dev)
 
 

@@ -155,7 +155,9 @@ class Attention(nn.Module):
         self.wk = ColumnLinear(args.dim, self.n_kv_total * self.head_dim)
         self.wv = ColumnLinear(args.dim, self.n_kv_total * self.head_dim)
         self.wo = RowLinear(args.n_heads * self.head_dim, args.dim)
-        self.cache_k: torch.Tensor | None = None  # (slots, max_seq_len, local kv heads, head_dim)
+        # (slots, local kv heads, max_seq_len, head_dim): heads before positions, so that a row's
+        # keys for one head are one contiguous run and attention reads them without a copy
+        self.cache_k: torch.Tensor | None = None
         self.cache_v: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
@@ -165,16 +167,17 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_local_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, kv heads, T, head_dim)
         if isinstance(slots, slice):  # rows are a contiguous block of the cache: views, no copies
-            self.cache_k[slots].scatter_(1, pos[:, :, None, None].expand_as(k), k)
-            self.cache_v[slots].scatter_(1, pos[:, :, None, None].expand_as(v), v)
-            keys, values = self.cache_k[slots, :kv_len], self.cache_v[slots, :kv_len]
+            where = pos[:, None, :, None].expand_as(k)
+            self.cache_k[slots].scatter_(2, where, k)
+            self.cache_v[slots].scatter_(2, where, v)
         else:
-            idx = slots[:, None].expand(B, T)
-            self.cache_k[idx, pos] = k
-            self.cache_v[idx, pos] = v
-            keys, values = self.cache_k[slots, :kv_len], self.cache_v[slots, :kv_len]
-        out = attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), mask)
+            rows = slots[:, None].expand(B, T)
+            self.cache_k[rows, :, pos] = k.transpose(1, 2)  # indexed dims come first: (B, T, kv heads, hd)
+            self.cache_v[rows, :, pos] = v.transpose(1, 2)
+        keys, values = self.cache_k[slots, :, :kv_len], self.cache_v[slots, :, :kv_len]
+        out = attention(q.transpose(1, 2), keys, values, mask)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -217,7 +220,7 @@ class Transformer(nn.Module):
         self.args.max_batch_size, self.args.max_seq_len = max_batch_size, max_seq_len
         for layer in self.layers:
             att = layer.attention
-            shape = (max_batch_size, max_seq_len, att.n_local_kv_heads, att.head_dim)
+            shape = (max_batch_size, att.n_local_kv_heads, max_seq_len, att.head_dim)
             att.cache_k = torch.zeros(shape, device=device, dtype=dtype)
             att.cache_v = torch.zeros(shape, device=device, dtype=dtype)
         self.rope = rope_table(self.args, max_seq_len, device)
