@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -106,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", 0))
     cfg = server_config(a)
     web = heartbeat = bus = None
+
+    def on_sigterm(signum, frame):
+        # torchrun sends SIGTERM to every rank when one of them fails or the job is stopped
+        raise SystemExit(f"llama_demo: rank {rank} stopping: the job was terminated "
+                         "(another rank failed, or torchrun was stopped); see torchrun's report below")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         from .bus import Bus
         from .generate import build_engine

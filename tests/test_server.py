@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ROOT, python_module, test_env
+from conftest import ROOT, python_module, subprocess_env
 from llama_demo.distributed import free_port
 
 PROMPTS = ["Once upon a time", "The quick brown fox", "def main():", "Café in 東京", "a little llama",
@@ -30,7 +30,7 @@ class Server:
                "--master_port", str(free_port()), "app.py", "--ckpt_dir", str(ckpt), "--port", str(self.port),
                "--zmq_port", str(self.zmq), "--no-chat", "--max_seq_len", "128", *extra]
         self.log = open(ckpt.parent / f"server-{self.port}.log", "w+")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=test_env(), stdout=self.log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
     def wait_healthy(self, timeout: float = 120) -> None:
