@@ -139,6 +139,7 @@ class ServingLoop:
                 if self.stopping:
                     break
                 events = self.engine.step()
+                self.health.running, self.health.waiting = len(self.engine.running), len(self.engine.waiting)
                 if events:
                     self._mark_collective()
                     if self.client is not None:
@@ -182,6 +183,7 @@ class ServingLoop:
         for msg in todo:
             self._apply(msg)
             self.applied = msg["seq"]
+        self.health.running, self.health.waiting = len(self.engine.running), len(self.engine.waiting)
 
     def _apply(self, msg: dict) -> None:
         kind = msg["kind"]
@@ -212,8 +214,6 @@ class ServingLoop:
 
     def _mark_collective(self) -> None:
         self.health.last_collective = time.monotonic()
-        self.health.running = len(self.engine.running)
-        self.health.waiting = len(self.engine.waiting)
 
     def _record_stats(self, events: list[TokenEvent]) -> None:
         now = time.monotonic()

@@ -1,0 +1,322 @@
+"""The web layer over a fake engine: OpenAI routes (through the official client), health, auth,
+disconnects, and the Gradio chat endpoint through gradio_client. No model, no process group."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import make_tokenizer
+from fakes import FakeClient, ServerThread, chat_format, expected_text
+from llama_demo.chat_format import Message
+from llama_demo.config import ServerConfig
+from llama_demo.distributed import free_port
+from llama_demo.tokenizer import load_tokenizer
+from llama_demo.web import WARNING, ShareError, build_app, open_share_tunnel, ui_prompt_ids
+
+SEQ = 256
+AUTH = ("alice", "s3cret")
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tok")
+    make_tokenizer(folder)
+    return load_tokenizer(folder)
+
+
+@pytest.fixture(scope="module")
+def chat(tok):
+    """A chat-mode server without auth: (fake client, its chat format, server)."""
+    client, fmt = FakeClient(tok, max_seq_len=SEQ), chat_format(tok)
+    with ServerThread(build_app(client, fmt, ServerConfig(default_max_new_tokens=512), "Be brief."), free_port()) as s:
+        yield client, fmt, s
+
+
+@pytest.fixture(scope="module")
+def plain(tok):
+    """A completion-mode server (no chat format) that requires USER:PASS."""
+    client = FakeClient(tok, max_seq_len=SEQ)
+    with ServerThread(build_app(client, None, ServerConfig(auth=AUTH)), free_port()) as s:
+        yield client, s
+
+
+@pytest.fixture(autouse=True)
+def reset_fakes(request):
+    yield
+    for name in ("chat", "plain"):
+        if name in request.fixturenames:
+            fake = request.getfixturevalue(name)[0]
+            fake.delay, fake.refuse = 0.0, None
+
+
+def oai(server: ServerThread, key: str = "x") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=10)
+
+
+# --- health and models ----------------------------------------------------------------------------
+
+
+def test_health_is_ok_while_serving_and_503_with_the_reason_after(chat):
+    client, _, s = chat
+    r = httpx.get(f"{s.url}/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok", "running": 0, "waiting": 0}
+    client.health.error = "rank 1 lost"
+    try:
+        r = httpx.get(f"{s.url}/health")
+        assert r.status_code == 503 and "rank 1 lost" in r.json()["reason"]
+    finally:
+        client.health.error = None
+
+
+def test_models_lists_the_served_model(chat):
+    models = oai(chat[2]).models.list().data
+    assert [m.id for m in models] == ["fake-llama"]
+
+
+# --- completions ----------------------------------------------------------------------------------
+
+
+def test_completion_returns_the_continuation_with_usage(chat, tok):
+    client, _, s = chat
+    prompt = "The quick brown fox"
+    out = oai(s).completions.create(model="fake-llama", prompt=prompt, max_tokens=7, temperature=0)
+    ids = tok.encode(prompt)
+    assert out.choices[0].text == expected_text(tok, ids, 7, SEQ)
+    assert out.choices[0].finish_reason == "length"
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (len(ids), 7, len(ids) + 7)
+    assert client.requests[-1][0] == ids  # plain text with the tokenizer's BOS rule
+    assert ids[0] == tok.bos_id
+
+
+def test_completion_defaults_are_openais(chat):
+    client, _, s = chat
+    httpx.post(f"{s.url}/v1/completions", json={"prompt": "llama"}).raise_for_status()
+    params = client.requests[-1][1]
+    assert (params.temperature, params.top_p, params.max_new_tokens) == (1.0, 1.0, 16)
+
+
+def test_completion_stream_adds_up_to_the_same_text(chat, tok):
+    s = chat[2]
+    prompt = "Once upon a time"
+    chunks = list(oai(s).completions.create(model="m", prompt=[prompt], max_tokens=20, stream=True, stop=["zzz"]))
+    assert len(chunks) > 3
+    assert "".join(c.choices[0].text for c in chunks) == expected_text(tok, tok.encode(prompt), 20, SEQ)
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
+    assert chat[0].requests[-1][1].stop == ["zzz"]
+
+
+def test_max_tokens_beyond_the_context_is_clipped_to_fit(chat, tok):
+    prompt = "the lazy dog " * 40
+    n_prompt = len(tok.encode(prompt))
+    assert n_prompt < SEQ
+    out = oai(chat[2]).completions.create(model="m", prompt=prompt, max_tokens=5000)
+    assert out.usage.completion_tokens == SEQ - n_prompt and out.choices[0].finish_reason == "length"
+
+
+# --- chat completions -----------------------------------------------------------------------------
+
+
+def test_chat_completion_encodes_the_dialog_in_the_chat_format(chat, tok):
+    client, fmt, s = chat
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi llama"},
+                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "how are you"}]
+    out = oai(s).chat.completions.create(model="m", messages=messages, max_tokens=9)
+    ids = fmt.encode_dialog([Message(m["role"], m["content"]) for m in messages])
+    assert client.requests[-1][0] == ids
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == expected_text(tok, ids, 9, SEQ)
+    assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 9
+
+
+def test_chat_default_max_tokens_is_what_fits(chat):
+    client, fmt, s = chat
+    r = httpx.post(f"{s.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    r.raise_for_status()
+    ids, params = client.requests[-1]
+    assert params.max_new_tokens == min(512, SEQ - len(ids))
+
+
+def test_chat_stream_sends_role_then_deltas_then_usage(chat, tok):
+    _, fmt, s = chat
+    stream = oai(s).chat.completions.create(model="m", messages=[{"role": "user", "content": "tell me a story"}],
+                                            max_tokens=12, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    ids = fmt.encode_dialog([Message("user", "tell me a story")])
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected_text(tok, ids, 12, SEQ)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_raw_stream_is_sse_ending_in_done(chat):
+    with httpx.stream("POST", f"{chat[2].url}/v1/completions", json={"prompt": "llama", "max_tokens": 3,
+                                                                     "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
+
+
+# --- bad requests ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path, body, param, words", [
+    ("completions", {"prompt": "the lazy dog " * 200}, "prompt", "context"),
+    ("completions", {"prompt": "x", "temperature": -1}, "temperature", "temperature must be >= 0"),
+    ("completions", {"prompt": "x", "top_p": 2}, "top_p", "top_p must be in (0, 1]"),
+    ("completions", {"prompt": "x", "n": 2}, "n", "n is not supported"),
+    ("completions", {"prompt": "x", "max_tokens": 0}, "max_tokens", "max_tokens must be an integer >= 1"),
+    ("completions", {"prompt": "x", "temperature": "hot"}, "temperature", "valid number"),
+    ("completions", {}, "prompt", "Field required"),
+    ("chat/completions", {"messages": []}, "messages", "empty dialog"),
+    ("chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages", "unknown role 'wizard'"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+     "messages", "turns alternate"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "the lazy dog " * 200}]}, "messages", "context"),
+])
+def test_bad_requests_are_400_saying_what_is_wrong(chat, path, body, param, words):
+    r = httpx.post(f"{chat[2].url}/v1/{path}", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert words in err["message"] and err["param"] == param
+    assert err["type"] == "invalid_request_error" and err["code"] is None
+
+
+def test_openai_client_sees_a_bad_request_error(chat):
+    with pytest.raises(openai.BadRequestError, match="temperature must be >= 0"):
+        oai(chat[2]).chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], temperature=-1)
+
+
+def test_engine_refusal_is_a_400_streamed_or_not(chat):
+    client, _, s = chat
+    client.refuse = "prompt token id 999 is outside the vocabulary (0..399)"
+    for stream in (False, True):
+        r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "x", "stream": stream})
+        assert r.status_code == 400 and "outside the vocabulary" in r.json()["error"]["message"]
+
+
+def test_chat_route_on_a_server_without_chat_format_is_400(plain):
+    r = httpx.post(f"{plain[1].url}/v1/chat/completions", auth=AUTH,
+                   json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and "/v1/completions" in r.json()["error"]["message"]
+
+
+# --- disconnects ----------------------------------------------------------------------------------
+
+
+def test_client_leaving_mid_stream_cancels_the_generation(chat):
+    client, _, s = chat
+    client.delay, client.cancel_event = 0.02, threading.Event()
+    with httpx.stream("POST", f"{s.url}/v1/completions", timeout=10,
+                      json={"prompt": "llama", "max_tokens": 1000, "stream": True}) as r:
+        seen = 0
+        for line in r.iter_lines():
+            seen += line.startswith("data: ")
+            if seen == 3:
+                break  # leaving the block closes the connection
+    left = time.monotonic()
+    assert client.cancel_event.wait(5), "the engine request was not cancelled"
+    assert time.monotonic() - left < 5 and client.requests[-1][1].max_new_tokens > 100
+
+
+def test_client_leaving_a_plain_request_cancels_it(chat):
+    client, _, s = chat
+    client.delay, client.cancel_event = 0.02, threading.Event()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{s.url}/v1/completions", json={"prompt": "llama", "max_tokens": 1000}, timeout=0.5)
+    assert client.cancel_event.wait(5), "the engine request was not cancelled"
+
+
+# --- auth -----------------------------------------------------------------------------------------
+
+
+def test_api_needs_credentials_when_auth_is_set(plain):
+    url = f"{plain[1].url}/v1/models"
+    r = httpx.get(url)
+    assert r.status_code == 401 and "Bearer" in r.json()["error"]["message"]
+    assert httpx.get(url, headers={"Authorization": "Bearer alice:wrong"}).status_code == 401
+    assert httpx.get(url, headers={"Authorization": "Bearer alice:s3cret"}).status_code == 200
+    assert httpx.get(url, auth=AUTH).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        oai(plain[1], key="nope").models.list()
+    out = oai(plain[1], key="alice:s3cret").completions.create(model="m", prompt="llama", max_tokens=2)
+    assert out.usage.completion_tokens == 2
+
+
+def test_ui_needs_a_login_when_auth_is_set(plain, tok):
+    from gradio_client import Client
+
+    url = plain[1].url
+    assert httpx.get(f"{url}/config").status_code == 401
+    client = Client(f"{url}/", auth=AUTH, verbose=False)
+    try:  # completion mode: the message is completed as plain text
+        answer, stats = client.predict("Once upon", "", 0.0, 1.0, 6, api_name="/chat")
+    finally:
+        client.close()
+    assert answer == expected_text(tok, tok.encode("Once upon"), 6, SEQ)
+    assert "tokens/s" in stats
+
+
+def test_api_is_open_without_auth(chat):
+    assert httpx.get(f"{chat[2].url}/v1/models").status_code == 200
+
+
+# --- the Gradio chat endpoint ---------------------------------------------------------------------
+
+
+def test_gradio_client_chat_returns_the_streamed_answer(chat, tok):
+    from gradio_client import Client
+
+    _, fmt, s = chat
+    client = Client(f"{s.url}/", verbose=False)
+    try:
+        answer, stats = client.predict("hi llama", "Be brief.", 0.0, 1.0, 8, api_name="/chat")
+        empty, _ = client.predict("   ", "Be brief.", 0.0, 1.0, 8, api_name="/chat")
+    finally:
+        client.close()
+    ids = fmt.encode_dialog([Message("system", "Be brief."), Message("user", "hi llama")])
+    assert answer == expected_text(tok, ids, 8, SEQ)
+    assert "8 tokens" in stats and "tokens/s" in stats
+    assert empty.startswith(WARNING) and "empty" in empty
+
+
+def test_ui_history_becomes_the_dialog_skipping_failed_turns(tok):
+    fmt = chat_format(tok)
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": "first"}]},  # Gradio 6 content parts
+        {"role": "assistant", "content": [{"type": "text", "text": "answer one"}]},
+        {"role": "user", "content": "too long"},
+        {"role": "assistant", "content": f"{WARNING} the prompt is 9999 tokens"},
+        {"role": "user", "content": "stopped before any text"},
+    ]
+    ids = ui_prompt_ids(FakeClient(tok), fmt, "second", history, "sys")
+    assert ids == fmt.encode_dialog([Message("system", "sys"), Message("user", "first"),
+                                     Message("assistant", "answer one"), Message("user", "second")])
+    with pytest.raises(ValueError, match="empty"):
+        ui_prompt_ids(FakeClient(tok), fmt, " ", [], "")
+
+
+# --- share links ----------------------------------------------------------------------------------
+
+
+def test_share_without_internet_is_one_clear_line(monkeypatch):
+    from gradio import networking
+
+    def offline(*args, **kwargs):
+        try:
+            raise httpx.ConnectError("[Errno -2] Name or service not known")
+        except httpx.ConnectError as e:
+            raise RuntimeError("Could not get share link from Gradio API Server.") from e
+
+    monkeypatch.setattr(networking, "setup_tunnel", offline)
+    with pytest.raises(ShareError) as e:
+        open_share_tunnel("0.0.0.0", 7860)
+    msg = str(e.value)
+    assert "\n" not in msg and "internet" in msg and "http://127.0.0.1:7860/" in msg
