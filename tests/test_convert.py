@@ -439,7 +439,7 @@ def test_shard_count_must_split_the_heads(tmp_path):
 
 def test_shard_count_must_split_the_vocabulary(tmp_path):
     tiny_hf_model(vocab_size=301).save_pretrained(tmp_path / "hf")
-    with pytest.raises(ConvertError, match="2 shards cannot split the vocabulary of 301"):
+    with pytest.raises(ConfigError, match="cannot split .*301 vocabulary|cannot split the vocabulary of 301"):
         convert_hf(tmp_path / "hf", tmp_path / "out", shards=2)
 
 

@@ -156,3 +156,12 @@ def test_job_exits_promptly_naming_the_rank_that_died(ckpts):
         assert "rank: 1" in out or "rank 1" in out, out[-3000:]
     finally:
         s.stop()
+
+
+def test_gradio_client_drives_the_chat_endpoint(server, reference):
+    from gradio_client import Client
+
+    client = Client(server.url + "/", verbose=False)
+    answer, stats = client.predict(PROMPTS[3], "", 0.0, 1.0, N_NEW, api_name="/chat")
+    assert answer == reference[PROMPTS[3]]
+    assert "tokens/s" in stats
