@@ -53,6 +53,22 @@ def perplexity(model: Transformer, ids: list[int], window: int, device: torch.de
     return math.exp(nll / n)
 
 
+def hf_perplexity(ckpt_dir: Path, ids: list[int], window: int) -> float:
+    """The reference: transformers' LlamaForCausalLM on the same weights, float32, same windows."""
+    from .bench import hf_model_from_meta
+
+    model = hf_model_from_meta(ckpt_dir, torch.float32, torch.device("cpu"))
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(ids), window):
+            w = torch.tensor([ids[i: i + window]])
+            if w.shape[1] < 2:
+                continue
+            out = model(w, labels=w)
+            nll, n = nll + out.loss.item() * (w.shape[1] - 1), n + w.shape[1] - 1
+    return math.exp(nll / n)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llama_demo.eval", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt_dir", required=True)
@@ -64,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default=None)
     p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="quantize weights at load")
+    p.add_argument("--vs-hf", dest="vs_hf", action="store_true",
+                   help="also compute transformers' perplexity on the same weights and tokens (one rank)")
     a = p.parse_args(argv)
     info = None
     try:
@@ -81,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"perplexity {ppl:.3f} over {len(ids)} tokens of {Path(a.text).name} "
                   f"(window {window}, {'BOS' if a.bos else 'no BOS'}, {info.world_size} rank(s), "
                   f"{str(next(model.parameters()).dtype).replace('torch.', '')}{', ' + a.quantize if a.quantize else ''})")
+        if a.vs_hf and info.is_main:
+            print(f"transformers perplexity {hf_perplexity(Path(a.ckpt_dir), ids, window):.3f} (same tokens, float32)")
         return 0
     except (ValueError, OSError) as e:
         if info is None or info.is_main:
