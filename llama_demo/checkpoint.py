@@ -44,6 +44,84 @@ SPLIT_DIM: dict[str, int | None] = {
 IGNORED = {"rope.freqs"}  # LLaMA 1 stores its rotary table; we recompute it
 KV_NAMES = ("attention.wk.weight", "attention.wv.weight")
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
+# The Column/RowParallelLinear weights: what a quantized checkpoint stores as integers.
+LINEAR_KEYS = tuple(k for k, d in SPLIT_DIM.items() if d is not None and k != "tok_embeddings.weight")
+QUANT_METHODS = ("int8", "int4")
+QUANT_ALGORITHMS = ("rtn", "gptq")
+QUANT_AUX = (".scales", ".zeros")  # suffixes of a quantized linear's companions of X.weight
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """params.json's "quantization" entry: how a checkpoint written by llama_demo.quantize stores
+    each linear layer's `X.weight` (the embedding and the norms stay float).
+
+    int8: `X.weight` int8 (out, in) and `X.scales` (out,), w = q * scale (symmetric, per output row).
+    int4: `X.weight` uint8 (out, in/2), two 4-bit values per byte, column 2j in the high nibble and
+    2j+1 in the low one; `X.scales`, `X.zeros` (out, in/group_size) float16, w = (q - 8) * scale + zero
+    (asymmetric, per group of group_size input columns: the convention of torch's int4pack kernels).
+    Splits follow the split table: a column-parallel layer splits weight, scales and zeros along its
+    rows; a row-parallel one along its input columns, so int4 groups go with their columns (each
+    part must hold whole groups) and int8's per-row scales are replicated.
+    `algorithm` says how the integers were chosen (round-to-nearest or GPTQ); loading ignores it."""
+
+    method: str
+    group_size: int = 0  # int4 only
+    algorithm: str = "rtn"
+
+    def to_params(self) -> dict:
+        d: dict = {"method": self.method, "algorithm": self.algorithm}
+        if self.method == "int4":
+            d["group_size"] = self.group_size
+        return d
+
+    @classmethod
+    def from_params(cls, raw: object, source: str) -> "QuantSpec":
+        if not isinstance(raw, dict) or raw.get("method") not in QUANT_METHODS:
+            raise CheckpointError(f"{source}: \"quantization\" must be an object with \"method\" one of {', '.join(QUANT_METHODS)}; got {raw!r}")
+        algorithm = raw.get("algorithm", "rtn")
+        if algorithm not in QUANT_ALGORITHMS:
+            raise CheckpointError(f"{source}: quantization algorithm must be one of {', '.join(QUANT_ALGORITHMS)}; got {algorithm!r}")
+        group = raw.get("group_size", 0)
+        if raw["method"] == "int4" and (isinstance(group, bool) or not isinstance(group, int) or group < 2 or group % 2):
+            raise CheckpointError(f"{source}: int4 quantization needs an even integer group_size >= 2; got {group!r}")
+        return cls(raw["method"], group if raw["method"] == "int4" else 0, algorithm)
+
+    def check(self, args: ModelArgs, parts: int = 1, what: str = "rank") -> None:
+        """int4 groups must tile every linear layer's input, and each of `parts` row-parallel
+        slices must hold whole groups (a group cut between two ranks has no scale of its own)."""
+        if self.method != "int4":
+            return
+        g = self.group_size
+        for size, layers in ((args.dim, "wq/wk/wv/w1/w3/output (dim)"), (args.ffn_hidden, "w2 (FFN hidden size)")):
+            if size % g:
+                raise CheckpointError(f"int4 group size {g} does not divide the input size {size} of {layers}; "
+                                      f"choose a group size that divides {size}, e.g. {pow2_divisor(size, 128)}")
+        for size, layer in ((args.n_heads * args.head_dim, "wo"), (args.ffn_hidden, "w2")):
+            if parts > 1 and (size % parts or (size // parts) % g):
+                raise CheckpointError(f"{parts} {what}s would cut int4 groups: {layer}'s {size} inputs form {size // g} groups of {g} "
+                                      f"and each {what} must hold whole groups; use a {what} count that divides {size // g}, "
+                                      f"or quantize with a smaller --group_size")
+
+
+def pow2_divisor(n: int, cap: int) -> int:
+    """The largest power of two <= cap dividing n (a group size that tiles n)."""
+    g = cap
+    while g > 1 and n % g:
+        g //= 2
+    return g
+
+
+def _weight_name(name: str) -> str:
+    """`X.scales` / `X.zeros` -> `X.weight`: companions split like their weight's rows or columns."""
+    for suffix in QUANT_AUX:
+        if name.endswith(suffix):
+            return name[: -len(suffix)] + ".weight"
+    return name
+
+
+def is_linear_weight(name: str) -> bool:
+    return table_key(name) in LINEAR_KEYS
 
 
 def table_key(name: str) -> str:
@@ -51,15 +129,47 @@ def table_key(name: str) -> str:
     return m.group(2) if m else name
 
 
-def split_dim(name: str) -> int | None:
-    key = table_key(name)
+def split_dim(name: str, quant: QuantSpec | None = None) -> int | None:
+    key = table_key(_weight_name(name))
     if key not in SPLIT_DIM:
         raise KeyError(name)
-    return SPLIT_DIM[key]
+    d = SPLIT_DIM[key]
+    if name.endswith(QUANT_AUX) and d == 1 and (quant is None or quant.method == "int8"):
+        return None  # per-output-row scales of a row-parallel layer: every rank needs all of them
+    return d
 
 
-def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Full (unsharded) shape of every tensor of the model, in Meta's names."""
+def expected_shapes(args: ModelArgs, quant: QuantSpec | None = None) -> dict[str, tuple[int, ...]]:
+    """Full (unsharded) shape of every tensor of the model, in Meta's names (with `quant`: the
+    shapes of a quantized checkpoint, see QuantSpec)."""
+    shapes = _float_shapes(args)
+    if quant is None:
+        return shapes
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in shapes.items():
+        if not is_linear_weight(name):
+            out[name] = shape
+            continue
+        rows, cols = shape
+        base = name[: -len(".weight")]
+        if quant.method == "int8":
+            out.update({name: (rows, cols), base + ".scales": (rows,)})
+        else:
+            groups = (rows, cols // quant.group_size)
+            out.update({name: (rows, cols // 2), base + ".scales": groups, base + ".zeros": groups})
+    return out
+
+
+def quant_dtype(name: str, quant: QuantSpec) -> torch.dtype | None:
+    """The stored dtype a quantized checkpoint's tensor must have (None: any float type)."""
+    if not is_linear_weight(_weight_name(name)):
+        return None
+    if name.endswith(".weight"):
+        return torch.int8 if quant.method == "int8" else torch.uint8
+    return torch.float32 if quant.method == "int8" else torch.float16
+
+
+def _float_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     d, hd, f, v = args.dim, args.head_dim, args.ffn_hidden, args.vocab_size
     shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (v, d), "norm.weight": (d,), "output.weight": (v, d)}
     for i in range(args.n_layers):
@@ -140,10 +250,11 @@ class ShardedCheckpoint:
 
     args: ModelArgs
     paths: list[Path]
+    quant: QuantSpec | None = None  # params.json's "quantization": see QuantSpec
 
     def __post_init__(self) -> None:
         self._open: dict[int, dict[str, torch.Tensor]] = {}
-        self.full_shapes = expected_shapes(self.args)
+        self.full_shapes = expected_shapes(self.args, self.quant)
 
     @property
     def n(self) -> int:
@@ -173,13 +284,17 @@ class ShardedCheckpoint:
                     f"{path}: {name} has shape {list(got)}, expected {list(want)} "
                     f"(params.json: dim={self.args.dim}, n_heads={self.args.n_heads}, n_kv_heads={self.args.n_kv_heads}, "
                     f"vocab_size={self.args.vocab_size}, {self.n} shard(s))")
+            want_dtype = quant_dtype(name, self.quant) if self.quant else None
+            if want_dtype is not None and sd[name].dtype != want_dtype:
+                raise CheckpointError(f"{path}: {name} is {str(sd[name].dtype).replace('torch.', '')}, expected "
+                                      f"{str(want_dtype).replace('torch.', '')} for a {self.quant.method} checkpoint (params.json \"quantization\")")
 
     def shard_shape(self, name: str, full: tuple[int, ...]) -> tuple[int, ...]:
-        d = split_dim(name)
+        d = split_dim(name, self.quant)
         if d is None:
             return full
         shape = list(full)
-        if table_key(name) in KV_NAMES:
+        if table_key(_weight_name(name)) in KV_NAMES:
             shape[0] = len(kv_heads_of_part(self.args.n_kv_heads, 0, self.n)) * self.args.head_dim
         else:
             if full[d] % self.n:
@@ -190,10 +305,10 @@ class ShardedCheckpoint:
     def rank_slice(self, name: str, rank: int, world: int) -> torch.Tensor:
         """This rank's part of tensor `name`, copied out of the memory-mapped shards."""
         full = self.full_shapes[name]
-        d = split_dim(name)
+        d = split_dim(name, self.quant)
         if d is None:
             return self.shard(0)[name].clone()
-        if table_key(name) in KV_NAMES:
+        if table_key(_weight_name(name)) in KV_NAMES:  # rows are heads: weight, scales, zeros alike
             hd, n_kv = self.args.head_dim, self.args.n_kv_heads
             blocks = []
             for h in kv_heads_of_part(n_kv, rank, world):
@@ -222,6 +337,7 @@ def open_checkpoint(ckpt_dir: str | Path, world_size: int, **overrides) -> Shard
     if not Path(ckpt_dir).is_dir():
         raise CheckpointError(f"checkpoint folder {ckpt_dir} does not exist; expected a folder with params.json and consolidated.00.pth, ...")
     args = load_model_args(ckpt_dir, **overrides)
+    quant = load_quant_spec(ckpt_dir)
     paths = find_shards(ckpt_dir)
     if args.vocab_size <= 0:  # LLaMA 1/2 say -1: the embedding's row count is the truth
         emb = open_shard(paths[0]).get("tok_embeddings.weight")
@@ -233,31 +349,54 @@ def open_checkpoint(ckpt_dir: str | Path, world_size: int, **overrides) -> Shard
     n = len(paths)
     if args.n_heads % n or (args.n_kv_heads % n and n % args.n_kv_heads):
         raise CheckpointError(f"{n} shards cannot split {args.n_heads} heads / {args.n_kv_heads} KV heads; is params.json right?")
-    return ShardedCheckpoint(args, paths)
+    if quant is not None:
+        quant.check(args)
+        quant.check(args, n, "shard")
+        quant.check(args, world_size, "rank")
+    return ShardedCheckpoint(args, paths, quant)
 
 
-def iter_rank_state(ckpt: ShardedCheckpoint, rank: int, world: int, dtype: torch.dtype,
+def load_quant_spec(ckpt_dir: str | Path) -> QuantSpec | None:
+    """params.json's "quantization" entry, None for a float checkpoint."""
+    path = Path(ckpt_dir) / "params.json"
+    raw = json.loads(path.read_text())  # load_model_args has already checked it parses
+    return QuantSpec.from_params(raw["quantization"], str(path)) if "quantization" in raw else None
+
+
+def iter_rank_state(ckpt: ShardedCheckpoint, rank: int, world: int, dtype: torch.dtype | None,
                     progress: Callable[[Iterator], Iterator] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs of this rank's slices, one tensor in memory at a time."""
+    """(name, tensor) pairs of this rank's slices, one tensor in memory at a time, float tensors
+    in `dtype` (None: as stored). A quantized layer's integers, scales and zeros stay as stored:
+    the layer (quant.py) converts what its kernel needs."""
     names = sorted(ckpt.full_shapes, key=_natural)
     it = progress(names) if progress else names
     for name in it:
-        yield name, ckpt.rank_slice(name, rank, world).to(dtype)
+        t = ckpt.rank_slice(name, rank, world)
+        if dtype is not None and t.is_floating_point() and not (ckpt.quant and quant_dtype(name, ckpt.quant)):
+            t = t.to(dtype)
+        yield name, t
 
 
 def save_sharded(state: dict[str, torch.Tensor], args: ModelArgs, out_dir: str | Path, n_shards: int,
-                 extra_params: dict | None = None) -> list[Path]:
-    """Write a full state dict (Meta's names and layout) as params.json + n_shards consolidated files."""
+                 extra_params: dict | None = None, quant: QuantSpec | None = None) -> list[Path]:
+    """Write a full state dict (Meta's names and layout) as params.json + n_shards consolidated files;
+    with `quant`, the state holds quantized linear layers (see QuantSpec) and params.json says so."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     args.check_world_size(n_shards)
-    shapes = expected_shapes(args)
+    if quant is not None:
+        quant.check(args)
+        quant.check(args, n_shards, "shard")
+    shapes = expected_shapes(args, quant)
     for name, shape in shapes.items():
         if name not in state:
             raise CheckpointError(f"state dict lacks {name}")
         if tuple(state[name].shape) != shape:
             raise CheckpointError(f"{name} has shape {list(state[name].shape)}, expected {list(shape)}")
-    fake = ShardedCheckpoint(args, [Path("<memory>")])
+        want_dtype = quant_dtype(name, quant) if quant else None
+        if want_dtype is not None and state[name].dtype != want_dtype:
+            raise CheckpointError(f"{name} is {state[name].dtype}, expected {want_dtype} for {quant.method}")
+    fake = ShardedCheckpoint(args, [Path("<memory>")], quant)
     fake._open[0] = state
     paths = []
     for s in range(n_shards):
@@ -267,5 +406,7 @@ def save_sharded(state: dict[str, torch.Tensor], args: ModelArgs, out_dir: str |
         paths.append(p)
     params = args.to_params()
     params.update(extra_params or {})
+    if quant is not None:
+        params["quantization"] = quant.to_params()
     (out / "params.json").write_text(json.dumps(params, indent=2) + "\n")
     return paths

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import ShardedCheckpoint, iter_rank_state, open_checkpoint
+from .checkpoint import ShardedCheckpoint, is_linear_weight, iter_rank_state, open_checkpoint
+from .config import ConfigError
 from .distributed import DistInfo, default_dtype
 from .model import Transformer, skip_fairscale_init
 
@@ -15,26 +16,45 @@ def load_model(ckpt_dir: str | Path, dist_info: DistInfo, dtype: torch.dtype | N
                max_seq_len: int = 2048, max_batch_size: int = 8, progress: bool = True,
                quantize: str | None = None) -> Transformer:
     """This rank's model: its slice of every split weight, in `dtype`, with a KV cache for
-    max_batch_size sequences of max_seq_len tokens; `quantize` ("int8"/"int4") converts the
-    linear layers' weights at load (a checkpoint written by llama_demo.quantize is loaded as is)."""
+    max_batch_size sequences of max_seq_len tokens; `quantize` ("int8"/"int4") quantizes the
+    linear layers' weights one tensor at a time as they load (quant.py: round-to-nearest). A
+    checkpoint written by llama_demo.quantize (params.json "quantization") loads as stored, its
+    integers straight into quantized layers: no float copy of its linear weights is ever made."""
     ckpt = open_checkpoint(ckpt_dir, dist_info.world_size)
     args = ckpt.args
     dtype = dtype or default_dtype(dist_info.device, _checkpoint_dtype(ckpt))
+    if ckpt.quant and quantize and quantize != ckpt.quant.method:
+        raise ConfigError(f"{ckpt_dir} is already {ckpt.quant.method}-quantized; drop --quantize {quantize} "
+                          f"or quantize its float source instead")
+    on_the_fly = None
+    if quantize and not ckpt.quant:
+        from .quant import spec_for
+
+        on_the_fly = spec_for(quantize, args, dist_info.world_size)
     # Built on the meta device: fairscale's layers would otherwise allocate (and touch) a full
     # master weight per layer before we overwrite it with the checkpoint's slice.
     with torch.device("meta"), skip_fairscale_init():
         model = Transformer(args)
+    if ckpt.quant or on_the_fly:
+        from .quant import quantize_weight, replace_linears
+
+        replace_linears(model, ckpt.quant or on_the_fly)  # empty quantized layers, still on meta
     state = {}
     show = progress and dist_info.is_main and sys.stderr.isatty() or (progress and dist_info.is_main and _big(args))
     bar = _progress_bar(f"loading {Path(ckpt_dir).name} on {dist_info.world_size} rank(s)") if show else None
-    for name, tensor in iter_rank_state(ckpt, dist_info.rank, dist_info.world_size, dtype, bar):
-        state[name] = tensor.to(dist_info.device)
+    # Quantizing on the fly starts from the stored precision (not `dtype`), one weight at a time.
+    for name, tensor in iter_rank_state(ckpt, dist_info.rank, dist_info.world_size, None if on_the_fly else dtype, bar):
+        tensor = tensor.to(dist_info.device)
+        if on_the_fly and is_linear_weight(name):
+            state.update(quantize_weight(name, tensor, on_the_fly))
+        else:
+            state[name] = tensor.to(dtype) if on_the_fly and tensor.is_floating_point() else tensor
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False)
-    if quantize:
-        from .quant import quantize_model
+    if ckpt.quant or on_the_fly:
+        from .quant import prepare_quantized
 
-        quantize_model(model, quantize)
+        prepare_quantized(model, dtype)  # scales to the compute dtype; CUDA kernels' packing
     model.setup_cache(max_batch_size, max_seq_len, dist_info.device, dtype)
     return model.eval()
 

@@ -108,20 +108,17 @@ def rope_frequencies(args: ModelArgs, device: torch.device | str = "cpu") -> tor
 
 
 def rope_table(args: ModelArgs, length: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(length, head_dim/2, 2): cos and sin of every position and frequency, in float32."""
+    """(length, head_dim/2) complex64: e^(i * position * frequency), Meta's freqs_cis."""
     freqs = rope_frequencies(args, device)
     angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), freqs)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+    return torch.polar(torch.ones_like(angles), angles)
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x0,x1),(x2,x3),... as Meta's complex multiplication does.
-    x: (B, T, heads, head_dim); rope: (B, T, head_dim/2, 2)."""
-    xp = x.float().unflatten(-1, (-1, 2))  # (B, T, h, hd/2, 2)
-    cos, sin = rope[:, :, None, :, 0], rope[:, :, None, :, 1]
-    x0, x1 = xp[..., 0], xp[..., 1]
-    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
-    return out.flatten(-2).type_as(x)
+    """Rotate interleaved pairs (x0,x1),(x2,x3),... by complex multiplication, as Meta's code does.
+    x: (B, T, heads, head_dim); rope: (B, T, head_dim/2) complex."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, h, hd/2)
+    return torch.view_as_real(xc * rope[:, :, None, :]).flatten(-2).type_as(x)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -233,9 +230,9 @@ class Transformer(nn.Module):
         `logits_at` (B,) indices into T, or at every position when None."""
         B, T = tokens.shape
         h = self.tok_embeddings(tokens)
-        rope = self.rope[pos]  # (B, T, head_dim/2, 2)
-        if T == 1 and kv_len == 1:
-            mask = None
+        rope = self.rope[pos]  # (B, T, head_dim/2) complex
+        if T == 1 and B == 1:
+            mask = None  # one token of one sequence sees its whole cache row (kv_len = position + 1)
         else:
             # each query sees the keys at or before its own position; the mask is
             # (B, 1, T, kv_len) because rows sit at different positions of their cache rows
