@@ -111,13 +111,10 @@ def hf_model_from_meta(folder: Path, dtype: torch.dtype, device: torch.device):
     """transformers' LlamaForCausalLM on a one-rank view of a Meta checkpoint (rotary rows permuted)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from .convert import hf_from_meta_rotary as permute
+
     ck = open_checkpoint(folder, 1)
     a = ck.args
-    hd = a.head_dim
-
-    def permute(w, n):
-        return w.view(n, hd // 2, 2, a.dim).transpose(1, 2).reshape(n * hd, a.dim)
-
     cfg = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.ffn_hidden,
                       num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
                       rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta, max_position_embeddings=4096,
