@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--system_prompt", default=None, help="initial system prompt in the UI")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max_new_tokens", type=int, default=d.default_max_new_tokens, help="default answer length")
+    p.add_argument("--temperature", type=float, default=d.default_temperature, help="the chat page's initial temperature")
+    p.add_argument("--top_p", type=float, default=d.default_top_p, help="the chat page's initial top-p")
     a = p.parse_args(argv)
     if a.heartbeat_interval <= 0 or a.heartbeat_interval >= a.dist_timeout:
         p.error("--heartbeat_interval must be positive and below --dist_timeout")
@@ -56,7 +58,8 @@ def server_config(a: argparse.Namespace) -> ServerConfig:
     return ServerConfig(host=a.host, port=a.port, zmq_port=a.zmq_port, share=a.share,
                         auth=tuple(a.auth.split(":", 1)) if a.auth else None, max_seq_len=a.max_seq_len,
                         max_batch_size=a.max_batch_size, dist_timeout=a.dist_timeout,
-                        heartbeat_interval=a.heartbeat_interval, chat=a.chat, default_max_new_tokens=a.max_new_tokens)
+                        heartbeat_interval=a.heartbeat_interval, chat=a.chat, default_max_new_tokens=a.max_new_tokens,
+                        default_temperature=a.temperature, default_top_p=a.top_p)
 
 
 def check_port_free(host: str, port: int) -> None:

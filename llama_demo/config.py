@@ -153,4 +153,7 @@ class ServerConfig:
     heartbeat_interval: float = 60.0  # seconds between idle collectives; must stay below dist_timeout
     chat: bool | None = None  # None: decide from the model folder
     default_max_new_tokens: int = 512
+    # the chat page's initial sampling settings: low enough that small models stay on topic
+    default_temperature: float = 0.3
+    default_top_p: float = 0.9
     extra: dict = field(default_factory=dict)

@@ -468,8 +468,8 @@ def build_ui(client: EngineClient, chat_format: ChatFormat | None, cfg: ServerCo
         with gr.Accordion("Settings", open=False):
             settings = [
                 gr.Textbox(system_prompt, label="System prompt", lines=2, visible=chat_mode),
-                gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)"),
-                gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p"),
+                gr.Slider(0.0, 2.0, value=cfg.default_temperature, step=0.05, label="Temperature (0 = greedy)"),
+                gr.Slider(0.05, 1.0, value=cfg.default_top_p, step=0.05, label="Top-p"),
                 gr.Slider(1, max_len, value=min(cfg.default_max_new_tokens, max_len), step=1, label="Max new tokens"),
             ]
         if examples := load_examples():

