@@ -1,0 +1,27 @@
+"""Run under torchrun by tests/test_quant.py: for each `tag=folder[:quantize]` argument, load the
+model (quantized on the fly when asked) and write every rank's logits for a fixed prompt and its
+linear layers' weight bytes."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from llama_demo.distributed import init_distributed, shutdown_distributed
+from llama_demo.loading import load_model
+from llama_demo.quant import linear_weight_bytes
+
+PROMPT = [1, 17, 250, 33, 8, 120, 64, 5, 99, 300]
+out = Path(sys.argv[1])
+info = init_distributed()
+report = {}
+for spec in sys.argv[2:]:
+    tag, rest = spec.split("=", 1)
+    folder, _, quantize = rest.partition(":")
+    model = load_model(folder, info, max_seq_len=32, max_batch_size=1, progress=False, quantize=quantize or None)
+    ids = torch.tensor([PROMPT])
+    logits = model(ids, torch.arange(len(PROMPT))[None], slice(0, 1), len(PROMPT))[0]
+    torch.save(logits.clone(), out / f"{tag}.{info.rank}.pt")
+    report[tag] = linear_weight_bytes(model)
+(out / f"bytes.{info.rank}.json").write_text(json.dumps(report))
+shutdown_distributed()
