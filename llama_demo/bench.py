@@ -50,7 +50,8 @@ def random_checkpoint(shape: str, cache: Path | None = None) -> Path:
     g = torch.Generator().manual_seed(0)
     state = {n: (torch.randn(s, generator=g) * 0.02 if len(s) == 2 else torch.ones(s))
              for n, s in expected_shapes(args).items()}
-    tmp = Path(tempfile.mkdtemp(dir=cache.mkdir(parents=True, exist_ok=True) or cache))
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache))  # written aside, renamed when complete
     save_sharded(state, args, tmp, 1)
     tmp.rename(folder)
     return folder

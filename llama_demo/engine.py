@@ -10,7 +10,6 @@ stalled for long by a long prompt; every step then decodes one token for every r
 """
 from __future__ import annotations
 
-import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -286,10 +285,3 @@ class Engine:
                 if on_event:
                     on_event(ev)
         return {k: (toks[k], "".join(texts[k]), reasons.get(k)) for k in toks}
-
-
-_ids = itertools.count()
-
-
-def next_request_id() -> int:
-    return next(_ids)

@@ -40,7 +40,7 @@ def load_model(ckpt_dir: str | Path, dist_info: DistInfo, dtype: torch.dtype | N
 
         replace_linears(model, ckpt.quant or on_the_fly)  # empty quantized layers, still on meta
     state = {}
-    show = progress and dist_info.is_main and sys.stderr.isatty() or (progress and dist_info.is_main and _big(args))
+    show = progress and dist_info.is_main and (sys.stderr.isatty() or _big(args))
     bar = _progress_bar(f"loading {Path(ckpt_dir).name} on {dist_info.world_size} rank(s)") if show else None
     # Quantizing on the fly starts from the stored precision (not `dtype`), one weight at a time.
     for name, tensor in iter_rank_state(ckpt, dist_info.rank, dist_info.world_size, None if on_the_fly else dtype, bar):
