@@ -23,7 +23,7 @@ import torch
 
 from .checkpoint import expected_shapes, open_checkpoint, save_sharded
 from .config import NAMED_SHAPES, ModelArgs
-from .distributed import init_distributed, parse_dtype, shutdown_distributed
+from .distributed import cpu_threads, init_distributed, parse_dtype, shutdown_distributed
 from .engine import Engine, Request
 from .loading import load_model
 from .sampling import SamplingParams
@@ -88,18 +88,25 @@ def bench_engine(engine: Engine, prompt_len: int, new_tokens: int, concurrency: 
         return time.perf_counter() - t0
 
     def decode_rate(n: int) -> float:
+        """Aggregate decode tokens/s while all n requests run together: from the step after the
+        last prompt was prefilled to the step in which the first request finishes."""
         for i in range(n):
             engine.add(Request(f"c{n}-{i}", prompt(), greedy))
-        first_done, tokens = None, 0
+        started: set = set()
+        t0 = t1 = None
+        tokens = 0
         while not engine.idle:
             events = engine.step()
-            tokens += sum(1 for e in events if e.token_id is not None)
-            if first_done is None and tokens >= n:  # every request has its first token: prefill over
+            if t0 is not None and t1 is None:
+                tokens += sum(1 for e in events if e.token_id is not None)
+                if any(e.finished for e in events):
+                    _sync(engine.device)
+                    t1 = time.perf_counter()
+            started.update(e.request_id for e in events if e.token_id is not None)
+            if t0 is None and len(started) == n:  # every prompt prefilled: decoding from here on
                 _sync(engine.device)
-                first_done = (time.perf_counter(), tokens)
-        _sync(engine.device)
-        # decode rate: tokens after every prompt was prefilled, over the time after that point
-        return (tokens - first_done[1]) / (time.perf_counter() - first_done[0])
+                t0 = time.perf_counter()
+        return tokens / ((t1 or time.perf_counter()) - t0)
 
     out = {"ttft_s": min(ttft() for _ in range(repeats))}
     for n in concurrency:
@@ -180,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
     conc = [int(c) for c in a.concurrency.split(",")]
+    if a.new_tokens < 2 or a.prompt_len < 1 or min(conc) < 1:
+        p.error("--new_tokens must be >= 2, --prompt_len and every --concurrency >= 1")
     if a.ranks:
         return compare_rank_counts(argv if argv is not None else sys.argv[1:], [int(r) for r in a.ranks.split(",")], conc)
     info = init_distributed(device=a.device)
@@ -197,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine(model, _NoTextTokenizer(), info.rank, info.world_size, info.device, seed=0)
         ours = bench_engine(engine, a.prompt_len, a.new_tokens, conc, a.repeats)
         result = {"model": a.shape or str(folder), "ranks": info.world_size, "device": str(info.device),
-                  "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+                  "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "threads": cpu_threads() if info.device.type == "cpu" else 0,
                   "llama_demo": ours}
         if a.vs_hf and info.rank == 0:
             del engine, model

@@ -56,13 +56,89 @@ def init_distributed(timeout_s: float = 1800.0, device: str | None = None) -> Di
         with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints three banner lines
             initialize_model_parallel(world)
     if not use_cuda:
-        # On CPU the matrix products run in OpenBLAS's threads (model.matmul_t; OpenBLAS takes its
-        # thread count from OPENBLAS_NUM_THREADS or OMP_NUM_THREADS, which torchrun sets to 1 for
-        # several ranks). torch's own thread pool only runs small element-wise ops; left at the
-        # core count, its spinning threads fight OpenBLAS's for the cores (measured: 20x slower
-        # decode steps on 2 cores), so it gets one thread.
-        torch.set_num_threads(int(os.environ.get("LLAMA_DEMO_TORCH_THREADS", "1")))
+        # Single-row matrix products run in OpenBLAS's threads, batched ones in torch's (model.py);
+        # the model raises torch's thread count only for batched steps. Left at the core count,
+        # torch's spinning threads fight OpenBLAS's for the cores (measured: 20x slower decode
+        # steps on 2 cores), so between steps it keeps one thread.
+        torch.set_num_threads(1)
     return DistInfo(rank, world, local_rank, dev)
+
+
+def cpu_threads() -> int:
+    """Cores one rank may use for batched matrix products: LLAMA_DEMO_TORCH_THREADS, else
+    OMP_NUM_THREADS (torchrun sets 1 per rank when several ranks share a machine), else all."""
+    for var in ("LLAMA_DEMO_TORCH_THREADS", "OMP_NUM_THREADS"):
+        if os.environ.get(var, "").isdigit() and int(os.environ[var]) > 0:
+            return int(os.environ[var])
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# ----------------------------------------------------------------------------- collectives
+# The model's collectives in the forward pass. On CPU with two ranks, gloo's all_reduce of a
+# few KB costs 0.8-2 ms on the VMs we measured (a ring of chunked messages, each waking threads),
+# while one ordered send/recv round trip costs ~0.15 ms; a decode step makes ~26 of them, so the
+# two-rank CPU case exchanges with send/recv. Sums stay identical on both ranks: a + b == b + a.
+
+def _pair(group) -> int | None:
+    """The other rank's global id when `group` is two CPU ranks using gloo, else None."""
+    group = group or dist.group.WORLD
+    if dist.get_world_size(group) != 2 or dist.get_backend(group) != "gloo":
+        return None
+    ranks = dist.get_process_group_ranks(group)
+    return ranks[1] if dist.get_rank() == ranks[0] else ranks[0]
+
+
+def _exchange(x: torch.Tensor, peer: int, group) -> torch.Tensor:
+    """Send x to peer and receive its tensor of the same shape; the lower rank sends first."""
+    x = x.contiguous()
+    other = torch.empty_like(x)
+    if dist.get_rank() < peer:
+        dist.send(x, peer, group=group)
+        dist.recv(other, peer, group=group)
+    else:
+        dist.recv(other, peer, group=group)
+        dist.send(x, peer, group=group)
+    return other
+
+
+def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum of x over the ranks of group (x may be overwritten)."""
+    if dist.get_world_size(group) == 1:
+        return x
+    peer = _pair(group) if x.device.type == "cpu" else None
+    if peer is not None:
+        return x.add_(_exchange(x, peer, group))
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def all_gather_last(x: torch.Tensor, group) -> torch.Tensor:
+    """Concatenate the ranks' x along the last dimension, in rank order."""
+    world = dist.get_world_size(group)
+    if world == 1:
+        return x
+    peer = _pair(group) if x.device.type == "cpu" else None
+    if peer is not None:
+        other = _exchange(x, peer, group)
+        parts = [x, other] if dist.get_rank() < peer else [other, x]
+    else:
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def broadcast_from_first(x: torch.Tensor, group) -> torch.Tensor:
+    """x from the group's first rank, on every rank of the group."""
+    if dist.get_world_size(group) == 1:
+        return x
+    peer = _pair(group) if x.device.type == "cpu" else None
+    if peer is None:
+        dist.broadcast(x, src=dist.get_process_group_ranks(group or dist.group.WORLD)[0], group=group)
+    elif dist.get_rank() < peer:
+        dist.send(x.contiguous(), peer, group=group)
+    else:
+        dist.recv(x, peer, group=group)
+    return x
 
 
 def shutdown_distributed() -> None:

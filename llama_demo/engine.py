@@ -10,12 +10,13 @@ stalled for long by a long prompt; every step then decodes one token for every r
 """
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
+from .distributed import broadcast_from_first
 from .model import Transformer
 from .sampling import SamplingParams, apply_repetition_penalty, sample
 from .tokenizer import StreamDecoder, Tokenizer
@@ -116,13 +117,13 @@ class Engine:
         seq = self.running.pop(request_id, None)
         if seq is None:
             return []
-        self.free_slots.append(seq.slot)
+        heapq.heappush(self.free_slots, seq.slot)
         return [TokenEvent(request_id, None, "", True, "cancelled")]
 
     def _admit(self) -> None:
         while self.waiting and self.free_slots:
             req = self.waiting.popleft()
-            slot = self.free_slots.pop(0)
+            slot = heapq.heappop(self.free_slots)  # the lowest free row keeps the batch's rows together
             gen = None
             if req.params.seed is not None:
                 gen = torch.Generator(device="cpu")
@@ -142,7 +143,8 @@ class Engine:
         logits: list[torch.Tensor] = []
 
         # Decode first: sequences that already have a token to feed.
-        decoding = [s for s in self.running.values() if s.out_ids]
+        # ordered by cache row: consecutive rows are attended to as one view of the cache
+        decoding = sorted((s for s in self.running.values() if s.out_ids), key=lambda s: s.slot)
         if decoding:
             logits.append(self._forward_decode(decoding))
             sampled_seqs += decoding
@@ -183,10 +185,8 @@ class Engine:
         if isinstance(pos, int):  # one sequence, a run of consecutive positions
             kv_len = pos + T
             pos = torch.arange(pos, pos + T)[None]
-        # a contiguous run of slots is a view of the cache, not a gather
-        slot_sel = slice(slots[0], slots[0] + B) if slots == list(range(slots[0], slots[0] + B)) else torch.tensor(slots, device=dev)
         at = None if logits_at is None else torch.full((B,), logits_at, device=dev)
-        out = self.model(tokens.to(dev), pos.to(dev), slot_sel, kv_len, logits_at=at)
+        out = self.model(tokens.to(dev), pos.to(dev), slots, kv_len, logits_at=at)
         return out[:, -1] if at is None else out  # (B, V)
 
     def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
@@ -213,7 +213,7 @@ class Engine:
                     ids[i] = sample(logits[i: i + 1].cpu(), temp[i: i + 1].cpu(), top_p[i: i + 1].cpu(),
                                     top_k[i: i + 1].cpu(), s.generator)[0]
         if self.world_size > 1:
-            dist.broadcast(ids, src=0, group=self.group)
+            broadcast_from_first(ids, self.group)
         return ids.tolist()
 
     def _advance(self, seqs: list[_Sequence], ids: list[int]) -> list[TokenEvent]:
@@ -236,7 +236,7 @@ class Engine:
             events.append(TokenEvent(s.req.id, tok, text, reason is not None, reason))
             if reason is not None:
                 del self.running[s.req.id]
-                self.free_slots.append(s.slot)
+                heapq.heappush(self.free_slots, s.slot)
         return events
 
     @staticmethod

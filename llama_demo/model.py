@@ -15,13 +15,13 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
+from fairscale.nn.model_parallel.initialize import get_model_parallel_group, get_model_parallel_world_size
 import fairscale.nn.model_parallel.layers as fairscale_layers
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
-from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region, reduce_from_model_parallel_region
 from torch import nn
 
 from .config import ModelArgs
+from .distributed import all_gather_last, all_reduce_sum
 
 
 def _keep(x: torch.Tensor) -> torch.Tensor:
@@ -41,43 +41,102 @@ def skip_fairscale_init():
         fairscale_layers._initialize_affine_weight = saved
 
 
-def matmul_t(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x @ w.T. On CPU in float32 numpy's OpenBLAS reads weights about 1.5x faster than torch's
-    MKL on the AMD machines we measured (FORMATS.md); both are zero-copy views of one buffer."""
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def matmul_t(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T. On CPU in float32 the library decides the speed (FORMATS.md): for one row,
+    numpy's OpenBLAS reads the weights about 1.5x faster than torch's MKL on the AMD machines we
+    measured; for several rows (batched decode, prefill) oneDNN's GEMM is 1.4-2x OpenBLAS, and
+    1.5x more on `packed`, its blocked copy of w (pack_for_cpu). numpy reads w in place (a
+    zero-copy view); batched steps get torch's thread pool (set_cpu_threads)."""
     if x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32 and not torch.is_grad_enabled():
         x2 = x.reshape(-1, x.shape[-1])
-        out = np.matmul(x2.numpy(), w.detach().numpy().T)
-        return torch.from_numpy(out).view(*x.shape[:-1], w.shape[0])
+        if x2.shape[0] > 1 and _ONEDNN:
+            out = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), w if packed is None else packed, None, "none", [], "")
+        else:
+            out = torch.from_numpy(np.matmul(x2.numpy(), w.detach().numpy().T))
+        return out.view(*x.shape[:-1], w.shape[0])
     return F.linear(x, w)
+
+
+def pack_for_cpu(model: nn.Module, batch_hint: int = 16) -> int:
+    """Give each float32 linear layer a oneDNN-blocked copy of its weight for batched CPU steps.
+    It costs a second copy of the matrices, so it is done only when twice the current free memory
+    covers it. Returns the bytes added (0 when nothing was packed)."""
+    layers = [m for m in model.modules() if type(m) in (ColumnLinear, RowLinear)
+              and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
+    need = sum(m.weight.numel() * 4 for m in layers)
+    if not _ONEDNN or not layers or need * 2 > _available_memory():
+        return 0
+    for m in layers:
+        m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), batch_hint)
+    return need
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def set_cpu_threads(rows: int) -> None:
+    """torch's intra-op thread count for a CPU step of `rows` rows: one while OpenBLAS runs
+    single-row steps (two busy thread pools on the same cores slow each other down 20x, measured
+    on 2 cores), cpu_threads() for batched steps, which run in torch (oneDNN)."""
+    from .distributed import cpu_threads
+
+    n = 1 if rows == 1 else cpu_threads()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
 
 
 class ColumnLinear(ColumnParallelLinear):
     """ColumnParallelLinear (no bias, output left split across ranks unless gather_output)."""
+
+    packed: torch.Tensor | None = None  # oneDNN's blocked copy of weight (pack_for_cpu)
 
     def __init__(self, in_features: int, out_features: int, gather_output: bool = False):
         super().__init__(in_features, out_features, bias=False, gather_output=gather_output, init_method=_keep)
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's matrix product; quantized layers (quant.py) override only this."""
-        return matmul_t(x, self.weight)
+        return matmul_t(x, self.weight, self.packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # copy_to_model_parallel_region is the identity in the forward pass: skip it
         y = self._mm(x)
-        return gather_from_model_parallel_region(y) if self.gather_output else y
+        return all_gather_last(y, get_model_parallel_group()) if self.gather_output else y
 
 
 class RowLinear(RowParallelLinear):
     """RowParallelLinear (no bias): input arrives split across ranks, output is all-reduced."""
 
+    packed: torch.Tensor | None = None
+
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False, input_is_parallel=True, init_method=_keep)
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
-        return matmul_t(x, self.weight)
+        return matmul_t(x, self.weight, self.packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reduce_from_model_parallel_region(self._mm(x))
+        return all_reduce_sum(self._mm(x), get_model_parallel_group())
+
+
+class Embedding(ParallelEmbedding):
+    """ParallelEmbedding: each rank holds a slice of the feature dimension; rows are gathered."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__(num_embeddings, embedding_dim, init_method=_keep)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return all_gather_last(F.embedding(tokens, self.weight), get_model_parallel_group())
 
 
 class RMSNorm(nn.Module):
@@ -158,24 +217,38 @@ class Attention(nn.Module):
         self.cache_v: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
-                slots: torch.Tensor | slice, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+                runs: list[slice], pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_local_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_local_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, kv heads, T, head_dim)
-        if isinstance(slots, slice):  # rows are a contiguous block of the cache: views, no copies
-            where = pos[:, None, :, None].expand_as(k)
-            self.cache_k[slots].scatter_(2, where, k)
-            self.cache_v[slots].scatter_(2, where, v)
-        else:
-            rows = slots[:, None].expand(B, T)
-            self.cache_k[rows, :, pos] = k.transpose(1, 2)  # indexed dims come first: (B, T, kv heads, hd)
-            self.cache_v[rows, :, pos] = v.transpose(1, 2)
-        keys, values = self.cache_k[slots, :, :kv_len], self.cache_v[slots, :, :kv_len]
-        out = attention(q.transpose(1, 2), keys, values, mask)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        outs, row = [], 0
+        for run in runs:  # each run of consecutive cache rows is a view of the cache: no copies
+            n = run.stop - run.start
+            rows = slice(row, row + n)
+            where = pos[rows, None, :, None].expand_as(k[rows])
+            self.cache_k[run].scatter_(2, where, k[rows])
+            self.cache_v[run].scatter_(2, where, v[rows])
+            keys, values = self.cache_k[run, :, :kv_len], self.cache_v[run, :, :kv_len]
+            outs.append(attention(q[rows], keys, values, None if mask is None else mask[rows]))
+            row += n
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def slot_runs(slots: slice | list[int] | torch.Tensor) -> list[slice]:
+    """Cache rows of a batch as runs of consecutive rows, in batch order: [3, 4, 5, 9] -> 3:6, 9:10."""
+    if isinstance(slots, slice):
+        return [slots]
+    slots = slots.tolist() if isinstance(slots, torch.Tensor) else list(slots)
+    runs, start = [], 0
+    for i in range(1, len(slots) + 1):
+        if i == len(slots) or slots[i] != slots[i - 1] + 1:
+            runs.append(slice(slots[start], slots[i - 1] + 1))
+            start = i
+    return runs
 
 
 class FeedForward(nn.Module):
@@ -197,8 +270,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, rope, mask, slots, pos, kv_len):
-        h = x + self.attention(self.attention_norm(x), rope, mask, slots, pos, kv_len)
+    def forward(self, x, rope, mask, runs, pos, kv_len):
+        h = x + self.attention(self.attention_norm(x), rope, mask, runs, pos, kv_len)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -206,7 +279,7 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.tok_embeddings = ParallelEmbedding(args.vocab_size, args.dim, init_method=_keep)
+        self.tok_embeddings = Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = ColumnLinear(args.dim, args.vocab_size, gather_output=True)
@@ -223,12 +296,14 @@ class Transformer(nn.Module):
         self.rope = rope_table(self.args, max_seq_len, device)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor | slice, kv_len: int,
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, slots: slice | list[int] | torch.Tensor, kv_len: int,
                 logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, pos: (B, T) ids and their absolute positions; slots: the cache row of each of
         the B sequences; kv_len: keys to attend to (max position + 1). Returns float32 logits at
         `logits_at` (B,) indices into T, or at every position when None."""
         B, T = tokens.shape
+        if tokens.device.type == "cpu":
+            set_cpu_threads(B * T)
         h = self.tok_embeddings(tokens)
         rope = self.rope[pos]  # (B, T, head_dim/2) complex
         if T == 1 and B == 1:
@@ -237,8 +312,9 @@ class Transformer(nn.Module):
             # each query sees the keys at or before its own position; the mask is
             # (B, 1, T, kv_len) because rows sit at different positions of their cache rows
             mask = (torch.arange(kv_len, device=tokens.device)[None, None, :] <= pos[:, :, None])[:, None]
+        runs = slot_runs(slots)
         for layer in self.layers:
-            h = layer(h, rope, mask, slots, pos, kv_len)
+            h = layer(h, rope, mask, runs, pos, kv_len)
         if logits_at is not None:
             h = h[torch.arange(B, device=h.device), logits_at][:, None]  # (B, 1, dim)
         logits = self.output(self.norm(h)).float()

@@ -106,12 +106,13 @@ def gptq_quantize(model, tokens: torch.Tensor, spec: QuantSpec, damp: float = 0.
 
     def run(block, h: torch.Tensor) -> torch.Tensor:
         # one sequence at a time: attention scores of all of them at once would take GBs
-        return torch.cat([block(h[b: b + 1], rope, mask, slice(b, b + 1), pos, T) for b in range(n_seq)])
+        return torch.cat([block(h[b: b + 1], rope, mask, [slice(b, b + 1)], pos, T) for b in range(n_seq)])
 
     def quantize_layer(name: str, layer: nn.Module, H: torch.Tensor) -> None:
         packed, scales, zeros = gptq_int4(layer.weight, H, spec.group_size, damp=damp, act_order=act_order)
         out[name + ".weight"], out[name + ".scales"], out[name + ".zeros"] = packed, scales, zeros
         layer.weight.copy_(dequantize_int4(packed, scales, zeros, spec.group_size, layer.weight.dtype))
+        layer.packed = None  # oneDNN's blocked copy (model.pack_for_cpu) holds the float weights
 
     out: dict[str, torch.Tensor] = {}
     h = torch.cat([model.tok_embeddings(tokens[b: b + 1]) for b in range(n_seq)])

@@ -16,7 +16,8 @@ PROMPTS = [[1, 17, 250, 33, 8, 120, 64, 5], [1, 300, 2, 19], [1, 44, 45, 46, 47,
                                         ("gqa-2", 1), ("gqa-1", 2), ("gqa-2", 2), ("mqa-1", 2)])
 def test_logits_and_greedy_tokens_match_transformers(ckpts, tmp_path, ckpt, world):
     """Any shard count on any rank count: last-position logits to 1e-4, 24 greedy tokens equal,
-    a batch of prompts of different lengths gives each prompt its tokens alone, all ranks agree."""
+    a batch of prompts of different lengths gives each prompt its tokens alone (also when requests
+    leave and join mid-batch), all ranks agree."""
     folder = ckpts[ckpt]
     torchrun(world, ["tests/workers/dump_rank.py", str(folder), str(tmp_path), json.dumps(PROMPTS), str(N_NEW)])
     ref = hf_model(folder)
@@ -30,3 +31,6 @@ def test_logits_and_greedy_tokens_match_transformers(ckpts, tmp_path, ckpt, worl
     for prompt, got in zip(PROMPTS, ranks[0]["batch"]):
         assert got == hf_greedy(ref, prompt, N_NEW)
     assert len(ranks[0]["sampled"]) == N_NEW
+    churn = ranks[0]["churn"]  # requests finishing and joining mid-batch, leaving a gap in the cache rows
+    assert churn["a"] == ranks[0]["batch"][0] and churn["c"] == ranks[0]["batch"][2]
+    assert churn["b"] == ranks[0]["batch"][1][:3] and churn["d"] == ranks[0]["batch"][1]

@@ -22,8 +22,19 @@ engine = Engine(model, load_tokenizer(ckpt), info.rank, info.world_size, info.de
 params = SamplingParams(temperature=0.0, max_new_tokens=n_new)
 batch = engine.generate([Request(i, p, params) for i, p in enumerate(prompts)])
 sampled = engine.generate([Request(0, prompts[0], SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=n_new))])
+# Continuous batching with a hole: "b" finishes early, leaving cache rows 0 and 2 running
+# apart; "d" joins later into the freed row. Each must still get its tokens alone.
+churn = {k: [] for k in "abcd"}
+for rid, p, n in (("a", prompts[0], n_new), ("b", prompts[1], 3), ("c", prompts[2], n_new)):
+    engine.add(Request(rid, p, SamplingParams(temperature=0.0, max_new_tokens=n)))
+while not engine.idle:
+    for ev in engine.step():
+        if ev.token_id is not None and ev.token_id not in engine.stop_ids:
+            churn[ev.request_id].append(ev.token_id)
+    if len(churn["a"]) == 8:
+        engine.add(Request("d", prompts[1], params))
 out.mkdir(parents=True, exist_ok=True)
 torch.save(logits[0].clone(), out / f"logits{info.rank}.pt")
 (out / f"tokens{info.rank}.json").write_text(json.dumps({
-    "batch": [batch[i][0] for i in range(len(prompts))], "sampled": sampled[0][0]}))
+    "batch": [batch[i][0] for i in range(len(prompts))], "sampled": sampled[0][0], "churn": churn}))
 shutdown_distributed()
