@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass
 from typing import AsyncIterator
 
 import torch
-import torch.distributed as dist
 
 from .bus import Bus, BusError
+from .distributed import all_reduce_sum, broadcast_from_first
 from .engine import Engine, Request, TokenEvent, check_prompt
 from .sampling import SamplingParams
 
@@ -167,7 +167,7 @@ class ServingLoop:
         upto = self.inbox[-1]["seq"] if self.inbox else self.applied
         if self.world > 1:
             t = torch.tensor([upto], dtype=torch.long, device=self.device)
-            dist.broadcast(t, src=0)
+            broadcast_from_first(t, None)
             upto = int(t.item())
             # followers may not have received everything rank 0 has: wait for it (bounded)
             deadline = time.monotonic() + self.bus_timeout
@@ -207,7 +207,7 @@ class ServingLoop:
         """An all-reduce every rank reaches at the same point of the message stream."""
         if self.world > 1:
             t = torch.ones(1, device=self.device)
-            dist.all_reduce(t)
+            all_reduce_sum(t, None)
             if int(t.item()) != self.world:
                 raise RankLost(f"heartbeat all-reduce gave {t.item()} instead of {self.world}")
         self._mark_collective()
