@@ -25,7 +25,9 @@ from .checkpoint import expected_shapes, open_checkpoint, save_sharded
 from .config import NAMED_SHAPES, ModelArgs
 from .distributed import cpu_threads, init_distributed, parse_dtype, shutdown_distributed
 from .engine import Engine, Request
+from .generate import add_quantize_arg
 from .loading import load_model
+from .quant import quant_method
 from .sampling import SamplingParams
 
 
@@ -115,6 +117,13 @@ def bench_engine(engine: Engine, prompt_len: int, new_tokens: int, concurrency: 
     return out
 
 
+def _dtype_label(model) -> str:
+    """The compute dtype, "+int8" / "+int4" when the linear weights are quantized (by --quantize
+    or as stored): a quantized run is not comparable with a float one of the same dtype."""
+    method = quant_method(model)
+    return str(model.norm.weight.dtype).replace("torch.", "") + (f"+{method}" if method else "")
+
+
 def hf_model_from_meta(folder: Path, dtype: torch.dtype, device: torch.device):
     """transformers' LlamaForCausalLM on a one-rank view of a Meta checkpoint (rotary rows permuted)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -178,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--shape", help=f"random weights of a named shape: {', '.join(NAMED_SHAPES)}")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default=None)
+    add_quantize_arg(p)
     p.add_argument("--prompt_len", type=int, default=128)
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated request counts")
@@ -202,11 +212,11 @@ def main(argv: list[str] | None = None) -> int:
                 torch.distributed.barrier()
             folder = folder or random_checkpoint(a.shape)
         max_len = a.prompt_len + a.new_tokens + 8
-        model = load_model(folder, info, parse_dtype(a.dtype), max_len, max(conc), progress=False)
+        model = load_model(folder, info, parse_dtype(a.dtype), max_len, max(conc), progress=False, quantize=a.quantize)
         engine = Engine(model, _NoTextTokenizer(), info.rank, info.world_size, info.device, seed=0)
         ours = bench_engine(engine, a.prompt_len, a.new_tokens, conc, a.repeats)
         result = {"model": a.shape or str(folder), "ranks": info.world_size, "device": str(info.device),
-                  "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "threads": cpu_threads() if info.device.type == "cpu" else 0,
+                  "dtype": _dtype_label(model), "threads": cpu_threads() if info.device.type == "cpu" else 0,
                   "llama_demo": ours}
         if a.vs_hf and info.rank == 0:
             del engine, model

@@ -147,16 +147,18 @@ class _LazyState(Mapping):
         return name in self._makers
 
 
-def _check_out_dir(out_dir: Path) -> None:
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse a folder that exists with something in it: converting or quantizing never overwrites.
+    Callers check before their slow part, so a wrong --out fails at once, not after minutes."""
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ConvertError(f"{out_dir} already exists and is not empty; choose a new folder or delete it")
 
 
 @contextlib.contextmanager
-def _atomic_dir(out_dir: Path) -> Iterator[Path]:
+def atomic_dir(out_dir: Path) -> Iterator[Path]:
     """A temporary sibling folder that becomes out_dir only when the body finishes, so an
     interrupted conversion never leaves a folder that looks complete."""
-    _check_out_dir(out_dir)
+    check_out_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()  # not mkdtemp: its 0700 mode would stick to the renamed folder
@@ -268,7 +270,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, shard
     path, out = Path(gguf_path), Path(out_dir)
     if not path.is_file():
         raise ConvertError(f"{path} does not exist; expected a .gguf file")
-    _check_out_dir(out)  # before the slow part
+    check_out_dir(out)  # before the slow part
     want_dtype = _resolve_dtype(dtype)
     g = _GGUF(path)
     if g.arch != "llama":
@@ -279,7 +281,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, shard
     state = _gguf_state(g, args, want_dtype or _gguf_float_dtype(g))
     extra["converted_from"] = {"file": path.name, "size": path.stat().st_size, "converter_version": CONVERTER_VERSION}
 
-    with _atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         _save(state, args, tmp, shards, extra)
         for name, content in tokenizer_files.items():
             if isinstance(content, bytes):
@@ -538,7 +540,7 @@ def convert_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, shards: in
     src, out = Path(hf_dir), Path(out_dir)
     if not src.is_dir():
         raise ConvertError(f"{src} is not a folder; expected a Hugging Face model folder with config.json")
-    _check_out_dir(out)
+    check_out_dir(out)
     want_dtype = _resolve_dtype(dtype)
     config = _read_json(src / "config.json", "a Hugging Face model folder needs config.json")
     args, extra = _hf_model_args(config, src)
@@ -564,7 +566,7 @@ def convert_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, shards: in
         makers["output.weight"] = makers["tok_embeddings.weight"]
     extra["converted_from"] = {"file": src.name, "converter_version": CONVERTER_VERSION}
 
-    with _atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         _save(_LazyState(makers), args, tmp, shards, extra)
         _copy_hf_tokenizer(src, tmp)
     return out

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from .distributed import init_distributed, parse_dtype, shutdown_distributed
-from .generate import find_tokenizer
+from .distributed import init_distributed, parse_dtype
+from .generate import add_quantize_arg, find_tokenizer, run_command
 from .loading import load_model
 from .model import Transformer
+from .quant import quant_method
 from .tokenizer import load_tokenizer
 
 
@@ -79,35 +80,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=False, help="prepend BOS to the text")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default=None)
-    p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="quantize weights at load")
+    add_quantize_arg(p)
     p.add_argument("--vs-hf", dest="vs_hf", action="store_true",
                    help="also compute transformers' perplexity on the same weights and tokens (one rank)")
     a = p.parse_args(argv)
-    info = None
-    try:
-        text = Path(a.text).read_text(encoding="utf-8")
-        tok = load_tokenizer(find_tokenizer(a.ckpt_dir, a.tokenizer_path))
-        ids = tok.encode(text, bos=a.bos)
-        if a.max_tokens:
-            ids = ids[: a.max_tokens]
-        window = a.window or len(ids)
-        info = init_distributed(device=a.device)
-        model = load_model(a.ckpt_dir, info, parse_dtype(a.dtype), max_seq_len=window, max_batch_size=1,
-                           quantize=a.quantize)
-        ppl = perplexity(model, ids, window, info.device, progress=info.is_main)
-        if info.is_main:
-            print(f"perplexity {ppl:.3f} over {len(ids)} tokens of {Path(a.text).name} "
-                  f"(window {window}, {'BOS' if a.bos else 'no BOS'}, {info.world_size} rank(s), "
-                  f"{str(next(model.parameters()).dtype).replace('torch.', '')}{', ' + a.quantize if a.quantize else ''})")
-        if a.vs_hf and info.is_main:
-            print(f"transformers perplexity {hf_perplexity(Path(a.ckpt_dir), ids, window):.3f} (same tokens, float32)")
-        return 0
-    except (ValueError, OSError) as e:
-        if info is None or info.is_main:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown_distributed()
+    return run_command(lambda: _evaluate(a))
+
+
+def _evaluate(a: argparse.Namespace) -> int:
+    text = Path(a.text).read_text(encoding="utf-8")
+    tok = load_tokenizer(find_tokenizer(a.ckpt_dir, a.tokenizer_path))
+    ids = tok.encode(text, bos=a.bos)
+    if a.max_tokens:
+        ids = ids[: a.max_tokens]
+    window = a.window or len(ids)
+    info = init_distributed(device=a.device)
+    model = load_model(a.ckpt_dir, info, parse_dtype(a.dtype), max_seq_len=window, max_batch_size=1,
+                       quantize=a.quantize)
+    ppl = perplexity(model, ids, window, info.device, progress=info.is_main)
+    if info.is_main:
+        method = quant_method(model)  # --quantize, or a checkpoint stored quantized
+        weights = str(model.norm.weight.dtype).replace("torch.", "") + (f", {method} weights" if method else "")
+        print(f"perplexity {ppl:.3f} over {len(ids)} tokens of {Path(a.text).name} "
+              f"(window {window}, {'BOS' if a.bos else 'no BOS'}, {info.world_size} rank(s), {weights})")
+    if a.vs_hf and info.is_main:
+        print(f"transformers perplexity {hf_perplexity(Path(a.ckpt_dir), ids, window):.3f} (same tokens, float32)")
+    return 0
 
 
 if __name__ == "__main__":

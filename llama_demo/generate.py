@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import ConfigError
@@ -38,6 +39,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max_seq_len", type=int, default=2048, help="context length: prompt + answer")
     p.add_argument("--max_batch_size", type=int, default=8, help="sequences decoded together")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_quantize_arg(p)
+
+
+def add_quantize_arg(p: argparse.ArgumentParser) -> None:
+    """One spelling of --quantize for every command that loads a model (generate, the server, eval, bench)."""
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="quantize linear weights at load (round-to-nearest); a checkpoint written by "
+                        "python -m llama_demo.quantize needs no flag")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -59,7 +68,7 @@ def build_engine(a: argparse.Namespace, dist_timeout: float = 1800.0) -> tuple[E
     """Tokenizer, process group, this rank's model slice, engine: the shared start-up of every entry point."""
     tokenizer = load_tokenizer(find_tokenizer(a.ckpt_dir, a.tokenizer_path))
     info = init_distributed(dist_timeout, a.device)
-    model = load_model(a.ckpt_dir, info, parse_dtype(a.dtype), a.max_seq_len, a.max_batch_size)
+    model = load_model(a.ckpt_dir, info, parse_dtype(a.dtype), a.max_seq_len, a.max_batch_size, quantize=a.quantize)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}: wrong tokenizer for {a.ckpt_dir}?")
     engine = Engine(model, tokenizer, info.rank, info.world_size, info.device, seed=getattr(a, "seed", None))
@@ -94,6 +103,22 @@ class _StreamPrinter:
         sys.stdout.flush()
 
 
+def run_command(body: Callable[[], int]) -> int:
+    """A command's body, with the ending every entry point shares: a ValueError or OSError
+    (ConfigError, CheckpointError, PromptTooLong, SamplingError, ...) is the user's to fix, so it
+    comes out once, from rank 0, as one `error: ...` line and exit code 2, never as a traceback
+    per rank; the process group is shut down however the body ends."""
+    rank = int(os.environ.get("RANK", 0))  # known before the process group exists
+    try:
+        return body()
+    except (ValueError, OSError) as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown_distributed()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llama_demo.generate", description=__doc__.splitlines()[0])
     add_model_args(p)
@@ -102,30 +127,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     p.add_argument("--bos", choices=["auto", "yes", "no"], default="auto", help="BOS before the prompt (auto: as the tokenizer says)")
     a = p.parse_args(argv)
-    rank = int(os.environ.get("RANK", 0))  # known before the process group exists
-    try:
-        params = sampling_from_args(a)
-        engine, tok = build_engine(a)
-        bos = None if a.bos == "auto" else a.bos == "yes"
-        reqs = [Request(i, tok.encode(text, bos=bos), params) for i, text in enumerate(a.prompt)]
-        for r in reqs:
-            engine.validate(r)
-        printer = _StreamPrinter(a.prompt) if rank == 0 and not a.json else None
-        results = engine.generate(reqs, on_event=printer)
-        if rank == 0:
-            if a.json:
-                for r, text in zip(reqs, a.prompt):
-                    ids, completion, reason = results[r.id]
-                    print(json.dumps({"prompt": text, "completion": completion, "tokens": ids, "finish_reason": reason}, ensure_ascii=False))
-            else:
-                print()
-        return 0
-    except (ValueError, OSError) as e:  # ConfigError, CheckpointError, PromptTooLong, SamplingError, ...
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown_distributed()
+    return run_command(lambda: _generate(a))
+
+
+def _generate(a: argparse.Namespace) -> int:
+    rank = int(os.environ.get("RANK", 0))
+    params = sampling_from_args(a)
+    engine, tok = build_engine(a)
+    bos = None if a.bos == "auto" else a.bos == "yes"
+    reqs = [Request(i, tok.encode(text, bos=bos), params) for i, text in enumerate(a.prompt)]
+    for r in reqs:
+        engine.validate(r)
+    printer = _StreamPrinter(a.prompt) if rank == 0 and not a.json else None
+    results = engine.generate(reqs, on_event=printer)
+    if rank == 0:
+        if a.json:
+            for r, text in zip(reqs, a.prompt):
+                ids, completion, reason = results[r.id]
+                print(json.dumps({"prompt": text, "completion": completion, "tokens": ids, "finish_reason": reason}, ensure_ascii=False))
+        else:
+            print()
+    return 0
 
 
 if __name__ == "__main__":

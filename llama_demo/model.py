@@ -21,7 +21,7 @@ from fairscale.nn.model_parallel.layers import ColumnParallelLinear, ParallelEmb
 from torch import nn
 
 from .config import ModelArgs
-from .distributed import all_gather_last, all_reduce_sum
+from .distributed import all_gather_last, all_reduce_sum, cpu_threads
 
 
 def _keep(x: torch.Tensor) -> torch.Tensor:
@@ -62,8 +62,8 @@ def matmul_t(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None = Non
 
 def pack_for_cpu(model: nn.Module, batch_hint: int = 16) -> int:
     """Give each float32 linear layer a oneDNN-blocked copy of its weight for batched CPU steps.
-    It costs a second copy of the matrices, so it is done only when twice the current free memory
-    covers it. Returns the bytes added (0 when nothing was packed)."""
+    It costs a second copy of the matrices, so it is done only when at least twice that much memory
+    is free. Returns the bytes added (0 when nothing was packed)."""
     layers = [m for m in model.modules() if type(m) in (ColumnLinear, RowLinear)
               and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
     need = sum(m.weight.numel() * 4 for m in layers)
@@ -89,8 +89,6 @@ def set_cpu_threads(rows: int) -> None:
     """torch's intra-op thread count for a CPU step of `rows` rows: one while OpenBLAS runs
     single-row steps (two busy thread pools on the same cores slow each other down 20x, measured
     on 2 cores), cpu_threads() for batched steps, which run in torch (oneDNN)."""
-    from .distributed import cpu_threads
-
     n = 1 if rows == 1 else cpu_threads()
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)

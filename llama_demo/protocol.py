@@ -65,8 +65,10 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Request(BaseModel):
-    """Sampling fields both endpoints share. None = the endpoint's default."""
+class SamplingRequest(BaseModel):
+    """The fields both endpoints share (model, sampling, streaming, stops), declared once; each
+    endpoint adds its own input and the fields whose type or default differ between them
+    (max_tokens, logprobs). None = the endpoint's default."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -88,7 +90,7 @@ class _Request(BaseModel):
 # --- /v1/completions ------------------------------------------------------------------------------
 
 
-class CompletionRequest(_Request):
+class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int]
     max_tokens: int | None = 16
     echo: bool = False
@@ -138,7 +140,7 @@ class ChatMessage(BaseModel):
     content: str | list[ContentPart] | None = None
 
 
-class ChatCompletionRequest(_Request):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
     max_tokens: int | None = None  # None: as much as fits, up to the server's default
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens

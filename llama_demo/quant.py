@@ -385,6 +385,17 @@ def prepare_quantized(model: nn.Module, dtype: torch.dtype) -> None:
             m.prepare(dtype)
 
 
+def quant_method(model: nn.Module) -> str | None:
+    """"int8" / "int4" when the model's linear layers are quantized (by --quantize or as stored),
+    else None: result labels name it, since the float dtype alone would hide it."""
+    for m in model.modules():
+        if isinstance(m, _Int8):
+            return "int8"
+        if isinstance(m, _Int4):
+            return "int4"
+    return None
+
+
 def quantize_model(model: nn.Module, method: str, group_size: int | None = None) -> nn.Module:
     """Quantize a loaded float model in place, layer by layer: int8 per-channel or int4 group-wise
     (group_size: default_group_size), both by round-to-nearest -- GPTQ needs calibration

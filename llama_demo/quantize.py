@@ -40,7 +40,7 @@ from torch import nn
 
 from .checkpoint import QuantSpec, is_linear_weight, open_checkpoint, save_sharded
 from .config import ConfigError
-from .convert import _atomic_dir, _check_out_dir
+from .convert import atomic_dir, check_out_dir
 from .quant import dequantize_int4, gptq_int4, quantize_weight, spec_for
 
 # Copied as they are, so the quantized folder is served as is (tokenizer.model may sit one level
@@ -151,7 +151,7 @@ def quantize_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
     spec = spec_for(method, args, 1, group_size, algorithm)
     spec.check(args, shards, "shard")
     args.check_world_size(shards)
-    _check_out_dir(out_dir)  # before minutes of calibration, not after
+    check_out_dir(out_dir)  # before minutes of calibration, not after
     state: dict[str, torch.Tensor] = {}
     if algorithm == "gptq":
         state.update(_run_gptq(ckpt_dir, spec, calib_text, calib_tokens, calib_skip, calib_seq_len, damp, act_order,
@@ -163,7 +163,7 @@ def quantize_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
         state.update(quantize_weight(name, t, spec) if is_linear_weight(name) else {name: t})
     extra = {k: v for k, v in json.loads((ckpt_dir / "params.json").read_text()).items()
              if k not in args.to_params() and k not in ("quantization", "converted_from")}
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         save_sharded(state, args, tmp, shards, extra_params=extra, quant=spec)
         _copy_tokenizer(ckpt_dir, tmp)
     return spec

@@ -174,7 +174,7 @@ class OpenAIApi:
         return self._job(req, ids, default if max_tokens is None else max_tokens,
                          self.chat_format.stop_strings, "messages")
 
-    def _job(self, req: p._Request, ids: list[int], max_tokens: int, stops, prompt_field: str) -> Job:
+    def _job(self, req: p.SamplingRequest, ids: list[int], max_tokens: int, stops, prompt_field: str) -> Job:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         params = SamplingParams(
             temperature=1.0 if req.temperature is None else req.temperature,
@@ -272,7 +272,7 @@ class EventStream(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-async def stream(api: OpenAIApi, job: Job, req: p._Request, request: Request, kind: type, chunk: Callable,
+async def stream(api: OpenAIApi, job: Job, req: p.SamplingRequest, request: Request, kind: type, chunk: Callable,
                  first: p.DeltaMessage | None = None) -> EventStream:
     events = api.events(job)
     # Wait for the first event before answering, so that a request the engine refuses is a 400
@@ -333,7 +333,7 @@ def finish_reason(ev: TokenEvent) -> str:
     return "length" if ev.finish_reason == "length" else "stop"
 
 
-def refuse_unsupported(req: p._Request, **used: bool) -> None:
+def refuse_unsupported(req: p.SamplingRequest, **used: bool) -> None:
     """A 400 naming a field we cannot honour, rather than quietly answering something else."""
     used.update(n=req.n != 1, presence_penalty=bool(req.presence_penalty),
                 frequency_penalty=bool(req.frequency_penalty))

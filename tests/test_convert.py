@@ -304,7 +304,7 @@ def test_existing_output_folder_is_not_overwritten(tmp_path):
 
 def test_interrupted_conversion_leaves_no_folder(tmp_path):
     with pytest.raises(KeyboardInterrupt):
-        with convert._atomic_dir(tmp_path / "model") as tmp:
+        with convert.atomic_dir(tmp_path / "model") as tmp:
             (tmp / "params.json").write_text("{}")
             raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []

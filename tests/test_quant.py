@@ -153,3 +153,43 @@ def test_quantize_flag_on_a_quantized_checkpoint_is_refused(tmp_path):
     proc = python_module(["llama_demo.eval", "--ckpt_dir", str(tmp_path / "q"), "--text", str(tmp_path / "q" / "params.json"),
                           "--quantize", "int4"])
     assert proc.returncode == 2 and "already int8-quantized" in proc.stderr, proc.stderr
+
+
+def test_generate_quantizes_at_load_as_the_quantize_command_does(tmp_path):
+    """`generate --quantize int8` on a float checkpoint prints the greedy text of the int8
+    checkpoint the quantize command writes (round-to-nearest int8: the same integers either way);
+    `--quantize int4` on that int8 checkpoint is a one-line error, exit 2. The server shares the flag."""
+    from llama_demo.cli import parse_args
+
+    src = _float_checkpoint(tmp_path / "float")
+    quantize_checkpoint(src, tmp_path / "int8", "int8")
+
+    def generate(folder: Path, *flags: str):
+        return python_module(["llama_demo.generate", "--ckpt_dir", str(folder), "--prompt", "Once upon a time",
+                              "--temperature", "0", "--max_new_tokens", "12", "--max_seq_len", "64", *flags])
+
+    fly, stored = generate(src, "--quantize", "int8"), generate(tmp_path / "int8")
+    assert fly.returncode == 0, fly.stderr
+    assert stored.returncode == 0, stored.stderr
+    assert fly.stdout.startswith("Once upon a time") and len(fly.stdout.strip()) > len("Once upon a time")
+    assert fly.stdout == stored.stdout
+
+    refused = generate(tmp_path / "int8", "--quantize", "int4")
+    lines = [ln for ln in refused.stderr.strip().splitlines() if ln.strip()]
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr  # one line, no traceback
+    assert lines[0].startswith("error: ") and "already int8-quantized" in lines[0]
+    assert parse_args(["--quantize", "int4"]).quantize == "int4" and parse_args([]).quantize is None
+
+
+def test_eval_names_the_quantized_weights(tmp_path):
+    """eval's result line says which integers the linear layers hold, quantized at load or as stored."""
+    src = _float_checkpoint(tmp_path / "float")
+    quantize_checkpoint(src, tmp_path / "int8", "int8")
+    text = tmp_path / "text.txt"
+    text.write_text(TOKENIZER_TEXT)
+    for folder, flags, label in [(src, [], "float32)"), (src, ["--quantize", "int4"], "float32, int4 weights)"),
+                                 (tmp_path / "int8", [], "float32, int8 weights)")]:
+        proc = python_module(["llama_demo.eval", "--ckpt_dir", str(folder), "--text", str(text), "--max_tokens", "64",
+                              "--dtype", "float32", *flags])
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip().startswith("perplexity ") and proc.stdout.strip().endswith(label), proc.stdout
