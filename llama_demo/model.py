@@ -44,18 +44,21 @@ def skip_fairscale_init():
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def matmul_t(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
+def matmul_t(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None = None, openblas: bool = True) -> torch.Tensor:
     """x @ w.T. On CPU in float32 the library decides the speed (FORMATS.md): for one row,
     numpy's OpenBLAS reads the weights about 1.5x faster than torch's MKL on the AMD machines we
     measured; for several rows (batched decode, prefill) oneDNN's GEMM is 1.4-2x OpenBLAS, and
     1.5x more on `packed`, its blocked copy of w (pack_for_cpu). numpy reads w in place (a
-    zero-copy view); batched steps get torch's thread pool (set_cpu_threads)."""
+    zero-copy view); batched steps get torch's thread pool (set_cpu_threads). `openblas=False`
+    keeps single rows in torch too, for callers whose step runs in torch's threads."""
     if x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32 and not torch.is_grad_enabled():
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] > 1 and _ONEDNN:
             out = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), w if packed is None else packed, None, "none", [], "")
-        else:
+        elif openblas:
             out = torch.from_numpy(np.matmul(x2.numpy(), w.detach().numpy().T))
+        else:
+            out = F.linear(x2, w)
         return out.view(*x.shape[:-1], w.shape[0])
     return F.linear(x, w)
 
@@ -85,11 +88,11 @@ def _available_memory() -> int:
     return 0
 
 
-def set_cpu_threads(rows: int) -> None:
-    """torch's intra-op thread count for a CPU step of `rows` rows: one while OpenBLAS runs
-    single-row steps (two busy thread pools on the same cores slow each other down 20x, measured
-    on 2 cores), cpu_threads() for batched steps, which run in torch (oneDNN)."""
-    n = 1 if rows == 1 else cpu_threads()
+def set_cpu_threads(openblas_step: bool) -> None:
+    """torch's intra-op thread count for a CPU step: one while OpenBLAS runs a single-row step
+    (two busy thread pools on the same cores slow each other down 20x, measured on 2 cores),
+    cpu_threads() for steps that run in torch (batched steps: oneDNN; quantized models)."""
+    n = 1 if openblas_step else cpu_threads()
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
 
@@ -282,6 +285,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = ColumnLinear(args.dim, args.vocab_size, gather_output=True)
         self.rope: torch.Tensor | None = None
+        # float32 single-row CPU steps run their products in OpenBLAS (matmul_t); quantized
+        # layers (quant.prepare_quantized) run in torch only
+        self.single_row_openblas = True
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int, device: torch.device | str, dtype: torch.dtype) -> None:
         """Allocate the static KV cache and the rotary table (after weights are loaded)."""
@@ -301,7 +307,7 @@ class Transformer(nn.Module):
         `logits_at` (B,) indices into T, or at every position when None."""
         B, T = tokens.shape
         if tokens.device.type == "cpu":
-            set_cpu_threads(B * T)
+            set_cpu_threads(self.single_row_openblas and B * T == 1)
         h = self.tok_embeddings(tokens)
         rope = self.rope[pos]  # (B, T, head_dim/2) complex
         if T == 1 and B == 1:
