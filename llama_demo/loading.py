@@ -9,7 +9,7 @@ import torch
 from .checkpoint import ShardedCheckpoint, is_linear_weight, iter_rank_state, open_checkpoint
 from .config import ConfigError
 from .distributed import DistInfo, default_dtype
-from .model import Transformer, pack_for_cpu, skip_fairscale_init
+from .model import Transformer, fuse_linears, pack_for_cpu, skip_fairscale_init
 
 
 def load_model(ckpt_dir: str | Path, dist_info: DistInfo, dtype: torch.dtype | None = None,
@@ -56,8 +56,10 @@ def load_model(ckpt_dir: str | Path, dist_info: DistInfo, dtype: torch.dtype | N
 
         prepare_quantized(model, dtype)  # scales to the compute dtype; CUDA kernels' packing
     model.setup_cache(max_batch_size, max_seq_len, dist_info.device, dtype)
-    if dist_info.device.type == "cpu" and dtype == torch.float32 and not (ckpt.quant or on_the_fly):
-        pack_for_cpu(model)  # oneDNN's blocked weights for batched steps, when memory allows
+    if not (ckpt.quant or on_the_fly):
+        fuse_linears(model)  # wq/wk/wv and w1/w3 as one product each
+        if dist_info.device.type == "cpu" and dtype == torch.float32:
+            pack_for_cpu(model)  # oneDNN's blocked weights for batched steps, when memory allows
     return model.eval()
 
 

@@ -63,17 +63,55 @@ def matmul_t(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None = Non
     return F.linear(x, w)
 
 
+class FusedColumns:
+    """Column-parallel layers that read the same input (wq wk wv; w1 w3) as one matrix product.
+    Their weights become row blocks (views) of one matrix, so memory is unchanged, and a
+    single-row step makes one OpenBLAS call instead of three (measured on SmolLM2-135M's shapes:
+    20% less matrix time per token). Not a module: state dicts keep Meta's names."""
+
+    def __init__(self, layers: list[nn.Module]):
+        self.sizes = [m.weight.shape[0] for m in layers]
+        self.weight = torch.cat([m.weight.detach() for m in layers])
+        for m, part in zip(layers, self.weight.split(self.sizes)):
+            m.weight.data = part  # the layers keep working (and loading) on their own rows
+            m.packed = None
+        self.packed: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return matmul_t(x, self.weight, self.packed).split(self.sizes, dim=-1)
+
+
+def fuse_linears(model: nn.Module) -> None:
+    """Fuse each block's wq/wk/wv and w1/w3 (float layers only; quantized ones keep their own)."""
+    for block in model.layers:
+        att, ffn = block.attention, block.feed_forward
+        if all(type(m) is ColumnLinear for m in (att.wq, att.wk, att.wv)):
+            att.qkv = FusedColumns([att.wq, att.wk, att.wv])
+        if all(type(m) is ColumnLinear for m in (ffn.w1, ffn.w3)):
+            ffn.w13 = FusedColumns([ffn.w1, ffn.w3])
+
+
+def unfuse_linears(model: nn.Module) -> None:
+    """Back to one product per layer: before layers are replaced, or hooked one by one (GPTQ)."""
+    for block in model.layers:
+        block.attention.qkv = block.feed_forward.w13 = None
+
+
 def pack_for_cpu(model: nn.Module, batch_hint: int = 16) -> int:
-    """Give each float32 linear layer a oneDNN-blocked copy of its weight for batched CPU steps.
+    """Give each float32 matrix product a oneDNN-blocked copy of its weight for batched CPU steps.
     It costs a second copy of the matrices, so it is done only when at least twice that much memory
     is free. Returns the bytes added (0 when nothing was packed)."""
-    layers = [m for m in model.modules() if type(m) in (ColumnLinear, RowLinear)
-              and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
-    need = sum(m.weight.numel() * 4 for m in layers)
-    if not _ONEDNN or not layers or need * 2 > _available_memory():
+    fused = [f for b in model.layers for f in (b.attention.qkv, b.feed_forward.w13) if f is not None]
+    in_fused = {id(m.weight) for b in model.layers for f, layers in (
+        (b.attention.qkv, (b.attention.wq, b.attention.wk, b.attention.wv)),
+        (b.feed_forward.w13, (b.feed_forward.w1, b.feed_forward.w3))) if f is not None for m in layers}
+    layers = [m for m in model.modules() if type(m) in (ColumnLinear, RowLinear) and id(m.weight) not in in_fused]
+    products = [p for p in fused + layers if p.weight.device.type == "cpu" and p.weight.dtype == torch.float32]
+    need = sum(p.weight.numel() * 4 for p in products)
+    if not _ONEDNN or not products or need * 2 > _available_memory():
         return 0
-    for m in layers:
-        m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), batch_hint)
+    for p in products:
+        p.packed = torch.ops.mkldnn._reorder_linear_weight(p.weight.detach(), batch_hint)
     return need
 
 
@@ -212,6 +250,7 @@ class Attention(nn.Module):
         self.wk = ColumnLinear(args.dim, self.n_kv_total * self.head_dim)
         self.wv = ColumnLinear(args.dim, self.n_kv_total * self.head_dim)
         self.wo = RowLinear(args.n_heads * self.head_dim, args.dim)
+        self.qkv: FusedColumns | None = None  # fuse_linears
         # (slots, local kv heads, max_seq_len, head_dim): heads before positions, so that a row's
         # keys for one head are one contiguous run and attention reads them without a copy
         self.cache_k: torch.Tensor | None = None
@@ -220,9 +259,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
                 runs: list[slice], pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_local_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_local_kv_heads, self.head_dim)
+        q, k, v = self.qkv(x) if self.qkv is not None else (self.wq(x), self.wk(x), self.wv(x))
+        q = q.view(B, T, self.n_local_heads, self.head_dim)
+        k = k.view(B, T, self.n_local_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         outs, row = [], 0
@@ -258,9 +298,11 @@ class FeedForward(nn.Module):
         self.w1 = ColumnLinear(args.dim, args.ffn_hidden)
         self.w2 = RowLinear(args.ffn_hidden, args.dim)
         self.w3 = ColumnLinear(args.dim, args.ffn_hidden)
+        self.w13: FusedColumns | None = None  # fuse_linears
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x) if self.w13 is not None else (self.w1(x), self.w3(x))
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):

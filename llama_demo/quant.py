@@ -41,7 +41,7 @@ from torch import nn
 
 from .checkpoint import QUANT_METHODS, QuantSpec, pow2_divisor, split_dim
 from .config import ConfigError, ModelArgs
-from .model import ColumnLinear, RowLinear, matmul_t, skip_fairscale_init
+from .model import ColumnLinear, RowLinear, matmul_t, skip_fairscale_init, unfuse_linears
 
 INT4_SCALE_DTYPE = torch.float16
 # Default int4 group: 32 input columns, as llama.cpp's 4-bit formats. Bytes per weight with float16
@@ -406,6 +406,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int | None = None)
     activations, which `python -m llama_demo.quantize` provides. Collective over the model-parallel
     group for int8 (row maxima), so every rank must call it. Returns the model."""
     spec = spec_for(method, model.args, _mp_world(), group_size)
+    unfuse_linears(model)  # the fused products would keep reading the float weights
     dtype = None
     for name, parent, attr, layer in _linears(model):
         dtype = layer.weight.dtype

@@ -41,6 +41,7 @@ from torch import nn
 from .checkpoint import QuantSpec, is_linear_weight, open_checkpoint, save_sharded
 from .config import ConfigError
 from .convert import atomic_dir, check_out_dir
+from .model import unfuse_linears
 from .quant import dequantize_int4, gptq_int4, quantize_weight, spec_for
 
 # Copied as they are, so the quantized folder is served as is (tokenizer.model may sit one level
@@ -98,6 +99,7 @@ def gptq_quantize(model, tokens: torch.Tensor, spec: QuantSpec, damp: float = 0.
     the quantized tensors of every linear layer, by Meta name. Leaves the model's linear weights
     dequantized (each block's outputs are computed with its quantized weights)."""
     n_seq, T = tokens.shape
+    unfuse_linears(model)  # each linear's own forward runs, so its input hook sees it
     device = next(model.parameters()).device
     tokens = tokens.to(device)
     pos = torch.arange(T, device=device)[None]
