@@ -50,6 +50,7 @@ def load_model(ckpt_dir: str | Path, dist_info: DistInfo, dtype: torch.dtype | N
         else:
             state[name] = tensor.to(dtype) if on_the_fly and tensor.is_floating_point() else tensor
     model.load_state_dict(state, strict=True, assign=True)
+    del state  # the model holds the tensors now; fuse_linears can free each original as it goes
     model.requires_grad_(False)
     if ckpt.quant or on_the_fly:
         from .quant import prepare_quantized
