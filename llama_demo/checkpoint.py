@@ -54,7 +54,8 @@ QUANT_AUX = (".scales", ".zeros")  # suffixes of a quantized linear's companions
 @dataclass(frozen=True)
 class QuantSpec:
     """params.json's "quantization" entry: how a checkpoint written by llama_demo.quantize stores
-    each linear layer's `X.weight` (the embedding and the norms stay float).
+    each linear layer's `X.weight`, and with `"embedding": true` the token embedding's as well
+    (a table of vocab rows, quantized like a row-parallel layer); the norms stay float.
 
     int8: `X.weight` int8 (out, in) and `X.scales` (out,), w = q * scale (symmetric, per output row).
     int4: `X.weight` uint8 (out, in/2), two 4-bit values per byte, column 2j in the high nibble and
@@ -68,11 +69,14 @@ class QuantSpec:
     method: str
     group_size: int = 0  # int4 only
     algorithm: str = "rtn"
+    embedding: bool = False  # tok_embeddings.weight quantized too (checkpoints before it: float)
 
     def to_params(self) -> dict:
         d: dict = {"method": self.method, "algorithm": self.algorithm}
         if self.method == "int4":
             d["group_size"] = self.group_size
+        if self.embedding:
+            d["embedding"] = True
         return d
 
     @classmethod
@@ -85,7 +89,10 @@ class QuantSpec:
         group = raw.get("group_size", 0)
         if raw["method"] == "int4" and (isinstance(group, bool) or not isinstance(group, int) or group < 2 or group % 2):
             raise CheckpointError(f"{source}: int4 quantization needs an even integer group_size >= 2; got {group!r}")
-        return cls(raw["method"], group if raw["method"] == "int4" else 0, algorithm)
+        embedding = raw.get("embedding", False)
+        if not isinstance(embedding, bool):
+            raise CheckpointError(f"{source}: quantization \"embedding\" must be true or false; got {embedding!r}")
+        return cls(raw["method"], group if raw["method"] == "int4" else 0, algorithm, embedding)
 
     def check(self, args: ModelArgs, parts: int = 1, what: str = "rank") -> None:
         """int4 groups must tile every linear layer's input, and each of `parts` row-parallel
@@ -97,7 +104,8 @@ class QuantSpec:
             if size % g:
                 raise CheckpointError(f"int4 group size {g} does not divide the input size {size} of {layers}; "
                                       f"choose a group size that divides {size}, e.g. {pow2_divisor(size, 128)}")
-        for size, layer in ((args.n_heads * args.head_dim, "wo"), (args.ffn_hidden, "w2")):
+        split = [(args.n_heads * args.head_dim, "wo"), (args.ffn_hidden, "w2")] + ([(args.dim, "the embedding")] if self.embedding else [])
+        for size, layer in split:
             if parts > 1 and (size % parts or (size // parts) % g):
                 raise CheckpointError(f"{parts} {what}s would cut int4 groups: {layer}'s {size} inputs form {size // g} groups of {g} "
                                       f"and each {what} must hold whole groups; use a {what} count that divides {size // g}, "
@@ -124,6 +132,11 @@ def is_linear_weight(name: str) -> bool:
     return table_key(name) in LINEAR_KEYS
 
 
+def is_quantized_weight(name: str, quant: QuantSpec | None) -> bool:
+    """Whether a `quant` checkpoint stores `name` (an X.weight) as integers with scales."""
+    return quant is not None and (is_linear_weight(name) or (quant.embedding and name == "tok_embeddings.weight"))
+
+
 def table_key(name: str) -> str:
     m = _LAYER_RE.match(name)
     return m.group(2) if m else name
@@ -147,7 +160,7 @@ def expected_shapes(args: ModelArgs, quant: QuantSpec | None = None) -> dict[str
         return shapes
     out: dict[str, tuple[int, ...]] = {}
     for name, shape in shapes.items():
-        if not is_linear_weight(name):
+        if not is_quantized_weight(name, quant):
             out[name] = shape
             continue
         rows, cols = shape
@@ -162,7 +175,7 @@ def expected_shapes(args: ModelArgs, quant: QuantSpec | None = None) -> dict[str
 
 def quant_dtype(name: str, quant: QuantSpec) -> torch.dtype | None:
     """The stored dtype a quantized checkpoint's tensor must have (None: any float type)."""
-    if not is_linear_weight(_weight_name(name)):
+    if not is_quantized_weight(_weight_name(name), quant):
         return None
     if name.endswith(".weight"):
         return torch.int8 if quant.method == "int8" else torch.uint8

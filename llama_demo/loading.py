@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import ShardedCheckpoint, is_linear_weight, iter_rank_state, open_checkpoint
+from .checkpoint import ShardedCheckpoint, is_quantized_weight, iter_rank_state, open_checkpoint
 from .config import ConfigError
 from .distributed import DistInfo, default_dtype
 from .model import Transformer, fuse_linears, pack_for_cpu, skip_fairscale_init
@@ -45,7 +45,7 @@ def load_model(ckpt_dir: str | Path, dist_info: DistInfo, dtype: torch.dtype | N
     # Quantizing on the fly starts from the stored precision (not `dtype`), one weight at a time.
     for name, tensor in iter_rank_state(ckpt, dist_info.rank, dist_info.world_size, None if on_the_fly else dtype, bar):
         tensor = tensor.to(dist_info.device)
-        if on_the_fly and is_linear_weight(name):
+        if is_quantized_weight(name, on_the_fly):
             state.update(quantize_weight(name, tensor, on_the_fly))
         else:
             state[name] = tensor.to(dtype) if on_the_fly and tensor.is_floating_point() else tensor

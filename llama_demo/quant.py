@@ -37,11 +37,13 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from fairscale.nn.model_parallel.initialize import get_model_parallel_group
 from torch import nn
 
 from .checkpoint import QUANT_METHODS, QuantSpec, pow2_divisor, split_dim
 from .config import ConfigError, ModelArgs
-from .model import ColumnLinear, RowLinear, matmul_t, skip_fairscale_init, unfuse_linears
+from .distributed import all_gather_last
+from .model import ColumnLinear, Embedding, RowLinear, matmul_t, skip_fairscale_init, unfuse_linears
 
 INT4_SCALE_DTYPE = torch.float16
 # Default int4 group: 32 input columns, as llama.cpp's 4-bit formats. Bytes per weight with float16
@@ -312,6 +314,38 @@ class Int4RowLinear(_Int4, RowLinear):
 QUANTIZED = (_Int8, _Int4)
 
 
+class QuantEmbedding(Embedding):
+    """The token embedding stored as int8 rows (one scale per vocabulary row) or int4 groups
+    along the row: a lookup reads the integer rows of the batch's tokens and dequantizes only
+    those. The table's rows are split by feature like the float ParallelEmbedding's."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, spec: QuantSpec):
+        super().__init__(num_embeddings, embedding_dim)
+        cols = self.embedding_dim_per_partition
+        del self.weight
+        self.method, self.group_size, self.dtype = spec.method, spec.group_size, torch.float32
+        if spec.method == "int8":
+            self.register_buffer("weight", torch.empty(num_embeddings, cols, dtype=torch.int8, device="meta"))
+            self.register_buffer("scales", torch.empty(num_embeddings, dtype=torch.float32, device="meta"))
+        else:
+            check_group_size(cols, spec.group_size)
+            groups = (num_embeddings, cols // spec.group_size)
+            self.register_buffer("weight", torch.empty(num_embeddings, cols // 2, dtype=torch.uint8, device="meta"))
+            self.register_buffer("scales", torch.empty(groups, dtype=INT4_SCALE_DTYPE, device="meta"))
+            self.register_buffer("zeros", torch.empty(groups, dtype=INT4_SCALE_DTYPE, device="meta"))
+
+    def prepare(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        ids = tokens.reshape(-1)
+        if self.method == "int8":
+            rows = dequantize_int8(self.weight[ids], self.scales[ids], self.dtype)
+        else:
+            rows = dequantize_int4(self.weight[ids], self.scales[ids], self.zeros[ids], self.group_size, self.dtype)
+        return all_gather_last(rows.view(*tokens.shape, -1), get_model_parallel_group())
+
+
 def _quantized_like(layer: nn.Module, spec: QuantSpec) -> nn.Module:
     """An empty (meta) quantized layer with `layer`'s global sizes and parallel role."""
     with torch.device("meta"), skip_fairscale_init():
@@ -335,10 +369,14 @@ def _linears(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]:
 
 
 def replace_linears(model: nn.Module, spec: QuantSpec) -> None:
-    """Swap every float Column/RowLinear for an empty quantized one (meta tensors, to be filled by
-    load_state_dict(..., assign=True) with a quantized state)."""
+    """Swap every float Column/RowLinear (and with spec.embedding the embedding) for an empty
+    quantized one (meta tensors, to be filled by load_state_dict(..., assign=True) with a
+    quantized state)."""
     for _, parent, attr, layer in _linears(model):
         setattr(parent, attr, _quantized_like(layer, spec))
+    if spec.embedding:
+        emb = model.tok_embeddings
+        model.tok_embeddings = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, spec)
 
 
 def quantize_weight(name: str, w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
@@ -349,8 +387,6 @@ def quantize_weight(name: str, w: torch.Tensor, spec: QuantSpec) -> dict[str, to
     if spec.method == "int8":
         amax = w.detach().float().abs().amax(dim=1)
         if split_dim(name) == 1 and _mp_world() > 1:
-            from fairscale.nn.model_parallel.initialize import get_model_parallel_group
-
             dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=get_model_parallel_group())
         q, scales = quantize_int8(w, amax)
         return {name: q, base + ".scales": scales}
@@ -371,12 +407,12 @@ def spec_for(method: str, args: ModelArgs, world_size: int = 1, group_size: int 
     if method not in QUANT_METHODS:
         raise QuantError(f"unknown quantization {method!r}; choose one of {', '.join(QUANT_METHODS)}")
     if method == "int8":
-        spec = QuantSpec("int8", 0, algorithm)
+        spec = QuantSpec("int8", 0, algorithm, embedding=True)
     else:
         g = default_group_size(args) if group_size is None else group_size
         for size in (args.dim, args.ffn_hidden):
             check_group_size(size, g)
-        spec = QuantSpec("int4", g, algorithm)
+        spec = QuantSpec("int4", g, algorithm, embedding=True)
     spec.check(args, world_size, "rank")
     return spec
 
@@ -384,7 +420,7 @@ def spec_for(method: str, args: ModelArgs, world_size: int = 1, group_size: int 
 def prepare_quantized(model: nn.Module, dtype: torch.dtype) -> None:
     """After loading: each quantized layer readies its product for `dtype` on its device."""
     for m in model.modules():
-        if isinstance(m, QUANTIZED):
+        if isinstance(m, (*QUANTIZED, QuantEmbedding)):
             m.prepare(dtype)
     model.single_row_openblas = False  # quantized products run in torch's threads (model.set_cpu_threads)
 
@@ -401,7 +437,7 @@ def quant_method(model: nn.Module) -> str | None:
 
 
 def quantize_model(model: nn.Module, method: str, group_size: int | None = None) -> nn.Module:
-    """Quantize a loaded float model in place, layer by layer: int8 per-channel or int4 group-wise
+    """Quantize a loaded float model in place, layer by layer (the embedding too): int8 per-row or int4 group-wise
     (group_size: default_group_size), both by round-to-nearest -- GPTQ needs calibration
     activations, which `python -m llama_demo.quantize` provides. Collective over the model-parallel
     group for int8 (row maxima), so every rank must call it. Returns the model."""
@@ -415,16 +451,25 @@ def quantize_model(model: nn.Module, method: str, group_size: int | None = None)
                             strict=True, assign=True)
         setattr(parent, attr, new)
         del layer
+    emb = model.tok_embeddings
+    if spec.embedding and not isinstance(emb, QuantEmbedding):
+        new = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, spec)
+        new.load_state_dict({k.rsplit(".", 1)[1]: v for k, v in quantize_weight("tok_embeddings.weight", emb.weight, spec).items()},
+                            strict=True, assign=True)
+        model.tok_embeddings = new
     if dtype is not None:
         prepare_quantized(model, dtype)
     return model
 
 
-def linear_weight_bytes(model: nn.Module) -> tuple[int, int]:
-    """(bytes this rank holds for its linear layers' weights, scales and zeros; bytes the same
-    weights take in float32)."""
+def weight_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes this rank holds for its linear layers' and embedding's weights, scales and zeros;
+    bytes the same weights take in float32). The norms (a few KB) are left out."""
     held = f32 = 0
     for m in model.modules():
+        if isinstance(m, Embedding):
+            held += sum(t.numel() * t.element_size() for t in (*m.buffers(recurse=False), *m.parameters(recurse=False)))
+            f32 += m.num_embeddings * m.embedding_dim_per_partition * 4
         if isinstance(m, (ColumnLinear, RowLinear)):
             tensors = [t for n, t in m.named_buffers(recurse=False)] + [p for p in m.parameters(recurse=False)]
             held += sum(t.numel() * t.element_size() for t in tensors)

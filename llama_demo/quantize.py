@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import QuantSpec, is_linear_weight, open_checkpoint, save_sharded
+from .checkpoint import QuantSpec, is_quantized_weight, open_checkpoint, save_sharded
 from .config import ConfigError
 from .convert import atomic_dir, check_out_dir
 from .model import unfuse_linears
@@ -162,7 +162,7 @@ def quantize_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
         if name in state:
             continue
         t = ckpt.rank_slice(name, 0, 1)
-        state.update(quantize_weight(name, t, spec) if is_linear_weight(name) else {name: t})
+        state.update(quantize_weight(name, t, spec) if is_quantized_weight(name, spec) else {name: t})
     extra = {k: v for k, v in json.loads((ckpt_dir / "params.json").read_text()).items()
              if k not in args.to_params() and k not in ("quantization", "converted_from")}
     with atomic_dir(out_dir) as tmp:

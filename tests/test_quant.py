@@ -3,6 +3,7 @@ quantized checkpoints that load on any rank count (under real torchrun)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -109,12 +110,15 @@ def test_quantized_checkpoints_load_on_any_rank_count(tmp_path):
                           "--calib_seq_len", "128", "--calib_skip", "0", "--shards", "2"])
     assert proc.returncode == 0, proc.stderr
     q4 = tmp_path / "int4"
-    assert json.loads((q4 / "params.json").read_text())["quantization"] == {"method": "int4", "algorithm": "gptq", "group_size": 64}
+    assert json.loads((q4 / "params.json").read_text())["quantization"] == {"method": "int4", "algorithm": "gptq", "group_size": 64,
+                                                                           "embedding": True}
     assert (q4 / "tokenizer.json").is_file() and (q4 / "tokenizer_config.json").is_file()
     shard = torch.load(q4 / "consolidated.01.pth", weights_only=True)
     assert shard["layers.0.attention.wo.weight"].dtype == torch.uint8
     assert shard["layers.0.attention.wo.weight"].shape == (256, 64)  # row-parallel: half the 256 inputs, 2 per byte
     assert shard["layers.0.attention.wo.scales"].shape == (256, 2)  # ... and half of its 4 groups
+    assert shard["tok_embeddings.weight"].dtype == torch.uint8  # the table too, split by feature like wo
+    assert shard["tok_embeddings.weight"].shape == (WIDE["vocab_size"], 64) and shard["tok_embeddings.scales"].shape == (WIDE["vocab_size"], 2)
 
     specs = [f"float={src}", f"fly8={src}:int8", f"fly4={src}:int4", f"int8={tmp_path / 'int8'}", f"int4={q4}"]
     outs = {}
@@ -193,3 +197,28 @@ def test_eval_names_the_quantized_weights(tmp_path):
                               "--dtype", "float32", *flags])
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip().startswith("perplexity ") and proc.stdout.strip().endswith(label), proc.stdout
+
+
+def test_quantized_checkpoint_with_float_embedding_still_loads(tmp_path):
+    """Checkpoints quantized before the embedding was (params.json without "embedding") keep a
+    float table: they load as stored, with the same logits up to the embedding's rounding."""
+    src = _float_checkpoint(tmp_path / "float")
+    new = tmp_path / "int8"
+    quantize_checkpoint(src, new, "int8")
+    old = tmp_path / "int8-old"
+    shutil.copytree(new, old)
+    state = torch.load(old / "consolidated.00.pth", weights_only=True)
+    del state["tok_embeddings.scales"]
+    state["tok_embeddings.weight"] = torch.load(src / "consolidated.00.pth", weights_only=True)["tok_embeddings.weight"]
+    torch.save(state, old / "consolidated.00.pth")
+    params = json.loads((old / "params.json").read_text())
+    del params["quantization"]["embedding"]
+    (old / "params.json").write_text(json.dumps(params))
+    out = tmp_path / "out"
+    out.mkdir()
+    torchrun(1, ["tests/workers/quant_logits.py", str(out), f"old={old}", f"new={new}", f"float={src}"])
+    lg = {t: torch.load(out / f"{t}.0.pt") for t in ("old", "new", "float")}
+    assert ((lg["old"] - lg["new"]).norm() / lg["new"].norm()).item() < 0.06
+    assert not torch.equal(lg["old"], lg["new"])  # the embedding really was float in one of them
+    held = json.loads((out / "bytes.0.json").read_text())
+    assert held["new"][0] < held["old"][0] < held["float"][0]

@@ -9,7 +9,7 @@ import torch
 
 from llama_demo.distributed import init_distributed, shutdown_distributed
 from llama_demo.loading import load_model
-from llama_demo.quant import linear_weight_bytes
+from llama_demo.quant import weight_bytes
 
 PROMPT = [1, 17, 250, 33, 8, 120, 64, 5, 99, 300]
 out = Path(sys.argv[1])
@@ -22,6 +22,6 @@ for spec in sys.argv[2:]:
     ids = torch.tensor([PROMPT])
     logits = model(ids, torch.arange(len(PROMPT))[None], slice(0, 1), len(PROMPT))[0]
     torch.save(logits.clone(), out / f"{tag}.{info.rank}.pt")
-    report[tag] = linear_weight_bytes(model)
+    report[tag] = weight_bytes(model)
 (out / f"bytes.{info.rank}.json").write_text(json.dumps(report))
 shutdown_distributed()
