@@ -116,14 +116,24 @@ def pack_for_cpu(model: nn.Module, batch_hint: int = 16) -> int:
 
 
 def _available_memory() -> int:
+    """Bytes this process may still take: the kernel's MemAvailable, capped by a cgroup v2 limit
+    (containers) when there is one. 0 when unknown, which turns packing off."""
+    free = 0
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+                    free = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return 0
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f_max, open("/sys/fs/cgroup/memory.current") as f_cur:
+            limit = f_max.read().strip()
+            if limit != "max":
+                free = min(free, int(limit) - int(f_cur.read()))
+    except (OSError, ValueError):
         pass
-    return 0
+    return max(free, 0)
 
 
 def set_cpu_threads(openblas_step: bool) -> None:
