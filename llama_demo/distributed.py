@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import socket
@@ -64,9 +65,11 @@ def init_distributed(timeout_s: float = 1800.0, device: str | None = None) -> Di
     return DistInfo(rank, world, local_rank, dev)
 
 
+@functools.cache
 def cpu_threads() -> int:
     """Cores one rank may use for batched matrix products: LLAMA_DEMO_TORCH_THREADS, else
-    OMP_NUM_THREADS (torchrun sets 1 per rank when several ranks share a machine), else all."""
+    OMP_NUM_THREADS (torchrun sets 1 per rank when several ranks share a machine), else all.
+    Read once: the model asks at every step."""
     for var in ("LLAMA_DEMO_TORCH_THREADS", "OMP_NUM_THREADS"):
         if os.environ.get(var, "").isdigit() and int(os.environ[var]) > 0:
             return int(os.environ[var])
