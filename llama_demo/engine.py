@@ -73,7 +73,7 @@ def check_prompt(prompt_len: int, max_seq_len: int) -> None:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu", seed: int | None = None, prefill_chunk: int = 512,
+                 device: torch.device | str = "cpu", seed: int | None = None, prefill_chunk: int | None = None,
                  group=None):
         self.model = model
         self.tokenizer = tokenizer
@@ -82,7 +82,12 @@ class Engine:
         self.group = group
         self.max_seq_len = model.args.max_seq_len
         self.max_batch = model.args.max_batch_size
-        self.prefill_chunk = prefill_chunk
+        # Prompt tokens prefilled per step. On CPU a 128-token chunk of a 110M model takes ~0.1 s
+        # and is as efficient per token as 512 (measured: oneDNN at 128 rows >= 512 rows), so
+        # running decodes wait 4x less; GPUs want bigger chunks to fill the device.
+        self.prefill_chunk = prefill_chunk if prefill_chunk is not None else 512 if self.device.type == "cuda" else 128
+        if self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(seed if seed is not None else torch.seed())
         self.waiting: deque[Request] = deque()

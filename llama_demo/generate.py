@@ -39,6 +39,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max_seq_len", type=int, default=2048, help="context length: prompt + answer")
     p.add_argument("--max_batch_size", type=int, default=8, help="sequences decoded together")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--prefill_chunk", type=int, default=None,
+                   help="prompt tokens prefilled per step while other requests decode (default: 512 on GPU, 128 on CPU)")
     add_quantize_arg(p)
 
 
@@ -71,7 +73,8 @@ def build_engine(a: argparse.Namespace, dist_timeout: float = 1800.0) -> tuple[E
     model = load_model(a.ckpt_dir, info, parse_dtype(a.dtype), a.max_seq_len, a.max_batch_size, quantize=a.quantize)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}: wrong tokenizer for {a.ckpt_dir}?")
-    engine = Engine(model, tokenizer, info.rank, info.world_size, info.device, seed=getattr(a, "seed", None))
+    engine = Engine(model, tokenizer, info.rank, info.world_size, info.device, seed=getattr(a, "seed", None),
+                    prefill_chunk=a.prefill_chunk)
     return engine, tokenizer
 
 

@@ -31,6 +31,7 @@ def test_logits_and_greedy_tokens_match_transformers(ckpts, tmp_path, ckpt, worl
     for prompt, got in zip(PROMPTS, ranks[0]["batch"]):
         assert got == hf_greedy(ref, prompt, N_NEW)
     assert len(ranks[0]["sampled"]) == N_NEW
+    assert ranks[0]["chunked"] == ranks[0]["batch"]  # prompts prefilled 3 tokens a step
     churn = ranks[0]["churn"]  # requests finishing and joining mid-batch, leaving a gap in the cache rows
     assert churn["a"] == ranks[0]["batch"][0] and churn["c"] == ranks[0]["batch"][2]
     assert churn["b"] == ranks[0]["batch"][1][:3] and churn["d"] == ranks[0]["batch"][1]
