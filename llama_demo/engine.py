@@ -208,15 +208,13 @@ class Engine:
             temp = torch.tensor([p.temperature for p in params], device=logits.device)
             top_p = torch.tensor([p.top_p for p in params], device=logits.device)
             top_k = torch.tensor([p.top_k for p in params], device=logits.device)
-            if logits.device.type == "cpu":
-                ids.copy_(sample(logits, temp, top_p, top_k, self.generator))
-            else:
-                ids.copy_(sample(logits, temp, top_p, top_k))
-            # requests with their own seed are reproducible whatever else shares the batch
+            # one uniform draw per row; a request with its own seed draws from its own generator,
+            # so it is reproducible whatever else shares the batch
+            u = torch.rand(len(seqs), generator=self.generator)
             for i, s in enumerate(seqs):
-                if s.generator is not None and not s.req.params.greedy:
-                    ids[i] = sample(logits[i: i + 1].cpu(), temp[i: i + 1].cpu(), top_p[i: i + 1].cpu(),
-                                    top_k[i: i + 1].cpu(), s.generator)[0]
+                if s.generator is not None:
+                    u[i] = torch.rand(1, generator=s.generator)[0]
+            ids.copy_(sample(logits, temp, top_p, top_k, uniform=u.to(logits.device)))
         if self.world_size > 1:
             broadcast_from_first(ids, self.group)
         return ids.tolist()

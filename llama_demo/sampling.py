@@ -64,25 +64,49 @@ def apply_repetition_penalty(logits: torch.Tensor, previous: torch.Tensor, penal
     return logits
 
 
+# Nucleus / top-k filtering looks at the most likely CANDIDATES tokens first and sorts the whole
+# vocabulary only when the kept set may be larger: sorting 8 x 49152 probabilities takes ~14 ms
+# on 2 CPU cores, a top-256 ~0.5 ms.
+CANDIDATES = 256
+
+
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+           generator: torch.Generator | None = None, uniform: torch.Tensor | None = None) -> torch.Tensor:
     """logits (B, V) float32; per-row temperature, top_p (float) and top_k (int, 0 = off).
-    Rows with temperature 0 take the argmax. Returns (B,) int64 ids."""
+    Rows with temperature 0 take the argmax; the others draw by inverting their (filtered)
+    distribution's CDF at `uniform` (B,) values in [0, 1), one per row (default: drawn from
+    `generator`): one batched search, where torch.multinomial took ~8 ms for 8 x 49152 on CPU.
+    Returns (B,) int64 ids."""
     argmax = logits.argmax(-1)
     greedy = temperature <= 0
     if bool(greedy.all()):
         return argmax
+    B, V = logits.shape
+    u = uniform if uniform is not None else torch.rand(B, generator=generator, device=logits.device)
     t = torch.where(greedy, torch.ones_like(temperature), temperature)
     probs = torch.softmax(logits / t[:, None], dim=-1)
-    if bool((top_p < 1).any() or (top_k > 0).any()):
+    picked = _invert_cdf(probs, u)
+    rows = ((top_p < 1) | (top_k > 0)).nonzero().squeeze(-1)
+    if rows.numel():
         # nucleus and top-k filtering on the sorted distribution; the most likely token always stays
-        sorted_p, order = probs.sort(dim=-1, descending=True)
+        p, tp, tk = probs[rows], top_p[rows], top_k[rows]
+        sorted_p, order = p.topk(min(CANDIDATES, V), dim=-1)  # sorted, most likely first
+        # exact when every token past the candidates is dropped: by top-k, or by top-p because the
+        # candidates already hold more than top_p of the mass
+        if not bool(((sorted_p.sum(-1) > tp) | ((tk > 0) & (tk <= sorted_p.shape[-1]))).all()):
+            sorted_p, order = p.sort(dim=-1, descending=True)
         before = sorted_p.cumsum(-1) - sorted_p  # mass of strictly more likely tokens
-        drop = before > top_p[:, None]
-        ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
-        drop |= (top_k[:, None] > 0) & (ranks >= top_k[:, None])
+        drop = before > tp[:, None]
+        ranks = torch.arange(sorted_p.shape[-1], device=logits.device)[None, :]
+        drop |= (tk[:, None] > 0) & (ranks >= tk[:, None])
         sorted_p = sorted_p.masked_fill(drop, 0.0)
-        picked = order.gather(-1, torch.multinomial(sorted_p, 1, generator=generator)).squeeze(-1)
-    else:
-        picked = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        picked[rows] = order.gather(-1, _invert_cdf(sorted_p, u[rows])[:, None]).squeeze(-1)
     return torch.where(greedy, argmax, picked)
+
+
+def _invert_cdf(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index drawn from each row of unnormalised non-negative weights p (B, n) at u (B,) in [0, 1):
+    the first index whose cumulative weight exceeds u * total (a zero-weight index never is)."""
+    cdf = p.cumsum(-1)
+    at = (u.to(cdf.dtype) * cdf[:, -1])[:, None]
+    return torch.searchsorted(cdf, at, right=True).squeeze(-1).clamp_(max=p.shape[-1] - 1)

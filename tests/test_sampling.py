@@ -42,3 +42,41 @@ def test_repetition_penalty_lowers_seen_tokens():
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(SamplingError, match=field):
         SamplingParams(**{field: value}).validate()
+
+
+def test_draws_follow_the_distribution():
+    """Inverting the CDF at an even grid of uniform values gives each token its probability."""
+    n = 4000
+    logits = torch.tensor([[0.5, 2.0, -1.0, 1.0, 0.0]]).repeat(n, 1)
+    u = (torch.arange(n) + 0.5) / n
+    ones = torch.ones(n)
+    for temp in (1.0, 0.7):
+        ids = sample(logits, ones * temp, ones, torch.zeros(n, dtype=torch.long), uniform=u)
+        freq = torch.bincount(ids, minlength=5).float() / n
+        assert torch.allclose(freq, torch.softmax(logits[0] / temp, -1), atol=2 / n)
+
+
+def _nucleus_by_full_sort(logits, temp, top_p, top_k, u):
+    """Reference: sort the whole distribution, drop past top_p / top_k, invert the CDF."""
+    probs = torch.softmax(logits / temp, -1)
+    sp, order = probs.sort(descending=True)
+    drop = sp.cumsum(-1) - sp > top_p
+    if top_k:
+        drop[top_k:] = True
+    sp = sp.masked_fill(drop, 0.0)
+    cdf = sp.cumsum(-1)
+    return int(order[torch.searchsorted(cdf, u * cdf[-1], right=True).clamp(max=len(cdf) - 1)])
+
+
+@pytest.mark.parametrize("top_p,top_k,temp", [(0.5, 0, 1.0), (0.9, 0, 0.7), (0.999, 0, 2.0), (1.0, 40, 1.0),
+                                              (0.95, 300, 1.0)])
+def test_top_p_and_top_k_equal_a_full_sort(top_p, top_k, temp):
+    """The candidate shortcut (top 256 first) picks what sorting the whole vocabulary would,
+    including when the nucleus is wider than the candidates (temperature 2, top_p 0.999)."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(64, 5000, generator=g) * 3
+    u = torch.rand(64, generator=g)
+    ones = torch.ones(64)
+    got = sample(logits, ones * temp, ones * top_p, torch.full((64,), top_k), uniform=u).tolist()
+    want = [_nucleus_by_full_sort(logits[i], temp, top_p, top_k, u[i]) for i in range(64)]
+    assert got == want
