@@ -161,23 +161,30 @@ def hf_model_from_meta(folder: Path, dtype: torch.dtype, device: torch.device):
     return model.eval()
 
 
-def bench_hf(model, prompt_len: int, new_tokens: int, device: torch.device, repeats: int = 3) -> dict:
+def bench_hf(model, prompt_len: int, new_tokens: int, device: torch.device, concurrency: list[int],
+             repeats: int = 3) -> dict:
+    """transformers `generate`, greedy: time to first token, and for each n the decode rate of a
+    static batch of n equal-length prompts (its best case: no padding, all finish together)."""
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, vocab, (1, prompt_len), generator=g).to(device)
 
-    def gen(n: int) -> float:
+    def gen(n_tokens: int, batch: int = 1) -> float:
         _sync(device)
         t0 = time.perf_counter()
         with torch.no_grad():
-            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            model.generate(ids.repeat(batch, 1), max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False,
+                           pad_token_id=0)
         _sync(device)
         return time.perf_counter() - t0
 
     gen(2)
-    ttft = min(gen(1) for _ in range(repeats))
-    total = min(gen(new_tokens) for _ in range(repeats))
-    return {"ttft_s": ttft, "decode_tok_s_c1": (new_tokens - 1) / max(total - ttft, 1e-9)}
+    out = {"ttft_s": min(gen(1) for _ in range(repeats))}
+    for n in concurrency:
+        first = out["ttft_s"] if n == 1 else min(gen(1, n) for _ in range(repeats))
+        total = min(gen(new_tokens, n) for _ in range(repeats))
+        out[f"decode_tok_s_c{n}"] = n * (new_tokens - 1) / max(total - first, 1e-9)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             # transformers runs on torch's own thread pool: give it every core, as it has by default
             torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
             hf = hf_model_from_meta(folder, parse_dtype(a.dtype) or (torch.float32 if info.device.type == "cpu" else torch.bfloat16), info.device)
-            result["transformers"] = bench_hf(hf, a.prompt_len, a.new_tokens, info.device, a.repeats)
+            result["transformers"] = bench_hf(hf, a.prompt_len, a.new_tokens, info.device, conc, a.repeats)
             result["ratio_decode_c1_vs_hf"] = ours["decode_tok_s_c1"] / result["transformers"]["decode_tok_s_c1"]
         if info.rank == 0:
             if a.json:
@@ -282,8 +289,8 @@ def _print(r: dict, conc: list[int]) -> None:
     print(f"{'time to first token s':24}{o['ttft_s']:12.3f}" + (f"{hf['ttft_s']:14.3f}{hf['ttft_s'] / o['ttft_s']:8.2f}" if hf else ""))
     for n in conc:
         line = f"{f'decode tok/s, {n} req':24}{o[f'decode_tok_s_c{n}']:12.1f}"
-        if hf and n == 1:
-            line += f"{hf['decode_tok_s_c1']:14.1f}{r['ratio_decode_c1_vs_hf']:8.2f}"
+        if hf:
+            line += f"{hf[f'decode_tok_s_c{n}']:14.1f}{o[f'decode_tok_s_c{n}'] / hf[f'decode_tok_s_c{n}']:8.2f}"
         print(line)
     if len(conc) > 1:
         print(f"{f'{conc[-1]} req vs 1 req':24}{o[f'decode_tok_s_c{conc[-1]}'] / o['decode_tok_s_c1']:12.2f}x")

@@ -1,0 +1,43 @@
+"""The benchmark command runs end to end on a tiny shape: ours and transformers side by side, and
+one run per rank count under torchrun. Figures are not asserted (timed tests lie on shared CPUs);
+their presence and sanity are."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT, python_module, subprocess_env
+
+ARGS = ["llama_demo.bench", "--shape", "tiny", "--prompt_len", "8", "--new_tokens", "6", "--concurrency", "1,3",
+        "--repeats", "1"]
+
+
+def _run(args, tmp_path):
+    env = subprocess_env()
+    env["LLAMA_DEMO_CACHE"] = str(tmp_path)  # the random checkpoint is written here, not in ~/.cache
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_bench_json_has_every_figure_for_us_and_transformers(tmp_path):
+    proc = _run(ARGS + ["--vs-hf", "--json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["ranks"] == 1 and r["dtype"] == "float32"
+    for who in ("llama_demo", "transformers"):
+        for key in ("ttft_s", "decode_tok_s_c1", "decode_tok_s_c3"):
+            assert r[who][key] > 0, (who, key)
+    assert r["llama_demo"]["peak_mem_mb"] > 0
+    assert os.path.isfile(tmp_path / "bench" / "random-tiny" / "params.json")
+
+
+def test_bench_compares_rank_counts_and_quantized(tmp_path):
+    proc = _run(ARGS + ["--ranks", "1,2", "--quantize", "int8"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "dtype float32+int8" in out and "2 ranks (1 thread(s) each), vs 1 rank(s):" in out
+    assert out.count("decode tok/s, 3 req") == 2
+
+
+def test_bench_refuses_bad_values(tmp_path):
+    proc = python_module(["llama_demo.bench", "--shape", "tiny", "--new_tokens", "1"])
+    assert proc.returncode == 2 and "--new_tokens must be >= 2" in proc.stderr
