@@ -67,7 +67,8 @@ class FusedColumns:
     """Column-parallel layers that read the same input (wq wk wv; w1 w3) as one matrix product.
     Their weights become row blocks (views) of one matrix, so memory is unchanged, and a
     single-row step makes one OpenBLAS call instead of three (measured on SmolLM2-135M's shapes:
-    20% less matrix time per token). Not a module: state dicts keep Meta's names."""
+    20% less matrix time per token). Not a module: state dicts keep Meta's names, and `.to()`
+    does not move it, so fuse after the model is on its device (load_model does)."""
 
     def __init__(self, layers: list[nn.Module]):
         self.sizes = [m.weight.shape[0] for m in layers]
