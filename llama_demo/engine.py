@@ -55,6 +55,7 @@ class _Sequence:
     text: str = ""  # decoded completion so far
     emitted: int = 0  # characters of `text` already handed out
     generator: torch.Generator | None = None
+    seen: torch.Tensor | None = None  # rank 0, with a repetition penalty: (V,) mask of tokens so far
 
     @property
     def pos(self) -> int:
@@ -202,8 +203,10 @@ class Engine:
             for i, s in enumerate(seqs):
                 p = s.req.params.repetition_penalty
                 if p != 1.0:
-                    prev = torch.tensor(s.req.prompt_ids + s.out_ids, device=logits.device)
-                    logits[i] = apply_repetition_penalty(logits[i], prev, p)
+                    if s.seen is None:  # built once, then kept up to date token by token (_advance)
+                        s.seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+                        s.seen[torch.tensor(s.req.prompt_ids + s.out_ids, device=logits.device)] = True
+                    logits[i] = apply_repetition_penalty(logits[i], s.seen, p)
             params = [s.req.params for s in seqs]
             temp = torch.tensor([p.temperature for p in params], device=logits.device)
             top_p = torch.tensor([p.top_p for p in params], device=logits.device)
@@ -223,6 +226,8 @@ class Engine:
         events = []
         for s, tok in zip(seqs, ids):
             s.out_ids.append(tok)
+            if s.seen is not None:
+                s.seen[tok] = True
             p = s.req.params
             reason = None
             if tok in self.stop_ids:

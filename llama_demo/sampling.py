@@ -54,9 +54,12 @@ class SamplingParams:
 
 
 def apply_repetition_penalty(logits: torch.Tensor, previous: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL's penalty on one row (V,): seen tokens' positive logits divided, negative multiplied."""
+    """CTRL's penalty on one row (V,): seen tokens' positive logits divided, negative multiplied.
+    `previous`: the seen token ids, or a (V,) bool mask of them."""
     if penalty == 1.0 or previous.numel() == 0:
         return logits
+    if previous.dtype == torch.bool:
+        return torch.where(previous, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
     seen = torch.unique(previous)
     vals = logits[seen]
     logits = logits.clone()

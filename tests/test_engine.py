@@ -32,6 +32,10 @@ def test_logits_and_greedy_tokens_match_transformers(ckpts, tmp_path, ckpt, worl
         assert got == hf_greedy(ref, prompt, N_NEW)
     assert len(ranks[0]["sampled"]) == N_NEW
     assert ranks[0]["chunked"] == ranks[0]["batch"]  # prompts prefilled 3 tokens a step
+    with torch.no_grad():  # greedy under a repetition penalty of 1.3, as transformers applies it
+        pen = ref.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False,
+                           repetition_penalty=1.3, eos_token_id=None, pad_token_id=0)[0, len(PROMPTS[0]):].tolist()
+    assert ranks[0]["penalized"] == pen and pen != ranks[0]["batch"][0]  # the penalty changed the answer
     churn = ranks[0]["churn"]  # requests finishing and joining mid-batch, leaving a gap in the cache rows
     assert churn["a"] == ranks[0]["batch"][0] and churn["c"] == ranks[0]["batch"][2]
     assert churn["b"] == ranks[0]["batch"][1][:3] and churn["d"] == ranks[0]["batch"][1]

@@ -80,3 +80,12 @@ def test_top_p_and_top_k_equal_a_full_sort(top_p, top_k, temp):
     got = sample(logits, ones * temp, ones * top_p, torch.full((64,), top_k), uniform=u).tolist()
     want = [_nucleus_by_full_sort(logits[i], temp, top_p, top_k, u[i]) for i in range(64)]
     assert got == want
+
+
+def test_repetition_penalty_by_mask_equals_by_ids():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(50, generator=g)
+    ids = torch.tensor([3, 7, 7, 49, 0])
+    mask = torch.zeros(50, dtype=torch.bool)
+    mask[ids] = True
+    assert torch.equal(apply_repetition_penalty(logits, mask, 1.3), apply_repetition_penalty(logits, ids, 1.3))
