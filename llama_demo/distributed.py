@@ -79,7 +79,7 @@ def cpu_threads() -> int:
 # ----------------------------------------------------------------------------- collectives
 # The model's collectives in the forward pass. On CPU with two ranks, gloo's all_reduce of a
 # few KB costs 0.8-2 ms on the VMs we measured (a ring of chunked messages, each waking threads),
-# while one ordered send/recv round trip costs ~0.15 ms; a decode step makes ~26 of them, so the
+# while one ordered send/recv round trip costs ~0.15 ms; a decode step makes ~27 of them, so the
 # two-rank CPU case exchanges with send/recv. Sums stay identical on both ranks: a + b == b + a.
 
 def _pair(group) -> int | None:
