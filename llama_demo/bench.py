@@ -23,11 +23,11 @@ import torch
 
 from .checkpoint import expected_shapes, open_checkpoint, save_sharded
 from .config import NAMED_SHAPES, ModelArgs
-from .distributed import cpu_threads, init_distributed, parse_dtype, shutdown_distributed
+from .distributed import cpu_threads, init_distributed, parse_dtype
 from .engine import Engine, Request
-from .generate import add_quantize_arg
+from .generate import add_quantize_arg, run_command
 from .loading import load_model
-from .quant import quant_method
+from .quant import weights_label
 from .sampling import SamplingParams
 
 
@@ -117,13 +117,6 @@ def bench_engine(engine: Engine, prompt_len: int, new_tokens: int, concurrency: 
     return out
 
 
-def _dtype_label(model) -> str:
-    """The compute dtype, "+int8" / "+int4" when the linear weights are quantized (by --quantize
-    or as stored): a quantized run is not comparable with a float one of the same dtype."""
-    method = quant_method(model)
-    return str(model.norm.weight.dtype).replace("torch.", "") + (f"+{method}" if method else "")
-
-
 def hf_model_from_meta(folder: Path, dtype: torch.dtype, device: torch.device):
     """transformers' LlamaForCausalLM on a one-rank view of a Meta checkpoint (rotary rows permuted)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -208,42 +201,38 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--new_tokens must be >= 2, --prompt_len and every --concurrency >= 1")
     if a.ranks:
         return compare_rank_counts(argv if argv is not None else sys.argv[1:], [int(r) for r in a.ranks.split(",")], conc)
+    return run_command(lambda: _bench(a, conc))
+
+
+def _bench(a: argparse.Namespace, conc: list[int]) -> int:
     info = init_distributed(device=a.device)
-    try:
-        folder = Path(a.ckpt_dir) if a.ckpt_dir else None
-        if folder is None:
-            # rank 0 writes the random checkpoint once; the others wait for it
-            if info.rank == 0:
-                folder = random_checkpoint(a.shape)
-            if info.world_size > 1:
-                torch.distributed.barrier()
-            folder = folder or random_checkpoint(a.shape)
-        max_len = a.prompt_len + a.new_tokens + 8
-        model = load_model(folder, info, parse_dtype(a.dtype), max_len, max(conc), progress=False, quantize=a.quantize)
-        engine = Engine(model, _NoTextTokenizer(), info.rank, info.world_size, info.device, seed=0)
-        ours = bench_engine(engine, a.prompt_len, a.new_tokens, conc, a.repeats)
-        result = {"model": a.shape or str(folder), "ranks": info.world_size, "device": str(info.device),
-                  "dtype": _dtype_label(model), "threads": cpu_threads() if info.device.type == "cpu" else 0,
-                  "llama_demo": ours}
-        if a.vs_hf and info.rank == 0:
-            del engine, model
-            # transformers runs on torch's own thread pool: give it every core, as it has by default
-            torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
-            hf = hf_model_from_meta(folder, parse_dtype(a.dtype) or (torch.float32 if info.device.type == "cpu" else torch.bfloat16), info.device)
-            result["transformers"] = bench_hf(hf, a.prompt_len, a.new_tokens, info.device, conc, a.repeats)
-            result["ratio_decode_c1_vs_hf"] = ours["decode_tok_s_c1"] / result["transformers"]["decode_tok_s_c1"]
+    folder = Path(a.ckpt_dir) if a.ckpt_dir else None
+    if folder is None:
+        # rank 0 writes the random checkpoint once; the others wait for it
         if info.rank == 0:
-            if a.json:
-                print(json.dumps(result))
-            else:
-                _print(result, conc)
-        return 0
-    except ValueError as e:
-        if info.rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown_distributed()
+            folder = random_checkpoint(a.shape)
+        if info.world_size > 1:
+            torch.distributed.barrier()
+        folder = folder or random_checkpoint(a.shape)
+    max_len = a.prompt_len + a.new_tokens + 8
+    model = load_model(folder, info, parse_dtype(a.dtype), max_len, max(conc), progress=False, quantize=a.quantize)
+    engine = Engine(model, _NoTextTokenizer(), info.rank, info.world_size, info.device, seed=0)
+    ours = bench_engine(engine, a.prompt_len, a.new_tokens, conc, a.repeats)
+    result = {"model": a.shape or str(folder), "ranks": info.world_size, "device": str(info.device),
+              "dtype": weights_label(model), "threads": cpu_threads() if info.device.type == "cpu" else 0,
+              "llama_demo": ours}
+    if a.vs_hf and info.rank == 0:
+        del engine, model
+        # transformers runs on torch's own thread pool: give it this rank's cores, as it has by default
+        torch.set_num_threads(cpu_threads())
+        hf = hf_model_from_meta(folder, parse_dtype(a.dtype) or (torch.float32 if info.device.type == "cpu" else torch.bfloat16), info.device)
+        result["transformers"] = bench_hf(hf, a.prompt_len, a.new_tokens, info.device, conc, a.repeats)
+    if info.rank == 0:
+        if a.json:
+            print(json.dumps(result))
+        else:
+            _print(result, conc)
+    return 0
 
 
 def compare_rank_counts(argv: list[str], ranks: list[int], conc: list[int]) -> int:

@@ -20,7 +20,7 @@ from .distributed import init_distributed, parse_dtype
 from .generate import add_quantize_arg, find_tokenizer, run_command
 from .loading import load_model
 from .model import Transformer
-from .quant import quant_method
+from .quant import weights_label
 from .tokenizer import load_tokenizer
 
 
@@ -99,10 +99,8 @@ def _evaluate(a: argparse.Namespace) -> int:
                        quantize=a.quantize)
     ppl = perplexity(model, ids, window, info.device, progress=info.is_main)
     if info.is_main:
-        method = quant_method(model)  # --quantize, or a checkpoint stored quantized
-        weights = str(model.norm.weight.dtype).replace("torch.", "") + (f", {method} weights" if method else "")
         print(f"perplexity {ppl:.3f} over {len(ids)} tokens of {Path(a.text).name} "
-              f"(window {window}, {'BOS' if a.bos else 'no BOS'}, {info.world_size} rank(s), {weights})")
+              f"(window {window}, {'BOS' if a.bos else 'no BOS'}, {info.world_size} rank(s), {weights_label(model)})")
     if a.vs_hf and info.is_main:
         print(f"transformers perplexity {hf_perplexity(Path(a.ckpt_dir), ids, window):.3f} (same tokens, float32)")
     return 0

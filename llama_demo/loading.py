@@ -14,12 +14,14 @@ from .model import Transformer, fuse_linears, pack_for_cpu, skip_fairscale_init
 
 def load_model(ckpt_dir: str | Path, dist_info: DistInfo, dtype: torch.dtype | None = None,
                max_seq_len: int = 2048, max_batch_size: int = 8, progress: bool = True,
-               quantize: str | None = None) -> Transformer:
+               quantize: str | None = None, optimize: bool = True) -> Transformer:
     """This rank's model: its slice of every split weight, in `dtype`, with a KV cache for
     max_batch_size sequences of max_seq_len tokens; `quantize` ("int8"/"int4") quantizes the
     linear layers' weights one tensor at a time as they load (quant.py: round-to-nearest). A
     checkpoint written by llama_demo.quantize (params.json "quantization") loads as stored, its
-    integers straight into quantized layers: no float copy of its linear weights is ever made."""
+    integers straight into quantized layers: no float copy of its linear weights is ever made.
+    `optimize` fuses and (on CPU) packs float weights for speed; off for a caller that changes
+    layers' weights in place or hooks them one by one (GPTQ)."""
     ckpt = open_checkpoint(ckpt_dir, dist_info.world_size)
     args = ckpt.args
     dtype = dtype or default_dtype(dist_info.device, _checkpoint_dtype(ckpt))
@@ -57,7 +59,7 @@ def load_model(ckpt_dir: str | Path, dist_info: DistInfo, dtype: torch.dtype | N
 
         prepare_quantized(model, dtype)  # scales to the compute dtype; CUDA kernels' packing
     model.setup_cache(max_batch_size, max_seq_len, dist_info.device, dtype)
-    if not (ckpt.quant or on_the_fly):
+    if optimize and not (ckpt.quant or on_the_fly):
         fuse_linears(model)  # wq/wk/wv and w1/w3 as one product each
         if dist_info.device.type == "cpu" and dtype == torch.float32:
             pack_for_cpu(model)  # oneDNN's blocked weights for batched steps, when memory allows

@@ -92,28 +92,29 @@ def fuse_linears(model: nn.Module) -> None:
             ffn.w13 = FusedColumns([ffn.w1, ffn.w3])
 
 
-def unfuse_linears(model: nn.Module) -> None:
-    """Back to one product per layer: before layers are replaced, or hooked one by one (GPTQ)."""
-    for block in model.layers:
-        block.attention.qkv = block.feed_forward.w13 = None
-
-
 def pack_for_cpu(model: nn.Module, batch_hint: int = 16) -> int:
     """Give each float32 matrix product a oneDNN-blocked copy of its weight for batched CPU steps.
     It costs a second copy of the matrices, so it is done only when at least twice that much memory
     is free. Returns the bytes added (0 when nothing was packed)."""
-    fused = [f for b in model.layers for f in (b.attention.qkv, b.feed_forward.w13) if f is not None]
-    in_fused = {id(m.weight) for b in model.layers for f, layers in (
-        (b.attention.qkv, (b.attention.wq, b.attention.wk, b.attention.wv)),
-        (b.feed_forward.w13, (b.feed_forward.w1, b.feed_forward.w3))) if f is not None for m in layers}
-    layers = [m for m in model.modules() if type(m) in (ColumnLinear, RowLinear) and id(m.weight) not in in_fused]
-    products = [p for p in fused + layers if p.weight.device.type == "cpu" and p.weight.dtype == torch.float32]
+    products = [p for p in _products(model) if type(p) in (ColumnLinear, RowLinear, FusedColumns)
+                and p.weight.device.type == "cpu" and p.weight.dtype == torch.float32]
     need = sum(p.weight.numel() * 4 for p in products)
     if not _ONEDNN or not products or need * 2 > _available_memory():
         return 0
     for p in products:
         p.packed = torch.ops.mkldnn._reorder_linear_weight(p.weight.detach(), batch_hint)
     return need
+
+
+def _products(model: nn.Module):
+    """Every matrix product of the model once: a fused group in place of its layers."""
+    for block in model.layers:
+        att, ffn = block.attention, block.feed_forward
+        yield from (att.qkv,) if att.qkv is not None else (att.wq, att.wk, att.wv)
+        yield att.wo
+        yield from (ffn.w13,) if ffn.w13 is not None else (ffn.w1, ffn.w3)
+        yield ffn.w2
+    yield model.output
 
 
 def _available_memory() -> int:

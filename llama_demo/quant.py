@@ -43,7 +43,7 @@ from torch import nn
 from .checkpoint import QUANT_METHODS, QuantSpec, pow2_divisor, split_dim
 from .config import ConfigError, ModelArgs
 from .distributed import all_gather_last
-from .model import ColumnLinear, Embedding, RowLinear, matmul_t, skip_fairscale_init, unfuse_linears
+from .model import ColumnLinear, Embedding, RowLinear, matmul_t, skip_fairscale_init
 
 INT4_SCALE_DTYPE = torch.float16
 # Default int4 group: 32 input columns, as llama.cpp's 4-bit formats. Bytes per weight with float16
@@ -425,41 +425,14 @@ def prepare_quantized(model: nn.Module, dtype: torch.dtype) -> None:
     model.single_row_openblas = False  # quantized products run in torch's threads (model.set_cpu_threads)
 
 
-def quant_method(model: nn.Module) -> str | None:
-    """"int8" / "int4" when the model's linear layers are quantized (by --quantize or as stored),
-    else None: result labels name it, since the float dtype alone would hide it."""
+def weights_label(model: nn.Module) -> str:
+    """The compute dtype, with "+int8" / "+int4" when the linear layers are quantized (by
+    --quantize or as stored): result lines name it, since the float dtype alone would hide it."""
+    dtype = str(model.norm.weight.dtype).replace("torch.", "")
     for m in model.modules():
-        if isinstance(m, _Int8):
-            return "int8"
-        if isinstance(m, _Int4):
-            return "int4"
-    return None
-
-
-def quantize_model(model: nn.Module, method: str, group_size: int | None = None) -> nn.Module:
-    """Quantize a loaded float model in place, layer by layer (the embedding too): int8 per-row or int4 group-wise
-    (group_size: default_group_size), both by round-to-nearest -- GPTQ needs calibration
-    activations, which `python -m llama_demo.quantize` provides. Collective over the model-parallel
-    group for int8 (row maxima), so every rank must call it. Returns the model."""
-    spec = spec_for(method, model.args, _mp_world(), group_size)
-    unfuse_linears(model)  # the fused products would keep reading the float weights
-    dtype = None
-    for name, parent, attr, layer in _linears(model):
-        dtype = layer.weight.dtype
-        new = _quantized_like(layer, spec)
-        new.load_state_dict({k.rsplit(".", 1)[1]: v for k, v in quantize_weight(name + ".weight", layer.weight, spec).items()},
-                            strict=True, assign=True)
-        setattr(parent, attr, new)
-        del layer
-    emb = model.tok_embeddings
-    if spec.embedding and not isinstance(emb, QuantEmbedding):
-        new = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, spec)
-        new.load_state_dict({k.rsplit(".", 1)[1]: v for k, v in quantize_weight("tok_embeddings.weight", emb.weight, spec).items()},
-                            strict=True, assign=True)
-        model.tok_embeddings = new
-    if dtype is not None:
-        prepare_quantized(model, dtype)
-    return model
+        if isinstance(m, (_Int8, _Int4)):
+            return f"{dtype}+{'int8' if isinstance(m, _Int8) else 'int4'}"
+    return dtype
 
 
 def weight_bytes(model: nn.Module) -> tuple[int, int]:

@@ -41,7 +41,6 @@ from torch import nn
 from .checkpoint import QuantSpec, is_quantized_weight, open_checkpoint, save_sharded
 from .config import ConfigError
 from .convert import atomic_dir, check_out_dir
-from .model import unfuse_linears
 from .quant import dequantize_int4, gptq_int4, quantize_weight, spec_for
 
 # Copied as they are, so the quantized folder is served as is (tokenizer.model may sit one level
@@ -95,11 +94,11 @@ def calibration_ids(tokenizer, text: str, n_tokens: int, skip: int, seq_len: int
 @torch.no_grad()
 def gptq_quantize(model, tokens: torch.Tensor, spec: QuantSpec, damp: float = 0.01, act_order: bool = True,
                   log: Callable[[str], None] = lambda s: None) -> dict[str, torch.Tensor]:
-    """Sequential GPTQ over a one-rank float model (loaded with a KV cache for tokens' shape):
+    """Sequential GPTQ over a one-rank float model (loaded with a KV cache for tokens' shape, and
+    optimize=False so that each linear layer runs on its own weight):
     the quantized tensors of every linear layer, by Meta name. Leaves the model's linear weights
     dequantized (each block's outputs are computed with its quantized weights)."""
     n_seq, T = tokens.shape
-    unfuse_linears(model)  # each linear's own forward runs, so its input hook sees it
     device = next(model.parameters()).device
     tokens = tokens.to(device)
     pos = torch.arange(T, device=device)[None]
@@ -114,7 +113,6 @@ def gptq_quantize(model, tokens: torch.Tensor, spec: QuantSpec, damp: float = 0.
         packed, scales, zeros = gptq_int4(layer.weight, H, spec.group_size, damp=damp, act_order=act_order)
         out[name + ".weight"], out[name + ".scales"], out[name + ".zeros"] = packed, scales, zeros
         layer.weight.copy_(dequantize_int4(packed, scales, zeros, spec.group_size, layer.weight.dtype))
-        layer.packed = None  # oneDNN's blocked copy (model.pack_for_cpu) holds the float weights
 
     out: dict[str, torch.Tensor] = {}
     h = torch.cat([model.tok_embeddings(tokens[b: b + 1]) for b in range(n_seq)])
@@ -188,8 +186,9 @@ def _run_gptq(ckpt_dir: Path, spec: QuantSpec, calib_text: str | None, calib_tok
         f"{text_path.name} [{calib_skip}, {calib_skip + tokens.numel()}) in {tokens.shape[0]} sequence(s) of {tokens.shape[1]}")
     info = init_distributed(device=device)
     try:
+        # optimize=False: each linear runs its own forward (its input hook sees it) on its own weight
         model = load_model(ckpt_dir, info, torch.float32, max_seq_len=tokens.shape[1], max_batch_size=tokens.shape[0],
-                           progress=False)
+                           progress=False, optimize=False)
         return {k: v.cpu() for k, v in gptq_quantize(model, tokens, spec, damp, act_order, log).items()}
     finally:
         shutdown_distributed()

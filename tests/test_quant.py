@@ -191,8 +191,8 @@ def test_eval_names_the_quantized_weights(tmp_path):
     quantize_checkpoint(src, tmp_path / "int8", "int8")
     text = tmp_path / "text.txt"
     text.write_text(TOKENIZER_TEXT)
-    for folder, flags, label in [(src, [], "float32)"), (src, ["--quantize", "int4"], "float32, int4 weights)"),
-                                 (tmp_path / "int8", [], "float32, int8 weights)")]:
+    for folder, flags, label in [(src, [], "float32)"), (src, ["--quantize", "int4"], "float32+int4)"),
+                                 (tmp_path / "int8", [], "float32+int8)")]:
         proc = python_module(["llama_demo.eval", "--ckpt_dir", str(folder), "--text", str(text), "--max_tokens", "64",
                               "--dtype", "float32", *flags])
         assert proc.returncode == 0, proc.stderr
