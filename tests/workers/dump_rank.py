@@ -21,9 +21,10 @@ logits = model(ids, torch.arange(ids.shape[1])[None], slice(0, 1), ids.shape[1],
 engine = Engine(model, load_tokenizer(ckpt), info.rank, info.world_size, info.device)
 params = SamplingParams(temperature=0.0, max_new_tokens=n_new)
 batch = engine.generate([Request(i, p, params) for i, p in enumerate(prompts)])
+batch_steps = engine.steps
 # Prompts prefilled 3 tokens per step, interleaved with the others' decoding: the same tokens.
-chunked = Engine(model, load_tokenizer(ckpt), info.rank, info.world_size, info.device, prefill_chunk=3)
-chunked = chunked.generate([Request(i, p, params) for i, p in enumerate(prompts)])
+chunked_engine = Engine(model, load_tokenizer(ckpt), info.rank, info.world_size, info.device, prefill_chunk=3)
+chunked = chunked_engine.generate([Request(i, p, params) for i, p in enumerate(prompts)])
 penalized = engine.generate([Request(0, prompts[0], SamplingParams(temperature=0.0, repetition_penalty=1.3,
                                                                   max_new_tokens=n_new))])
 sampled = engine.generate([Request(0, prompts[0], SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=n_new))])
@@ -42,5 +43,6 @@ out.mkdir(parents=True, exist_ok=True)
 torch.save(logits[0].clone(), out / f"logits{info.rank}.pt")
 (out / f"tokens{info.rank}.json").write_text(json.dumps({
     "batch": [batch[i][0] for i in range(len(prompts))], "sampled": sampled[0][0], "churn": churn,
-    "chunked": [chunked[i][0] for i in range(len(prompts))], "penalized": penalized[0][0]}))
+    "chunked": [chunked[i][0] for i in range(len(prompts))], "penalized": penalized[0][0],
+    "steps": {"batch": batch_steps, "chunked": chunked_engine.steps}}))
 shutdown_distributed()
