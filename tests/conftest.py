@@ -16,7 +16,7 @@ SHARED = ROOT.parent / "shared"
 LLAMA2_TOKENIZER = SHARED / "llama2-tokenizer.model"
 sys.path.insert(0, str(ROOT))
 
-from llama_demo.checkpoint import expected_shapes, save_sharded  # noqa: E402
+from llama_demo.weights.checkpoint import expected_shapes, save_sharded  # noqa: E402
 from llama_demo.config import ModelArgs  # noqa: E402
 
 # Small shapes the tests share: multi-head, grouped-query (with a non-trivial FFN multiplier and
@@ -70,7 +70,7 @@ def make_checkpoint(folder: Path, shape: str = "mha", n_shards: int = 1, seed: i
 
 def hf_model(ckpt_dir: Path):
     """transformers' LlamaForCausalLM on the same weights, wq/wk permuted to its rotary layout."""
-    from llama_demo.bench import hf_model_from_meta
+    from llama_demo.commands.bench import hf_model_from_meta
 
     return hf_model_from_meta(ckpt_dir, torch.float32, torch.device("cpu"))
 
@@ -92,7 +92,7 @@ def subprocess_env() -> dict:
 
 def torchrun(nproc: int, args: list[str], timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess:
     """Run `torchrun --nproc_per_node nproc <args>` from the repo root with a bounded wait."""
-    from llama_demo.distributed import free_port
+    from llama_demo.model.parallel import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]

@@ -6,11 +6,11 @@ import itertools
 import threading
 import time
 
-from llama_demo.chat_format import JinjaChatFormat
-from llama_demo.engine import TokenEvent, check_prompt
-from llama_demo.sampling import SamplingParams
-from llama_demo.server import Health
-from llama_demo.tokenizer import StreamDecoder, Tokenizer
+from llama_demo.text.chat_format import JinjaChatFormat
+from llama_demo.engine.engine import TokenEvent, check_prompt
+from llama_demo.engine.sampler import SamplingParams
+from llama_demo.serve.loop import Health
+from llama_demo.text.tokenizer import StreamDecoder, Tokenizer
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

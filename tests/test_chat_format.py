@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_demo.chat_format import (
+from llama_demo.text.chat_format import (
     ChatFormatError,
     JinjaChatFormat,
     Llama2ChatFormat,
@@ -16,7 +16,7 @@ from llama_demo.chat_format import (
     chat_format_for,
     is_chat_model,
 )
-from llama_demo.tokenizer import Tokenizer, load_tokenizer
+from llama_demo.text.tokenizer import Tokenizer, load_tokenizer
 
 LLAMA2_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "llama2-tokenizer.model"
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_checkpoint, python_module, random_state, torchrun
-from llama_demo.checkpoint import CheckpointError, kv_heads_of_part, open_checkpoint, split_dim
+from llama_demo.weights.checkpoint import CheckpointError, kv_heads_of_part, open_checkpoint, split_dim
 from llama_demo.config import ConfigError, ModelArgs
 
 
@@ -39,7 +39,7 @@ def test_rank_slices_reassemble_the_full_tensors(tmp_path, shards, world):
     args = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, multiple_of=32, vocab_size=96)
     state = random_state(args, 0)
     make = tmp_path / "ck"
-    from llama_demo.checkpoint import save_sharded
+    from llama_demo.weights.checkpoint import save_sharded
 
     save_sharded(state, args, make, shards)
     ck = open_checkpoint(make, world)

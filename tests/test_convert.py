@@ -1,4 +1,4 @@
-"""llama_demo.convert: GGUF and Hugging Face folders into Meta's layout.
+"""llama_demo.weights.convert: GGUF and Hugging Face folders into Meta's layout.
 
 transformers is the reference (test-only): its GGUF loader dequantizes the default model and
 builds its tokenizer from the same file, and its LlamaForCausalLM writes the HF folders we import.
@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from llama_demo import convert
-from llama_demo.checkpoint import open_checkpoint
+from llama_demo.weights.checkpoint import open_checkpoint
 from llama_demo.config import ConfigError, ModelArgs
-from llama_demo.convert import ConvertError, convert_gguf, convert_hf, default_model_dir, ffn_params
+from llama_demo.weights.convert import ConvertError, convert_gguf, convert_hf, default_model_dir, ffn_params
 
 # Most HF folders built here carry no tokenizer; one test checks that warning.
 pytestmark = pytest.mark.filterwarnings("ignore:.*has no tokenizer.model or tokenizer.json")
@@ -156,7 +156,7 @@ def write_tiny_gguf(path: Path, arch: str = "llama", ftype=np.float32, tied: boo
     """A 2-layer llama GGUF with a 256-byte BPE vocabulary (or, given spm, that SentencePiece
     model's vocabulary, stored as llama.cpp's converter does); returns its tensors (numpy order)."""
     import gguf
-    from llama_demo.convert import _bytes_to_unicode
+    from llama_demo.weights.convert import _bytes_to_unicode
     rng = np.random.default_rng(seed)
     dim, ffn, heads, kv, layers = 64, 176, 4, 2, 2
     byte_tokens = list(_bytes_to_unicode().values())

@@ -19,7 +19,7 @@ N_NEW = 24
 
 @pytest.fixture(scope="module")
 def default_dir() -> Path:
-    from llama_demo.convert import default_model_dir
+    from llama_demo.weights.convert import default_model_dir
 
     return default_model_dir()
 
@@ -35,8 +35,8 @@ def gguf_reference():
 
 @pytest.fixture(scope="module")
 def chat_prompts(default_dir) -> list[list[int]]:
-    from llama_demo.chat_format import Message, chat_format_for
-    from llama_demo.tokenizer import load_tokenizer
+    from llama_demo.text.chat_format import Message, chat_format_for
+    from llama_demo.text.tokenizer import load_tokenizer
 
     tok = load_tokenizer(default_dir)
     fmt = chat_format_for(default_dir, tok)

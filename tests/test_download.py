@@ -1,4 +1,4 @@
-"""llama_demo.download against a local HTTP server that speaks Range, like Meta's CDN."""
+"""llama_demo.weights.download against a local HTTP server that speaks Range, like Meta's CDN."""
 from __future__ import annotations
 
 import hashlib
@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from llama_demo import download as dl
-from llama_demo.download import DownloadError, download, parse_checklist
+from llama_demo.weights.download import DownloadError, download, parse_checklist
 
 
 def md5(data: bytes) -> str:

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import TOKENIZER_TEXT, make_tokenizer, python_module, random_state, torchrun
-from llama_demo.checkpoint import CheckpointError, QuantSpec, open_checkpoint, save_sharded
+from llama_demo.weights.checkpoint import CheckpointError, QuantSpec, open_checkpoint, save_sharded
 from llama_demo.config import ModelArgs
-from llama_demo.quant import (QuantError, dequantize_int4, dequantize_int8, gptq_int4, pack_int4, quantize_int4_rtn,
+from llama_demo.model.quant import (QuantError, dequantize_int4, dequantize_int8, gptq_int4, pack_int4, quantize_int4_rtn,
                               quantize_int8, spec_for, unpack_int4)
-from llama_demo.quantize import quantize_checkpoint
+from llama_demo.weights.quantize import quantize_checkpoint
 
 # dim 256 and FFN 768 give int4 groups of 64 that survive a split over 2 ranks (wo: 128 inputs
 # per rank, w2: 384); one KV head is replicated on 2 ranks, with its scales and zeros.
@@ -139,7 +139,7 @@ def test_quantized_checkpoints_load_on_any_rank_count(tmp_path):
         return ((logits[t, 1, 0] - ref).norm() / ref.norm()).item()
 
     # Random weights are noise-sensitive (measured: int8 0.03, int4 0.4-0.5 relative logit error);
-    # quality on a trained model is measured by perplexity (llama_demo.eval), not here.
+    # quality on a trained model is measured by perplexity (llama_demo.commands.eval), not here.
     assert rel("int8") < 0.06 and rel("fly8") < 0.06, (rel("int8"), rel("fly8"))
     assert rel("int4") < 0.7 and rel("fly4") < 0.7, (rel("int4"), rel("fly4"))
     assert rel("int8") < rel("int4") / 5
@@ -163,7 +163,7 @@ def test_generate_quantizes_at_load_as_the_quantize_command_does(tmp_path):
     """`generate --quantize int8` on a float checkpoint prints the greedy text of the int8
     checkpoint the quantize command writes (round-to-nearest int8: the same integers either way);
     `--quantize int4` on that int8 checkpoint is a one-line error, exit 2. The server shares the flag."""
-    from llama_demo.cli import parse_args
+    from llama_demo.commands.serve import parse_args
 
     src = _float_checkpoint(tmp_path / "float")
     quantize_checkpoint(src, tmp_path / "int8", "int8")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from llama_demo.sampling import SamplingError, SamplingParams, apply_repetition_penalty, sample
+from llama_demo.engine.sampler import SamplingError, SamplingParams, apply_repetition_penalty, sample
 
 
 def _row(n=4):

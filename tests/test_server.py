@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from conftest import ROOT, python_module, subprocess_env
-from llama_demo.distributed import free_port
+from llama_demo.model.parallel import free_port
 
 PROMPTS = ["Once upon a time", "The quick brown fox", "def main():", "Café in 東京", "a little llama",
            "lived in the mountains", "emoji 🦙", "return 42"]

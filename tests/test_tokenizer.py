@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_demo.tokenizer import (
+from llama_demo.text.tokenizer import (
     HFTokenizer,
     SentencePieceTokenizer,
     StreamDecoder,

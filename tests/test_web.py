@@ -12,11 +12,11 @@ import pytest
 
 from conftest import make_tokenizer
 from fakes import FakeClient, ServerThread, chat_format, expected_text
-from llama_demo.chat_format import Message
+from llama_demo.text.chat_format import Message
 from llama_demo.config import ServerConfig
-from llama_demo.distributed import free_port
-from llama_demo.tokenizer import load_tokenizer
-from llama_demo.web import WARNING, ShareError, build_app, open_share_tunnel, ui_prompt_ids
+from llama_demo.model.parallel import free_port
+from llama_demo.text.tokenizer import load_tokenizer
+from llama_demo.serve.openai import WARNING, ShareError, build_app, open_share_tunnel, ui_prompt_ids
 
 SEQ = 256
 AUTH = ("alice", "s3cret")

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
-from llama_demo.distributed import init_distributed, shutdown_distributed
-from llama_demo.engine import Engine, Request
-from llama_demo.loading import load_model
-from llama_demo.sampling import SamplingParams
-from llama_demo.tokenizer import load_tokenizer
+from llama_demo.model.parallel import init_distributed, shutdown_distributed
+from llama_demo.engine.engine import Engine, Request
+from llama_demo.weights.loading import load_model
+from llama_demo.engine.sampler import SamplingParams
+from llama_demo.text.tokenizer import load_tokenizer
 
 ckpt, out, prompts_json, n_new = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 prompts = json.loads(prompts_json)  # lists of token ids

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from llama_demo.distributed import init_distributed, shutdown_distributed
-from llama_demo.loading import load_model
-from llama_demo.quant import weight_bytes
+from llama_demo.model.parallel import init_distributed, shutdown_distributed
+from llama_demo.weights.loading import load_model
+from llama_demo.model.quant import weight_bytes
 
 PROMPT = [1, 17, 250, 33, 8, 120, 64, 5, 99, 300]
 out = Path(sys.argv[1])

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .checkpoint import save_sharded
-from .config import ConfigError, ModelArgs
+from ..config import ConfigError, ModelArgs
 
 
 class ConvertError(ConfigError):

@@ -15,8 +15,8 @@ import threading
 import time
 from pathlib import Path
 
-from .config import ConfigError, ServerConfig
-from .distributed import shutdown_distributed
+from ..config import ConfigError, ServerConfig
+from ..model.parallel import shutdown_distributed
 
 log = logging.getLogger("llama_demo")
 
@@ -99,7 +99,7 @@ def resolve_model(a: argparse.Namespace, rank: int) -> None:
     the others wait for the folder: conversion is not repeated per rank)."""
     if a.ckpt_dir:
         return
-    from .convert import default_model_dir
+    from ..weights.convert import default_model_dir
 
     a.ckpt_dir = str(default_model_dir())
 
@@ -118,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        from .bus import Bus
+        from ..serve.bus import Bus
         from .generate import build_engine
-        from .server import EngineClient, Heartbeat, ServingLoop
+        from ..serve.loop import EngineClient, Heartbeat, ServingLoop
 
         if rank == 0:
             check_port_free(cfg.host, cfg.port)
@@ -129,14 +129,14 @@ def main(argv: list[str] | None = None) -> int:
         bus = Bus(rank, os.environ.get("MASTER_ADDR", "127.0.0.1"), cfg.zmq_port)
         bus.handshake()
         client = None
-        from .chat_format import chat_format_for, is_chat_model
+        from ..text.chat_format import chat_format_for, is_chat_model
 
         chat = cfg.chat if cfg.chat is not None else is_chat_model(a.ckpt_dir)
         chat_format = chat_format_for(a.ckpt_dir, tokenizer) if chat else None
         if chat_format is not None:  # every rank: stop decisions must not differ between ranks
             engine.stop_ids = engine.stop_ids | frozenset(chat_format.stop_ids)
         if rank == 0:
-            from .web import build_app
+            from ..serve.openai import build_app
 
             client = EngineClient(bus, engine, Path(a.ckpt_dir).name)
             app = build_app(client, chat_format, cfg, system_prompt=a.system_prompt or "")
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"llama_demo: serving {client.model_name} on {engine.world_size} rank(s) "
                   f"({'chat' if chat_format else 'completion'} mode) at {url}  (OpenAI API: {url}v1)", flush=True)
             if cfg.share:
-                from .web import ShareError, open_share_tunnel
+                from ..serve.openai import ShareError, open_share_tunnel
 
                 try:
                     print(f"llama_demo: public link {open_share_tunnel(cfg.host, cfg.port)}", flush=True)

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import expected_shapes, open_checkpoint, save_sharded
-from .config import NAMED_SHAPES, ModelArgs
-from .distributed import cpu_threads, init_distributed, parse_dtype
-from .engine import Engine, Request
+from ..weights.checkpoint import expected_shapes, open_checkpoint, save_sharded
+from ..config import NAMED_SHAPES, ModelArgs
+from ..model.parallel import cpu_threads, init_distributed, parse_dtype
+from ..engine.engine import Engine, Request
 from .generate import add_quantize_arg, run_command
-from .loading import load_model
-from .quant import weights_label
-from .sampling import SamplingParams
+from ..weights.loading import load_model
+from ..model.quant import weights_label
+from ..engine.sampler import SamplingParams
 
 
 class _NoTextTokenizer:
@@ -121,7 +121,7 @@ def hf_model_from_meta(folder: Path, dtype: torch.dtype, device: torch.device):
     """transformers' LlamaForCausalLM on a one-rank view of a Meta checkpoint (rotary rows permuted)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from .convert import hf_from_meta_rotary as permute
+    from ..weights.convert import hf_from_meta_rotary as permute
 
     ck = open_checkpoint(folder, 1)
     a = ck.args
@@ -239,7 +239,7 @@ def compare_rank_counts(argv: list[str], ranks: list[int], conc: list[int]) -> i
     """Run this benchmark under torchrun once per rank count and print the runs side by side."""
     import subprocess
 
-    from .distributed import free_port
+    from ..model.parallel import free_port
 
     base, skip = [], False
     for x in argv:  # drop --ranks (both spellings), and --vs-hf beyond the first run

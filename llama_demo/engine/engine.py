@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .distributed import broadcast_from_first
-from .model import Transformer
-from .sampling import SamplingParams, apply_repetition_penalty, sample
-from .tokenizer import StreamDecoder, Tokenizer
+from ..model.parallel import broadcast_from_first
+from ..model.transformer import Transformer
+from .sampler import SamplingParams, apply_repetition_penalty, sample
+from ..text.tokenizer import StreamDecoder, Tokenizer
 
 
 class PromptTooLong(ValueError):

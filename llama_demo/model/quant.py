@@ -40,10 +40,10 @@ import torch.nn.functional as F
 from fairscale.nn.model_parallel.initialize import get_model_parallel_group
 from torch import nn
 
-from .checkpoint import QUANT_METHODS, QuantSpec, pow2_divisor, split_dim
-from .config import ConfigError, ModelArgs
-from .distributed import all_gather_last
-from .model import ColumnLinear, Embedding, RowLinear, matmul_t, skip_fairscale_init
+from ..weights.checkpoint import QUANT_METHODS, QuantSpec, pow2_divisor, split_dim
+from ..config import ConfigError, ModelArgs
+from .parallel import all_gather_last
+from .transformer import ColumnLinear, Embedding, RowLinear, matmul_t, skip_fairscale_init
 
 INT4_SCALE_DTYPE = torch.float16
 # Default int4 group: 32 input columns, as llama.cpp's 4-bit formats. Bytes per weight with float16

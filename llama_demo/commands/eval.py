@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from .distributed import init_distributed, parse_dtype
+from ..model.parallel import init_distributed, parse_dtype
 from .generate import add_quantize_arg, find_tokenizer, run_command
-from .loading import load_model
-from .model import Transformer
-from .quant import weights_label
-from .tokenizer import load_tokenizer
+from ..weights.loading import load_model
+from ..model.transformer import Transformer
+from ..model.quant import weights_label
+from ..text.tokenizer import load_tokenizer
 
 
 def window_nll(model: Transformer, ids: list[int], device: torch.device, chunk: int = 512) -> tuple[float, int]:

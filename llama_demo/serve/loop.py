@@ -21,9 +21,9 @@ from typing import AsyncIterator
 import torch
 
 from .bus import Bus, BusError
-from .distributed import all_reduce_sum, broadcast_from_first
-from .engine import Engine, Request, TokenEvent, check_prompt
-from .sampling import SamplingParams
+from ..model.parallel import all_reduce_sum, broadcast_from_first
+from ..engine.engine import Engine, Request, TokenEvent, check_prompt
+from ..engine.sampler import SamplingParams
 
 log = logging.getLogger("llama_demo")
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 from .checkpoint import ShardedCheckpoint, is_quantized_weight, iter_rank_state, open_checkpoint
-from .config import ConfigError
-from .distributed import DistInfo, default_dtype
-from .model import Transformer, fuse_linears, pack_for_cpu, skip_fairscale_init
+from ..config import ConfigError
+from ..model.parallel import DistInfo, default_dtype
+from ..model.transformer import Transformer, fuse_linears, pack_for_cpu, skip_fairscale_init
 
 
 def load_model(ckpt_dir: str | Path, dist_info: DistInfo, dtype: torch.dtype | None = None,
@@ -30,7 +30,7 @@ def load_model(ckpt_dir: str | Path, dist_info: DistInfo, dtype: torch.dtype | N
                           f"or quantize its float source instead")
     on_the_fly = None
     if quantize and not ckpt.quant:
-        from .quant import spec_for
+        from ..model.quant import spec_for
 
         on_the_fly = spec_for(quantize, args, dist_info.world_size)
     # Built on the meta device: fairscale's layers would otherwise allocate (and touch) a full
@@ -38,7 +38,7 @@ def load_model(ckpt_dir: str | Path, dist_info: DistInfo, dtype: torch.dtype | N
     with torch.device("meta"), skip_fairscale_init():
         model = Transformer(args)
     if ckpt.quant or on_the_fly:
-        from .quant import quantize_weight, replace_linears
+        from ..model.quant import quantize_weight, replace_linears
 
         replace_linears(model, ckpt.quant or on_the_fly)  # empty quantized layers, still on meta
     state = {}
@@ -55,7 +55,7 @@ def load_model(ckpt_dir: str | Path, dist_info: DistInfo, dtype: torch.dtype | N
     del state  # the model holds the tensors now; fuse_linears can free each original as it goes
     model.requires_grad_(False)
     if ckpt.quant or on_the_fly:
-        from .quant import prepare_quantized
+        from ..model.quant import prepare_quantized
 
         prepare_quantized(model, dtype)  # scales to the compute dtype; CUDA kernels' packing
     model.setup_cache(max_batch_size, max_seq_len, dist_info.device, dtype)

@@ -29,13 +29,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
 from . import protocol as p
-from .chat_format import ChatFormat, Message
-from .config import ServerConfig
-from .engine import PromptTooLong, TokenEvent
-from .sampling import SamplingParams
-from .server import EngineClient
+from ..text.chat_format import ChatFormat, Message
+from ..config import ServerConfig
+from ..engine.engine import PromptTooLong, TokenEvent
+from ..engine.sampler import SamplingParams
+from .loop import EngineClient
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 WARNING = "⚠️"  # starts every problem report the UI writes into the chat
 # SamplingParams field -> OpenAI request field, for the `param` of a 400
 _PARAM_NAMES = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p",

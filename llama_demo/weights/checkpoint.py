@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .config import ConfigError, ModelArgs
+from ..config import ConfigError, ModelArgs
 
 
 class CheckpointError(ConfigError):

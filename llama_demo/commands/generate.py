@@ -12,12 +12,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import ConfigError
-from .distributed import init_distributed, parse_dtype, shutdown_distributed
-from .engine import Engine, Request, TokenEvent
-from .loading import load_model
-from .sampling import SamplingParams
-from .tokenizer import Tokenizer, load_tokenizer
+from ..config import ConfigError
+from ..model.parallel import init_distributed, parse_dtype, shutdown_distributed
+from ..engine.engine import Engine, Request, TokenEvent
+from ..weights.loading import load_model
+from ..engine.sampler import SamplingParams
+from ..text.tokenizer import Tokenizer, load_tokenizer
 
 
 def find_tokenizer(ckpt_dir: str | Path, tokenizer_path: str | Path | None) -> Path:

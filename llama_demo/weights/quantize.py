@@ -39,9 +39,9 @@ import torch
 from torch import nn
 
 from .checkpoint import QuantSpec, is_quantized_weight, open_checkpoint, save_sharded
-from .config import ConfigError
+from ..config import ConfigError
 from .convert import atomic_dir, check_out_dir
-from .quant import dequantize_int4, gptq_int4, quantize_weight, spec_for
+from ..model.quant import dequantize_int4, gptq_int4, quantize_weight, spec_for
 
 # Copied as they are, so the quantized folder is served as is (tokenizer.model may sit one level
 # up, beside LLaMA 1/2's size folders: then it is copied from there).
@@ -172,10 +172,10 @@ def quantize_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
 def _run_gptq(ckpt_dir: Path, spec: QuantSpec, calib_text: str | None, calib_tokens: int, calib_skip: int,
               calib_seq_len: int, damp: float, act_order: bool, device: str | None,
               log: Callable[[str], None]) -> dict[str, torch.Tensor]:
-    from .distributed import init_distributed, shutdown_distributed
-    from .generate import find_tokenizer
+    from ..model.parallel import init_distributed, shutdown_distributed
+    from ..commands.generate import find_tokenizer
     from .loading import load_model
-    from .tokenizer import load_tokenizer
+    from ..text.tokenizer import load_tokenizer
 
     text_path = Path(calib_text or DEFAULT_CALIB_TEXT)
     if not text_path.is_file():

@@ -20,8 +20,8 @@ import fairscale.nn.model_parallel.layers as fairscale_layers
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 from torch import nn
 
-from .config import ModelArgs
-from .distributed import all_gather_last, all_reduce_sum, cpu_threads
+from ..config import ModelArgs
+from .parallel import all_gather_last, all_reduce_sum, cpu_threads
 
 
 def _keep(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Commands on shared start-up code: generate, eval, bench, serve."""

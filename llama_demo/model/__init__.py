@@ -1,0 +1,1 @@
+"""The transformer (device-agnostic), its model-parallel layers and collectives, CPU kernels and quantized products."""

@@ -1,0 +1,1 @@
+"""Text: tokenizers, chat formats, streaming detokenization and stop strings."""

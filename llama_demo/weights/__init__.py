@@ -1,0 +1,1 @@
+"""Weights on disk: Meta checkpoints, loading a rank's slice, GGUF and Hugging Face import, quantize, download."""
