@@ -6,8 +6,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
+
+
+# --- defaults and limits: every other module imports these, none restates them ---------------------
+
+DEFAULT_MAX_SEQ_LEN = 2048  # KV cache length per sequence (prompt + answer)
+DEFAULT_MAX_BATCH_SIZE = 8  # KV cache rows: sequences decoded together
+DEFAULT_DIST_TIMEOUT = 1800.0  # seconds a collective may wait (init_process_group's timeout)
+DEFAULT_HEARTBEAT_INTERVAL = 60.0  # seconds between idle collectives; must stay below the timeout
 
 
 class ConfigError(ValueError):
@@ -26,8 +34,8 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     use_scaled_rope: bool = False  # Llama 3.1's long-context frequency scaling
-    max_seq_len: int = 2048  # KV cache length: a serving choice, not a property of the weights
-    max_batch_size: int = 8
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN  # KV cache length: a serving choice, not a property of the weights
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -43,6 +51,12 @@ class ModelArgs:
         if self.ffn_dim_multiplier is not None:
             h = int(self.ffn_dim_multiplier * h)
         return self.multiple_of * ((h + self.multiple_of - 1) // self.multiple_of)
+
+    def kv_cache_bytes(self, world_size: int, element_size: int) -> int:
+        """One rank's static KV cache: keys and values for every layer, row and position, of the
+        KV heads this rank holds (replicated, not split, when there are more ranks than KV heads)."""
+        local_kv = max(1, self.n_kv_heads // world_size)
+        return 2 * self.n_layers * self.max_batch_size * self.max_seq_len * local_kv * self.head_dim * element_size
 
     def validate(self) -> None:
         if self.dim <= 0 or self.n_layers <= 0 or self.n_heads <= 0:
@@ -140,20 +154,57 @@ def env_float(name: str, default: float) -> float:
         raise ConfigError(f"environment variable {name} must be a number") from None
 
 
+DEFAULT_ZMQ_PORT = 5557
+DEFAULT_PORT = 7860
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """One set of sampling defaults per front end; the engine's are OpenAI's."""
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+
+
+# What a request that names nothing gets: OpenAI's defaults (temperature 1, top_p 1, 16 tokens
+# for /v1/completions; chat answers as much as fits, up to the server's --max_new_tokens).
+API_SAMPLING = SamplingDefaults(temperature=1.0, top_p=1.0, max_new_tokens=16)
+# `python -m llama_demo.generate`: Meta's example scripts' values (example_text_completion.py).
+CLI_SAMPLING = SamplingDefaults(temperature=0.6, top_p=0.9, max_new_tokens=64)
+# The chat page's initial sliders: low enough that small models stay on topic.
+PAGE_SAMPLING = SamplingDefaults(temperature=0.3, top_p=0.9, max_new_tokens=512)
+
+# Below this a temperature is treated as greedy: dividing logits by 1e-300 overflows to inf and
+# the softmax to NaN (vLLM uses the same epsilon).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+# Stop strings are matched on rank 0 for every new token; bounded so matching stays cheap.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024
+MAX_CHAT_MESSAGES = 4096
+MAX_SEED = 2**64  # torch.Generator takes seeds in [0, 2**64); larger integers are reduced modulo this
+MAX_REPETITION_PENALTY = 100.0
+# Requests admitted beyond the KV rows wait here; more than this many waiting is a 429.
+DEFAULT_MAX_WAITING = 64
+DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20  # a request body larger than this is a 413
+RETRY_AFTER_S = 2  # what a 429 tells clients to wait
+
+# Secrets come from the environment (or a file), never from every rank's command line.
+API_KEY_ENV = "LLAMA_DEMO_API_KEY"
+AUTH_ENV = "LLAMA_DEMO_AUTH"  # USER:PASS for the chat page (and /v1 when no API key is set)
+
+
 @dataclass
 class ServerConfig:
     host: str = "127.0.0.1"  # safe by default: only this machine can reach the UI unless asked
-    port: int = 7860
-    zmq_port: int = 5557
+    port: int = DEFAULT_PORT
+    zmq_port: int = DEFAULT_ZMQ_PORT
     share: bool = False
-    auth: tuple[str, str] | None = None
-    max_seq_len: int = 2048
-    max_batch_size: int = 8
-    dist_timeout: float = 1800.0  # seconds; passed to init_process_group
-    heartbeat_interval: float = 60.0  # seconds between idle collectives; must stay below dist_timeout
+    auth: tuple[str, str] | None = None  # the chat page's login (and /v1's, when api_key is unset)
+    api_key: str | None = None  # OpenAI-style bearer token for /v1
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_waiting: int = DEFAULT_MAX_WAITING
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    dist_timeout: float = DEFAULT_DIST_TIMEOUT
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     chat: bool | None = None  # None: decide from the model folder
-    default_max_new_tokens: int = 512
-    # the chat page's initial sampling settings: low enough that small models stay on topic
-    default_temperature: float = 0.3
-    default_top_p: float = 0.9
-    extra: dict = field(default_factory=dict)
+    page: SamplingDefaults = PAGE_SAMPLING  # the chat page's sliders; max_new_tokens is also chat's API default

@@ -7,9 +7,9 @@ import threading
 import time
 
 from llama_demo.text.chat_format import JinjaChatFormat
-from llama_demo.engine.engine import TokenEvent, check_prompt
+from llama_demo.engine.engine import TokenEvent
 from llama_demo.engine.sampler import SamplingParams
-from llama_demo.serve.loop import Health
+from llama_demo.serve.loop import Health, QueueFull
 from llama_demo.text.tokenizer import StreamDecoder, Tokenizer
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -36,26 +36,29 @@ class FakeClient:
     The answer is `continuation(prompt)`, or with `script` set that text, ending with "stop"."""
 
     def __init__(self, tokenizer: Tokenizer, max_seq_len: int = 256, delay: float = 0.0,
-                 model_name: str = "fake-llama", script: str | None = None):
+                 model_name: str = "fake-llama", script: str | None = None, capacity: int = 1000):
         self.tokenizer, self.max_seq_len, self.model_name = tokenizer, max_seq_len, model_name
+        self.vocab_size = tokenizer.vocab_size
         self.delay = delay  # seconds per token, so that a test can leave mid-stream
         self.script = script
+        self.capacity = capacity  # requests in flight before submit() refuses (QueueFull)
+        self.in_flight = 0
         self.health = Health(time.time(), time.monotonic(), 60.0)
-        self.last_stats: dict = {}
         self.requests: list[tuple[list[int], SamplingParams]] = []
         self.cancelled: list[str] = []
         self.cancel_event = threading.Event()
-        self.refuse: str | None = None  # set: the engine answers the next request with an error event
+        self.refuse: str | None = None  # set: the engine fails the next request with this error
         self._ids = itertools.count(1)
 
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        params.validate()
-        check_prompt(len(prompt_ids), self.max_seq_len)
-
-    async def generate(self, prompt_ids: list[int], params: SamplingParams):
-        self.validate(prompt_ids, params)
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> "FakeSubmission":
+        if self.in_flight >= self.capacity:
+            raise QueueFull(f"the server is busy: {self.in_flight} requests are running or waiting")
         rid = f"r{next(self._ids)}"
         self.requests.append((list(prompt_ids), params))
+        self.in_flight += 1
+        return FakeSubmission(self, rid, self._answer(rid, prompt_ids, params))
+
+    async def _answer(self, rid: str, prompt_ids: list[int], params: SamplingParams):
         if self.refuse:
             yield TokenEvent(rid, None, "", True, "error", error=self.refuse)
             return
@@ -65,18 +68,37 @@ class FakeClient:
             answer = self.tokenizer.encode(self.script, bos=False)[:n]
         reason = "stop" if len(answer) < n else "length"
         decoder = StreamDecoder(self.tokenizer)
-        finished, start = False, time.monotonic()
-        try:
-            for i, tok in enumerate(answer):
-                await asyncio.sleep(self.delay)
-                finished = i == len(answer) - 1
-                text = decoder.push(tok) + (decoder.flush() if finished else "")
-                yield TokenEvent(rid, tok, text, finished, reason if finished else None)
-            self.last_stats = {"tokens": n, "seconds": time.monotonic() - start, "tokens_per_s": 0.0}
-        finally:
-            if not finished:  # as EngineClient: leaving early cancels the request
-                self.cancelled.append(rid)
-                self.cancel_event.set()
+        for i, tok in enumerate(answer):
+            await asyncio.sleep(self.delay)
+            finished = i == len(answer) - 1
+            text = decoder.push(tok) + (decoder.flush() if finished else "")
+            yield TokenEvent(rid, tok, text, finished, reason if finished else None)
+
+
+class FakeSubmission:
+    """As serve.loop.Submission: events in order; close() before the end records a cancellation."""
+
+    def __init__(self, client: FakeClient, rid: str, events):
+        self.client, self.id, self._events, self._done = client, rid, events, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self._done:
+            raise StopAsyncIteration
+        ev = await self._events.__anext__()
+        if ev.finished:
+            self._done = True
+            self.client.in_flight -= 1
+        return ev
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self.client.in_flight -= 1
+            self.client.cancelled.append(self.id)
+            self.client.cancel_event.set()
 
 
 class ServerThread:

@@ -16,7 +16,10 @@ from llama_demo.text.chat_format import Message
 from llama_demo.config import ServerConfig
 from llama_demo.model.parallel import free_port
 from llama_demo.text.tokenizer import load_tokenizer
-from llama_demo.serve.openai import WARNING, ShareError, build_app, open_share_tunnel, ui_prompt_ids
+from llama_demo.config import PAGE_SAMPLING
+from llama_demo.serve.errors import ApiError
+from llama_demo.serve.openai import build_app
+from llama_demo.serve.ui import WARNING, ShareError, open_share_tunnel, page_dialog
 
 SEQ = 256
 AUTH = ("alice", "s3cret")
@@ -33,7 +36,7 @@ def tok(tmp_path_factory):
 def chat(tok):
     """A chat-mode server without auth: (fake client, its chat format, server)."""
     client, fmt = FakeClient(tok, max_seq_len=SEQ), chat_format(tok)
-    with ServerThread(build_app(client, fmt, ServerConfig(default_max_new_tokens=512), "Be brief."), free_port()) as s:
+    with ServerThread(build_app(client, fmt, ServerConfig(), "Be brief."), free_port()) as s:
         yield client, fmt, s
 
 
@@ -194,12 +197,25 @@ def test_openai_client_sees_a_bad_request_error(chat):
         oai(chat[2]).chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], temperature=-1)
 
 
-def test_engine_refusal_is_a_400_streamed_or_not(chat):
+def test_prompt_ids_outside_the_vocabulary_are_a_400_before_anything_runs(chat):
     client, _, s = chat
-    client.refuse = "prompt token id 999 is outside the vocabulary (0..399)"
+    before = len(client.requests)
     for stream in (False, True):
-        r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "x", "stream": stream})
+        r = httpx.post(f"{s.url}/v1/completions", json={"prompt": [1, 999], "stream": stream})
         assert r.status_code == 400 and "outside the vocabulary" in r.json()["error"]["message"]
+        assert r.json()["error"]["param"] == "prompt"
+    assert len(client.requests) == before  # the gate refused it: nothing was submitted
+
+
+def test_a_request_failing_inside_the_engine_is_a_500_or_an_error_event(chat):
+    client, _, s = chat
+    client.refuse = "sampling failed: boom"
+    r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "x"})
+    assert r.status_code == 500 and "sampling failed: boom" in r.json()["error"]["message"]
+    with httpx.stream("POST", f"{s.url}/v1/completions", json={"prompt": "x", "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert r.status_code == 200 and lines[-1] == "data: [DONE]"
+    assert "sampling failed: boom" in json.loads(lines[-2][6:])["error"]["message"]
 
 
 def test_chat_route_on_a_server_without_chat_format_is_400(plain):
@@ -296,11 +312,10 @@ def test_ui_history_becomes_the_dialog_skipping_failed_turns(tok):
         {"role": "assistant", "content": f"{WARNING} the prompt is 9999 tokens"},
         {"role": "user", "content": "stopped before any text"},
     ]
-    ids = ui_prompt_ids(FakeClient(tok), fmt, "second", history, "sys")
-    assert ids == fmt.encode_dialog([Message("system", "sys"), Message("user", "first"),
-                                     Message("assistant", "answer one"), Message("user", "second")])
-    with pytest.raises(ValueError, match="empty"):
-        ui_prompt_ids(FakeClient(tok), fmt, " ", [], "")
+    assert page_dialog("second", history, "sys") == [Message("system", "sys"), Message("user", "first"),
+                                                     Message("assistant", "answer one"), Message("user", "second")]
+    with pytest.raises(ApiError, match="empty"):
+        page_dialog(" ", [], "")
 
 
 # --- share links ----------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from ..weights.checkpoint import expected_shapes, open_checkpoint, save_sharded
 from ..config import NAMED_SHAPES, ModelArgs
 from ..model.parallel import cpu_threads, init_distributed, parse_dtype
 from ..engine.engine import Engine, Request
-from .generate import add_quantize_arg, run_command
+from .startup import add_quantize_arg, run_command
 from ..weights.loading import load_model
 from ..model.quant import weights_label
 from ..engine.sampler import SamplingParams

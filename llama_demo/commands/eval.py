@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..model.parallel import init_distributed, parse_dtype
-from .generate import add_quantize_arg, find_tokenizer, run_command
+from .startup import add_quantize_arg, find_tokenizer, run_command
 from ..weights.loading import load_model
 from ..model.transformer import Transformer
 from ..model.quant import weights_label

@@ -9,52 +9,17 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
-from pathlib import Path
 
-from ..config import ConfigError
-from ..model.parallel import init_distributed, parse_dtype, shutdown_distributed
-from ..engine.engine import Engine, Request, TokenEvent
-from ..weights.loading import load_model
+from ..config import CLI_SAMPLING
+from ..engine.engine import Request, TokenEvent
 from ..engine.sampler import SamplingParams
-from ..text.tokenizer import Tokenizer, load_tokenizer
-
-
-def find_tokenizer(ckpt_dir: str | Path, tokenizer_path: str | Path | None) -> Path:
-    """--tokenizer_path, else the model folder's own tokenizer (Llama 3, converted models), else
-    Meta's tokenizer.model one level up (LLaMA 1/2 keep it beside the size folders)."""
-    if tokenizer_path:
-        return Path(tokenizer_path)
-    ckpt_dir = Path(ckpt_dir)
-    for cand in (ckpt_dir / "tokenizer.json", ckpt_dir / "tokenizer.model", ckpt_dir.parent / "tokenizer.model"):
-        if cand.is_file():
-            return ckpt_dir if cand.name == "tokenizer.json" else cand
-    raise ConfigError(f"no tokenizer found: pass --tokenizer_path, or put tokenizer.model in {ckpt_dir} or {ckpt_dir.parent}")
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt_dir", required=True, help="folder with params.json and consolidated.NN.pth")
-    p.add_argument("--tokenizer_path", default=None, help="tokenizer.model / tokenizer.json (default: found beside the checkpoint)")
-    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, the checkpoint's half type on GPU), float32, float16, bfloat16")
-    p.add_argument("--max_seq_len", type=int, default=2048, help="context length: prompt + answer")
-    p.add_argument("--max_batch_size", type=int, default=8, help="sequences decoded together")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--prefill_chunk", type=int, default=None,
-                   help="prompt tokens prefilled per step while other requests decode (default: 512 on GPU, 128 on CPU)")
-    add_quantize_arg(p)
-
-
-def add_quantize_arg(p: argparse.ArgumentParser) -> None:
-    """One spelling of --quantize for every command that loads a model (generate, the server, eval, bench)."""
-    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
-                   help="quantize linear weights at load (round-to-nearest); a checkpoint written by "
-                        "python -m llama_demo.quantize needs no flag")
+from .startup import add_model_args, build_engine, run_command
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max_new_tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
-    p.add_argument("--top_p", type=float, default=0.9)
+    p.add_argument("--max_new_tokens", type=int, default=CLI_SAMPLING.max_new_tokens)
+    p.add_argument("--temperature", type=float, default=CLI_SAMPLING.temperature, help="0 = greedy")
+    p.add_argument("--top_p", type=float, default=CLI_SAMPLING.top_p)
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--repetition_penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
@@ -64,18 +29,6 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 def sampling_from_args(a: argparse.Namespace) -> SamplingParams:
     return SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, repetition_penalty=a.repetition_penalty,
                           max_new_tokens=a.max_new_tokens, stop=list(a.stop)).validate()
-
-
-def build_engine(a: argparse.Namespace, dist_timeout: float = 1800.0) -> tuple[Engine, Tokenizer]:
-    """Tokenizer, process group, this rank's model slice, engine: the shared start-up of every entry point."""
-    tokenizer = load_tokenizer(find_tokenizer(a.ckpt_dir, a.tokenizer_path))
-    info = init_distributed(dist_timeout, a.device)
-    model = load_model(a.ckpt_dir, info, parse_dtype(a.dtype), a.max_seq_len, a.max_batch_size, quantize=a.quantize)
-    if tokenizer.vocab_size > model.args.vocab_size:
-        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}: wrong tokenizer for {a.ckpt_dir}?")
-    engine = Engine(model, tokenizer, info.rank, info.world_size, info.device, seed=getattr(a, "seed", None),
-                    prefill_chunk=a.prefill_chunk)
-    return engine, tokenizer
 
 
 class _StreamPrinter:
@@ -106,22 +59,6 @@ class _StreamPrinter:
         sys.stdout.flush()
 
 
-def run_command(body: Callable[[], int]) -> int:
-    """A command's body, with the ending every entry point shares: a ValueError or OSError
-    (ConfigError, CheckpointError, PromptTooLong, SamplingError, ...) is the user's to fix, so it
-    comes out once, from rank 0, as one `error: ...` line and exit code 2, never as a traceback
-    per rank; the process group is shut down however the body ends."""
-    rank = int(os.environ.get("RANK", 0))  # known before the process group exists
-    try:
-        return body()
-    except (ValueError, OSError) as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown_distributed()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llama_demo.generate", description=__doc__.splitlines()[0])
     add_model_args(p)
@@ -140,7 +77,7 @@ def _generate(a: argparse.Namespace) -> int:
     bos = None if a.bos == "auto" else a.bos == "yes"
     reqs = [Request(i, tok.encode(text, bos=bos), params) for i, text in enumerate(a.prompt)]
     for r in reqs:
-        engine.validate(r)
+        engine.check(r)  # every prompt checked before any is run: one bad prompt, one clear error
     printer = _StreamPrinter(a.prompt) if rank == 0 and not a.json else None
     results = engine.generate(reqs, on_event=printer)
     if rank == 0:

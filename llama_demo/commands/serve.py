@@ -15,27 +15,31 @@ import threading
 import time
 from pathlib import Path
 
-from ..config import ConfigError, ServerConfig
+from ..config import (API_KEY_ENV, AUTH_ENV, PAGE_SAMPLING, ConfigError, SamplingDefaults, ServerConfig)
+from ..engine.engine import StepOutOfMemory
 from ..model.parallel import shutdown_distributed
+from ..serve.auth import exposure_warnings, parse_login, read_secret
 
 log = logging.getLogger("llama_demo")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from .generate import add_model_args
+    from .startup import add_model_args
 
     p = argparse.ArgumentParser(prog="app.py", description="Chat with a LLaMA model split across ranks.")
-    add_model_args(p)
-    p.set_defaults(ckpt_dir=None)
-    for action in p._actions:
-        if action.dest == "ckpt_dir":
-            action.required = False
-            action.help = "Meta-layout model folder (default: the embedded SmolLM2-135M-Instruct)"
+    add_model_args(p, ckpt_help="Meta-layout model folder (default: the embedded SmolLM2-135M-Instruct)")
     d = ServerConfig()
     p.add_argument("--host", default=d.host, help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link")
-    p.add_argument("--auth", default=None, help="USER:PASS required by the web UI and the API")
+    p.add_argument("--auth", default=None,
+                   help=f"USER:PASS for the chat page (and the API when no API key is set), or @FILE holding it; "
+                        f"default ${AUTH_ENV}. Prefer the variable or a file: flags show in every process list")
+    p.add_argument("--api_key", default=None,
+                   help=f"OpenAI API key required as 'Authorization: Bearer KEY' on /v1, or @FILE; default ${API_KEY_ENV}")
+    p.add_argument("--max_waiting", type=int, default=d.max_waiting,
+                   help="requests that may wait for a free KV row; beyond that a 429 with Retry-After")
+    p.add_argument("--max_request_bytes", type=int, default=d.max_request_bytes, help="largest request body (413 above)")
     p.add_argument("--zmq_port", type=int, default=d.zmq_port, help="rank 0's request bus port")
     p.add_argument("--dist_timeout", type=float, default=d.dist_timeout, help="collective timeout in seconds")
     p.add_argument("--heartbeat_interval", type=float, default=d.heartbeat_interval, help="seconds between idle collectives")
@@ -43,23 +47,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="use the model's chat format (default: yes for chat/instruct models)")
     p.add_argument("--system_prompt", default=None, help="initial system prompt in the UI")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max_new_tokens", type=int, default=d.default_max_new_tokens, help="default answer length")
-    p.add_argument("--temperature", type=float, default=d.default_temperature, help="the chat page's initial temperature")
-    p.add_argument("--top_p", type=float, default=d.default_top_p, help="the chat page's initial top-p")
+    p.add_argument("--max_new_tokens", type=int, default=PAGE_SAMPLING.max_new_tokens,
+                   help="default answer length (the page's slider, and chat requests that name none)")
+    p.add_argument("--temperature", type=float, default=PAGE_SAMPLING.temperature, help="the chat page's initial temperature")
+    p.add_argument("--top_p", type=float, default=PAGE_SAMPLING.top_p, help="the chat page's initial top-p")
     a = p.parse_args(argv)
     if a.heartbeat_interval <= 0 or a.heartbeat_interval >= a.dist_timeout:
         p.error("--heartbeat_interval must be positive and below --dist_timeout")
-    if a.auth is not None and ":" not in a.auth:
-        p.error("--auth must be USER:PASS")
+    if a.max_waiting < 0 or a.max_request_bytes < 1024 or a.max_new_tokens < 1:
+        p.error("--max_waiting must be >= 0, --max_request_bytes >= 1024 and --max_new_tokens >= 1")
     return a
 
 
 def server_config(a: argparse.Namespace) -> ServerConfig:
     return ServerConfig(host=a.host, port=a.port, zmq_port=a.zmq_port, share=a.share,
-                        auth=tuple(a.auth.split(":", 1)) if a.auth else None, max_seq_len=a.max_seq_len,
-                        max_batch_size=a.max_batch_size, dist_timeout=a.dist_timeout,
-                        heartbeat_interval=a.heartbeat_interval, chat=a.chat, default_max_new_tokens=a.max_new_tokens,
-                        default_temperature=a.temperature, default_top_p=a.top_p)
+                        auth=parse_login(read_secret(a.auth, AUTH_ENV)), api_key=read_secret(a.api_key, API_KEY_ENV),
+                        max_batch_size=a.max_batch_size, max_waiting=a.max_waiting,
+                        max_request_bytes=a.max_request_bytes, dist_timeout=a.dist_timeout,
+                        heartbeat_interval=a.heartbeat_interval, chat=a.chat,
+                        page=SamplingDefaults(a.temperature, a.top_p, a.max_new_tokens))
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -94,7 +100,7 @@ class WebServer:
         self.thread.join(timeout=5)
 
 
-def resolve_model(a: argparse.Namespace, rank: int) -> None:
+def resolve_model(a: argparse.Namespace) -> None:
     """No --ckpt_dir: the embedded default model, converted once into the cache (rank 0 first,
     the others wait for the folder: conversion is not repeated per rank)."""
     if a.ckpt_dir:
@@ -108,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     a = parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
-    cfg = server_config(a)
     web = heartbeat = bus = None
 
     def on_sigterm(signum, frame):
@@ -119,26 +124,28 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
         from ..serve.bus import Bus
-        from .generate import build_engine
         from ..serve.loop import EngineClient, Heartbeat, ServingLoop
+        from ..text.chat_format import chat_format_for, is_chat_model
+        from .startup import build_engine
 
+        cfg = server_config(a)
         if rank == 0:
             check_port_free(cfg.host, cfg.port)
-        resolve_model(a, rank)
+        resolve_model(a)
         engine, tokenizer = build_engine(a, cfg.dist_timeout)
         bus = Bus(rank, os.environ.get("MASTER_ADDR", "127.0.0.1"), cfg.zmq_port)
         bus.handshake()
         client = None
-        from ..text.chat_format import chat_format_for, is_chat_model
-
         chat = cfg.chat if cfg.chat is not None else is_chat_model(a.ckpt_dir)
         chat_format = chat_format_for(a.ckpt_dir, tokenizer) if chat else None
-        if chat_format is not None:  # every rank: stop decisions must not differ between ranks
+        if chat_format is not None:  # rank 0 decides where answers end; the others follow its flags
             engine.stop_ids = engine.stop_ids | frozenset(chat_format.stop_ids)
         if rank == 0:
             from ..serve.openai import build_app
 
-            client = EngineClient(bus, engine, Path(a.ckpt_dir).name)
+            for warning in exposure_warnings(cfg.host, cfg.share, cfg.auth, cfg.api_key):
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
+            client = EngineClient(bus, engine, Path(a.ckpt_dir).name, cfg.max_batch_size, cfg.max_waiting)
             app = build_app(client, chat_format, cfg, system_prompt=a.system_prompt or "")
             web = WebServer(app, cfg.host, cfg.port)
             web.start()
@@ -147,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"llama_demo: serving {client.model_name} on {engine.world_size} rank(s) "
                   f"({'chat' if chat_format else 'completion'} mode) at {url}  (OpenAI API: {url}v1)", flush=True)
             if cfg.share:
-                from ..serve.openai import ShareError, open_share_tunnel
+                from ..serve.ui import ShareError, open_share_tunnel
 
                 try:
                     print(f"llama_demo: public link {open_share_tunnel(cfg.host, cfg.port)}", flush=True)
@@ -163,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except StepOutOfMemory as e:  # this rank's device memory, not a lost rank
+        print(f"error: {e}; the job stops", file=sys.stderr, flush=True)
+        return 1
     except RuntimeError as e:  # a collective failed: another rank died or hung
         print(f"error: rank {rank} lost contact with the other ranks ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
               "the job stops", file=sys.stderr, flush=True)

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import (API_SAMPLING, GREEDY_BELOW_TEMPERATURE, MAX_REPETITION_PENALTY, MAX_SEED, MAX_STOP_CHARS,
+                      MAX_STOP_STRINGS)
+
 
 class SamplingError(ValueError):
     """A sampling value is out of range; the message names the field and the allowed range."""
@@ -13,44 +16,75 @@ class SamplingError(ValueError):
 
 @dataclass
 class SamplingParams:
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
+    temperature: float = API_SAMPLING.temperature  # 0 = greedy
+    top_p: float = API_SAMPLING.top_p
     top_k: int = 0  # 0 = no limit
     repetition_penalty: float = 1.0  # CTRL-style; 1 = off
-    max_new_tokens: int = 256
+    max_new_tokens: int = API_SAMPLING.max_new_tokens
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
 
-    def validate(self) -> "SamplingParams":
+    def validate(self, vocab_size: int | None = None) -> "SamplingParams":
+        """Check every field (SamplingError naming the first bad one) and return the values the
+        engine runs: a near-zero temperature is greedy, any integer seed is reduced into the
+        generator's range, top_k beyond the vocabulary is no limit. Pure: the result is what
+        travels on the bus, so every rank runs the same values."""
         def num(name: str) -> float:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise SamplingError(f"{name} must be a finite number, got {v!r}")
+            return float(v)
+
+        def integer(name: str) -> int:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise SamplingError(f"{name} must be an integer, got {v!r}")
             return v
 
-        if num("temperature") < 0:
+        temperature = num("temperature")
+        if temperature < 0:
             raise SamplingError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        if not 0 < num("top_p") <= 1:
+        top_p = num("top_p")
+        if not 0 < top_p <= 1:
             raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+        top_k = integer("top_k")
+        if top_k < 0:
             raise SamplingError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if num("repetition_penalty") <= 0:
-            raise SamplingError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
-        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
+        penalty = num("repetition_penalty")
+        if not 0 < penalty <= MAX_REPETITION_PENALTY:
+            raise SamplingError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}] (1 = off), "
+                                f"got {self.repetition_penalty}")
+        if integer("max_new_tokens") < 1:
             raise SamplingError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
-            raise SamplingError("stop must be a list of non-empty strings")
-        if len(self.stop) > 16:
-            raise SamplingError("at most 16 stop strings")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise SamplingError(f"seed must be an integer, got {self.seed!r}")
-        return self
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise SamplingError("stop must be a string or a list of non-empty strings")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise SamplingError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
+        if any(len(s) > MAX_STOP_CHARS for s in stop):
+            raise SamplingError(f"stop strings may be at most {MAX_STOP_CHARS} characters long")
+        if any(not _encodable(s) for s in stop):
+            raise SamplingError("stop strings must be valid Unicode text (no lone surrogates)")
+        seed = self.seed
+        if seed is not None:
+            seed = integer("seed") % MAX_SEED  # negative and huge integers alike: one generator state each
+        if vocab_size is not None and top_k >= vocab_size:
+            top_k = 0  # keeping every token is no limit
+        return SamplingParams(temperature=0.0 if temperature < GREEDY_BELOW_TEMPERATURE else temperature,
+                              top_p=top_p, top_k=top_k, repetition_penalty=penalty,
+                              max_new_tokens=self.max_new_tokens, stop=list(dict.fromkeys(stop)), seed=seed)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def apply_repetition_penalty(logits: torch.Tensor, previous: torch.Tensor, penalty: float) -> torch.Tensor:

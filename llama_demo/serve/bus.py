@@ -10,6 +10,7 @@ it in a barrier; rank 0 publishes real traffic only after that.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from typing import Any
@@ -22,27 +23,42 @@ class BusError(RuntimeError):
     pass
 
 
+def bus_address(master_addr: str) -> str:
+    """The IP address rank 0 binds and every rank connects to: the job's master address, resolved."""
+    if master_addr in ("localhost", ""):
+        return "127.0.0.1"
+    try:
+        return socket.gethostbyname(master_addr)
+    except OSError as e:
+        raise BusError(f"cannot resolve MASTER_ADDR {master_addr!r} for the request bus: {e}") from None
+
+
 class Bus:
-    def __init__(self, rank: int, master_addr: str, port: int, bind_host: str | None = None):
+    # Messages a socket may queue. Finite, so a stuck subscriber cannot grow rank 0 without bound;
+    # far above what the bounded request queue (--max_waiting) can put in flight, so nothing that
+    # matters is dropped (a dropped message would desynchronise the ranks).
+    HIGH_WATER_MARK = 100_000
+
+    def __init__(self, rank: int, master_addr: str, port: int):
         self.rank = rank
         self.ctx = zmq.Context.instance()
         self._lock = threading.Lock()
         self._seq = 0
         self.pub = None
+        addr = bus_address(master_addr)
         if rank == 0:
             self.pub = self.ctx.socket(zmq.PUB)
-            self.pub.setsockopt(zmq.SNDHWM, 0)  # never drop: a lost request would desynchronise ranks
+            self.pub.setsockopt(zmq.SNDHWM, self.HIGH_WATER_MARK)
             self.pub.setsockopt(zmq.LINGER, 0)
-            host = bind_host or ("127.0.0.1" if master_addr in ("127.0.0.1", "localhost") else "*")
-            try:
-                self.pub.bind(f"tcp://{host}:{port}")
+            try:  # rank 0's own address (the job's master address), never every interface
+                self.pub.bind(f"tcp://{addr}:{port}")
             except zmq.ZMQError as e:
-                raise BusError(f"cannot bind the request bus on port {port} ({e}): pass another --zmq_port") from None
+                raise BusError(f"cannot bind the request bus on {addr}:{port} ({e}): pass another --zmq_port, "
+                               "or run rank 0 on the host MASTER_ADDR names") from None
         self.sub = self.ctx.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.RCVHWM, 0)
+        self.sub.setsockopt(zmq.RCVHWM, self.HIGH_WATER_MARK)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-        addr = "127.0.0.1" if master_addr == "localhost" else master_addr
         self.sub.connect(f"tcp://{addr}:{port}")
 
     # ------------------------------------------------------------------ rank 0

@@ -22,7 +22,7 @@ import torch
 
 from .bus import Bus, BusError
 from ..model.parallel import all_reduce_sum, broadcast_from_first
-from ..engine.engine import Engine, Request, TokenEvent, check_prompt
+from ..engine.engine import Engine, Request, TokenEvent
 from ..engine.sampler import SamplingParams
 
 log = logging.getLogger("llama_demo")
@@ -48,52 +48,61 @@ class Health:
         return self.loop_alive and self.error is None and not stale
 
 
-class EngineClient:
-    """Rank 0's thread-safe front door to the serving loop, used by the web layer."""
+class QueueFull(RuntimeError):
+    """More requests are waiting than --max_waiting allows: the client should retry later (429)."""
 
-    def __init__(self, bus: Bus, engine: Engine, model_name: str):
+
+class EngineClient:
+    """Rank 0's thread-safe front door to the serving loop, used by the web layer. It takes Jobs
+    the gate has checked; it only publishes them and routes their events back."""
+
+    def __init__(self, bus: Bus, engine: Engine, model_name: str, max_batch_size: int, max_waiting: int):
         self.bus = bus
         self.tokenizer = engine.tokenizer
         self.max_seq_len = engine.max_seq_len
-        self.vocab_size = engine.model.args.vocab_size
+        self.vocab_size = engine.vocab_size
         self.model_name = model_name
+        # requests in flight beyond the KV rows wait; beyond this many in flight, refuse (429)
+        self.capacity = max_batch_size + max_waiting
         self.health = Health(time.time(), time.monotonic(), 60.0)
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        self.last_stats: dict = {}
 
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raises ValueError (SamplingError, PromptTooLong) with a message for the user."""
-        params.validate()
-        check_prompt(len(prompt_ids), self.max_seq_len)
+    @property
+    def in_flight(self) -> int:
+        return len(self._queues)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
-        """Publish a request to every rank and yield its events. Leaving early (a client that
-        disconnects, a stop button) cancels the request on every rank."""
-        self.validate(prompt_ids, params)
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> "Submission":
+        """Publish a checked request to every rank now (QueueFull when too many wait, RuntimeError
+        when the model is not serving); its events come from the returned Submission."""
         if not self.health.loop_alive:
             raise RuntimeError(f"the model is not serving: {self.health.error}")
         rid = f"r{next(self._ids)}"
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
+            if len(self._queues) >= self.capacity:
+                raise QueueFull(f"the server is busy: {len(self._queues)} requests are running or waiting "
+                                f"(limit {self.capacity}); retry shortly")
             self._queues[rid] = (asyncio.get_running_loop(), queue)
-        finished = False
+        self.bus.publish("req", id=rid, prompt_ids=list(prompt_ids), params=asdict(params))
+        return Submission(self, rid, queue)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+        """submit() and its events; leaving early (a client that disconnects, a stop button)
+        cancels the request on every rank."""
+        sub = self.submit(prompt_ids, params)
         try:
-            self.bus.publish("req", id=rid, prompt_ids=list(prompt_ids), params=asdict(params))
-            while True:
-                ev = await queue.get()
-                if isinstance(ev, Exception):
-                    raise ev
-                finished = ev.finished
+            async for ev in sub:
                 yield ev
-                if finished:
-                    return
         finally:
-            with self._lock:
-                self._queues.pop(rid, None)
-            if not finished:
-                self.bus.publish("cancel", id=rid)
+            sub.close()
+
+    def _forget(self, rid: str, cancel: bool) -> None:
+        with self._lock:
+            known = self._queues.pop(rid, None) is not None
+        if known and cancel:
+            self.bus.publish("cancel", id=rid)
 
     # called from the serving loop (main thread of rank 0)
     def deliver(self, events: list[TokenEvent]) -> None:
@@ -111,6 +120,34 @@ class EngineClient:
             loop.call_soon_threadsafe(queue.put_nowait, error)
 
 
+class Submission:
+    """One published request's events, in order, ending with a finished one. close() before the
+    end cancels the request on every rank."""
+
+    def __init__(self, client: EngineClient, rid: str, queue: asyncio.Queue):
+        self.client, self.id, self._queue, self._done = client, rid, queue, False
+
+    def __aiter__(self) -> "Submission":
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self._done:
+            raise StopAsyncIteration
+        ev = await self._queue.get()
+        if isinstance(ev, Exception):
+            self.close()
+            raise ev
+        if ev.finished:
+            self._done = True
+            self.client._forget(self.id, cancel=False)
+        return ev
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self.client._forget(self.id, cancel=True)
+
+
 class ServingLoop:
     def __init__(self, engine: Engine, bus: Bus, heartbeat_interval: float, client: EngineClient | None = None,
                  bus_timeout: float = 60.0):
@@ -124,26 +161,21 @@ class ServingLoop:
         self.bus_timeout = bus_timeout
         self.applied = 0  # seq of the last bus message applied
         self.inbox: list[dict] = []
-        self.stopping = False
         self.health = client.health if client else Health(time.time(), time.monotonic(), heartbeat_interval)
         self.health.heartbeat_interval = heartbeat_interval
-        self._stats: dict[str, list] = {}
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> None:
         try:
-            while not self.stopping:
+            while True:
                 if self.engine.idle:
                     self._wait_for_message()
                 self._seal_and_apply()
-                if self.stopping:
-                    break
                 events = self.engine.step()
                 self.health.running, self.health.waiting = len(self.engine.running), len(self.engine.waiting)
                 if events:
                     self._mark_collective()
                     if self.client is not None:
-                        self._record_stats(events)
                         self.client.deliver(events)
         except Exception as e:
             self.health.loop_alive = False
@@ -188,20 +220,18 @@ class ServingLoop:
     def _apply(self, msg: dict) -> None:
         kind = msg["kind"]
         if kind == "req":
-            req = Request(msg["id"], msg["prompt_ids"], SamplingParams(**msg["params"]))
-            try:
-                self.engine.add(req)
-            except ValueError as e:  # every rank refuses it identically; rank 0 tells the client
+            try:  # the gate checked it; should it still not fit, every rank drops it the same way
+                self.engine.add(Request(msg["id"], msg["prompt_ids"], SamplingParams(**msg["params"])))
+            except Exception as e:
                 if self.client is not None:
-                    self.client.deliver([TokenEvent(req.id, None, "", True, "error", error=str(e))])
+                    self.client.deliver([TokenEvent(msg.get("id"), None, "", True, "error",
+                                                    error=f"the request could not be queued: {e}")])
         elif kind == "cancel":
             events = self.engine.cancel(msg["id"])
             if self.client is not None:
                 self.client.deliver(events)
         elif kind == "tick":
             self._heartbeat()
-        elif kind == "stop":
-            self.stopping = True
 
     def _heartbeat(self) -> None:
         """An all-reduce every rank reaches at the same point of the message stream."""
@@ -214,18 +244,6 @@ class ServingLoop:
 
     def _mark_collective(self) -> None:
         self.health.last_collective = time.monotonic()
-
-    def _record_stats(self, events: list[TokenEvent]) -> None:
-        now = time.monotonic()
-        for ev in events:
-            st = self._stats.setdefault(ev.request_id, [now, 0])
-            if ev.token_id is not None:
-                st[1] += 1
-            if ev.finished:
-                start, n = self._stats.pop(ev.request_id)
-                if self.client is not None:
-                    self.client.last_stats = {"tokens": n, "seconds": now - start,
-                                              "tokens_per_s": n / (now - start) if now > start else 0.0}
 
 
 class Heartbeat:

@@ -65,7 +65,6 @@ def validate_dialog(dialog: Sequence[Message]) -> None:
 
 class ChatFormat:
     name: str = "base"
-    stop_strings: tuple[str, ...] = ()  # text that ends an answer where no stop id does
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer

@@ -87,6 +87,14 @@ class Tokenizer:
     def _encode_text(self, text: str) -> list[int]:
         raise NotImplementedError
 
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token can stand for (special-token spellings included, +1 for
+        SentencePiece's dropped leading space): a text of C characters has at least
+        C / max_token_chars tokens, so an overlong prompt is refused without tokenizing it."""
+        longest = max((len(self.decode([i])) for i in range(self.vocab_size)), default=1)
+        return max([longest, *map(len, self._special_tokens())]) + 1
+
     def _special_tokens(self) -> dict[str, int]:
         return {}
 

@@ -173,7 +173,7 @@ def _run_gptq(ckpt_dir: Path, spec: QuantSpec, calib_text: str | None, calib_tok
               calib_seq_len: int, damp: float, act_order: bool, device: str | None,
               log: Callable[[str], None]) -> dict[str, torch.Tensor]:
     from ..model.parallel import init_distributed, shutdown_distributed
-    from ..commands.generate import find_tokenizer
+    from ..commands.startup import find_tokenizer
     from .loading import load_model
     from ..text.tokenizer import load_tokenizer
 

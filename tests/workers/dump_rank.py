@@ -35,7 +35,7 @@ for rid, p, n in (("a", prompts[0], n_new), ("b", prompts[1], 3), ("c", prompts[
     engine.add(Request(rid, p, SamplingParams(temperature=0.0, max_new_tokens=n)))
 while not engine.idle:
     for ev in engine.step():
-        if ev.token_id is not None and ev.token_id not in engine.stop_ids:
+        if ev.token_id is not None and not ev.stop_id:
             churn[ev.request_id].append(ev.token_id)
     if len(churn["a"]) == 8:
         engine.add(Request("d", prompts[1], params))

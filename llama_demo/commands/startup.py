@@ -1,0 +1,113 @@
+"""The start-up every command shares: model flags, tokenizer lookup, process group, this rank's
+model slice and the engine; and the one way a command ends on a user error."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..config import DEFAULT_DIST_TIMEOUT, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, ConfigError, ModelArgs
+from ..engine.engine import Engine
+from ..model.parallel import DistInfo, init_distributed, parse_dtype, shutdown_distributed
+from ..text.tokenizer import Tokenizer, load_tokenizer
+from ..weights.loading import load_model
+
+
+def find_tokenizer(ckpt_dir: str | Path, tokenizer_path: str | Path | None) -> Path:
+    """--tokenizer_path, else the model folder's own tokenizer (Llama 3, converted models), else
+    Meta's tokenizer.model one level up (LLaMA 1/2 keep it beside the size folders)."""
+    if tokenizer_path:
+        return Path(tokenizer_path)
+    ckpt_dir = Path(ckpt_dir)
+    for cand in (ckpt_dir / "tokenizer.json", ckpt_dir / "tokenizer.model", ckpt_dir.parent / "tokenizer.model"):
+        if cand.is_file():
+            return ckpt_dir if cand.name == "tokenizer.json" else cand
+    raise ConfigError(f"no tokenizer found: pass --tokenizer_path, or put tokenizer.model in {ckpt_dir} or {ckpt_dir.parent}")
+
+
+def add_model_args(p: argparse.ArgumentParser, ckpt_help: str | None = None) -> None:
+    """The model flags; with `ckpt_help`, --ckpt_dir is optional (the server's default model)."""
+    p.add_argument("--ckpt_dir", required=ckpt_help is None, default=None,
+                   help=ckpt_help or "folder with params.json and consolidated.NN.pth")
+    p.add_argument("--tokenizer_path", default=None, help="tokenizer.model / tokenizer.json (default: found beside the checkpoint)")
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, the checkpoint's half type on GPU), float32, float16, bfloat16")
+    p.add_argument("--max_seq_len", type=int, default=DEFAULT_MAX_SEQ_LEN, help="context length: prompt + answer")
+    p.add_argument("--max_batch_size", type=int, default=DEFAULT_MAX_BATCH_SIZE, help="sequences decoded together")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--prefill_chunk", type=int, default=None,
+                   help="prompt tokens prefilled per step while other requests decode (default: 512 on GPU, 128 on CPU)")
+    add_quantize_arg(p)
+
+
+def add_quantize_arg(p: argparse.ArgumentParser) -> None:
+    """One spelling of --quantize for every command that loads a model (generate, the server, eval, bench)."""
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="quantize linear weights at load (round-to-nearest); a checkpoint written by "
+                        "python -m llama_demo.quantize needs no flag")
+
+
+def build_engine(a: argparse.Namespace, dist_timeout: float = DEFAULT_DIST_TIMEOUT) -> tuple[Engine, Tokenizer]:
+    """Tokenizer, process group, this rank's model slice, engine: the shared start-up of every entry point."""
+    tokenizer = load_tokenizer(find_tokenizer(a.ckpt_dir, a.tokenizer_path))
+    info = init_distributed(dist_timeout, a.device)
+    dtype = parse_dtype(a.dtype)
+    check_kv_cache_fits(a, info, dtype)
+    try:
+        model = load_model(a.ckpt_dir, info, dtype, a.max_seq_len, a.max_batch_size, quantize=a.quantize)
+    except torch.OutOfMemoryError:
+        raise ConfigError(f"rank {info.rank} ran out of {info.device.type} memory loading the model and its KV cache "
+                          f"({a.max_batch_size} rows x {a.max_seq_len} tokens): lower --max_batch_size or "
+                          "--max_seq_len, use --quantize, or more ranks") from None
+    if tokenizer.vocab_size > model.args.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}: wrong tokenizer for {a.ckpt_dir}?")
+    engine = Engine(model, tokenizer, info.rank, info.world_size, info.device, seed=getattr(a, "seed", None),
+                    prefill_chunk=a.prefill_chunk)
+    return engine, tokenizer
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes this rank can still allocate on its device (0: unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    from ..model.transformer import _available_memory
+
+    return _available_memory()
+
+
+def check_kv_cache_fits(a: argparse.Namespace, info: DistInfo, dtype: torch.dtype | None) -> None:
+    """Refuse at start-up, with the flags to lower, a KV cache that cannot fit in free memory
+    (it is allocated whole, up front). Weights are loaded after this check: with them the job can
+    still run short, which load_model's out-of-memory error then reports."""
+    params = Path(a.ckpt_dir) / "params.json"
+    if not params.is_file():
+        return  # load_model names what is missing
+    args = ModelArgs.from_params_file(params, max_seq_len=a.max_seq_len, max_batch_size=a.max_batch_size)
+    element = torch.finfo(dtype).bits // 8 if dtype is not None else 4 if info.device.type == "cpu" else 2
+    need, free = args.kv_cache_bytes(info.world_size, element), free_memory(info.device)
+    if free and need > free:
+        raise ConfigError(
+            f"the KV cache needs {need / 2**30:.1f} GiB on rank {info.rank} ({a.max_batch_size} rows x {a.max_seq_len} "
+            f"tokens) but only {free / 2**30:.1f} GiB of {info.device.type} memory is free: lower --max_batch_size or "
+            "--max_seq_len (or use more ranks)")
+
+
+def run_command(body: Callable[[], int]) -> int:
+    """A command's body, with the ending every entry point shares: a ValueError or OSError
+    (ConfigError, CheckpointError, PromptTooLong, SamplingError, ...) is the user's to fix, so it
+    comes out once, from rank 0, as one `error: ...` line and exit code 2, never as a traceback
+    per rank; the process group is shut down however the body ends."""
+    rank = int(os.environ.get("RANK", 0))  # known before the process group exists
+    try:
+        return body()
+    except (ValueError, OSError) as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown_distributed()
+
+

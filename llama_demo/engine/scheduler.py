@@ -1,0 +1,142 @@
+"""Requests, their KV-cache rows, and which tokens each step feeds.
+
+Every rank keeps the same scheduler state: it changes only through `add`/`cancel` (applied at the
+same bus seal on every rank) and through the step's broadcast outcome, so all ranks plan the same
+forward passes. Nothing here looks at logits or text.
+"""
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .sampler import SamplingParams
+
+
+class PromptTooLong(ValueError):
+    """A prompt does not fit the context; the message gives the limit, the count and what to do."""
+
+
+@dataclass
+class Request:
+    id: int | str
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+def check_prompt(prompt_len: int, max_seq_len: int) -> None:
+    if prompt_len == 0:
+        raise PromptTooLong("the prompt is empty: it needs at least one token")
+    if prompt_len >= max_seq_len:
+        raise PromptTooLong(
+            f"the prompt is {prompt_len} tokens but this model's context (max_seq_len) is {max_seq_len} tokens, "
+            f"including the answer: shorten the prompt to at most {max_seq_len - 1} tokens, or restart with a larger --max_seq_len")
+
+
+def check_request(prompt_ids: list[int], params: SamplingParams, max_seq_len: int, vocab_size: int) -> SamplingParams:
+    """The complete check of one request, done once before it is published (serve.gate, or a
+    command's own arguments). Raises ValueError (SamplingError, PromptTooLong) naming the problem;
+    returns the params reduced to what the engine runs (see SamplingParams.validate)."""
+    params = params.validate(vocab_size)
+    check_prompt(len(prompt_ids), max_seq_len)
+    for t in prompt_ids:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            raise ValueError(f"prompt token id {t!r} is outside the vocabulary (0..{vocab_size - 1})")
+    return params
+
+
+@dataclass
+class Sequence:
+    req: Request
+    row: int  # the KV-cache row it owns
+    prefilled: int = 0  # prompt tokens already in the cache
+    out_ids: list[int] = field(default_factory=list)
+    # rank 0 only: what sampling and stop decisions need (engine.Engine fills them in)
+    rank0: Any = None
+
+    @property
+    def pos(self) -> int:
+        """Tokens in the cache (the position the next fed token takes)."""
+        return self.prefilled + max(0, len(self.out_ids) - 1)
+
+    @property
+    def prompt_left(self) -> int:
+        return len(self.req.prompt_ids) - self.prefilled
+
+
+class Scheduler:
+    """The waiting queue and the KV rows. A request waits until a row is free, is prefilled in
+    chunks (oldest first, within a per-step budget), then decodes one token per step."""
+
+    def __init__(self, rows: int, max_seq_len: int):
+        self.max_seq_len = max_seq_len
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int | str, Sequence] = {}  # insertion order = admission order
+        self.free_rows = list(range(rows))  # a heap: the lowest free row keeps the batch's rows together
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    def add(self, req: Request) -> None:
+        # the gate checked it; a violation here is our bug, and would differ from no rank to another
+        assert 0 < len(req.prompt_ids) < self.max_seq_len, "request was not checked before it was added"
+        self.waiting.append(req)
+
+    def cancel(self, request_id) -> bool:
+        """Drop a waiting or running request; False if it is unknown (already finished)."""
+        for i, r in enumerate(self.waiting):
+            if r.id == request_id:
+                del self.waiting[i]
+                return True
+        seq = self.running.get(request_id)
+        if seq is None:
+            return False
+        self.retire(seq)
+        return True
+
+    def admit(self) -> list[Sequence]:
+        """Move waiting requests into free rows; returns the newly admitted sequences."""
+        new = []
+        while self.waiting and self.free_rows:
+            seq = Sequence(self.waiting.popleft(), heapq.heappop(self.free_rows))
+            self.running[seq.req.id] = seq
+            new.append(seq)
+        return new
+
+    def decoding(self) -> list[Sequence]:
+        """Sequences with a token to feed, by cache row: consecutive rows are attended as one view."""
+        return sorted((s for s in self.running.values() if s.out_ids), key=lambda s: s.row)
+
+    def prefill_plan(self, budget: int) -> list[tuple[Sequence, int]]:
+        """(sequence, tokens to prefill this step) within the budget, oldest first."""
+        plan = []
+        for s in self.running.values():
+            if budget <= 0:
+                break
+            if s.out_ids or s.prompt_left <= 0:
+                continue
+            n = min(s.prompt_left, budget)
+            plan.append((s, n))
+            budget -= n
+        return plan
+
+    def length_reached(self, seq: Sequence, generated: int) -> bool:
+        """Whether an answer of `generated` tokens has reached its max_new_tokens or the context."""
+        return generated >= seq.req.params.max_new_tokens or len(seq.req.prompt_ids) + generated >= self.max_seq_len
+
+    def retire(self, seq: Sequence) -> None:
+        del self.running[seq.req.id]
+        heapq.heappush(self.free_rows, seq.row)
+
+
+def request_generator(params: SamplingParams) -> torch.Generator | None:
+    """A request's own random stream when it names a seed: reproducible whatever shares its batch."""
+    if params.seed is None:
+        return None
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(params.seed)
+    return gen

@@ -1,0 +1,101 @@
+"""Errors as OpenAI's clients expect them: `{"error": {"message", "type", "param", "code"}}` with
+the HTTP status, for every /v1 path (unknown ones included), and a request-body size limit."""
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import protocol as p
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 type: str = "invalid_request_error", code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.headers = status, headers
+        self.info = p.ErrorInfo(message=message, type=type, param=param, code=code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(p.ErrorResponse(error=self.info).model_dump(), status_code=self.status, headers=self.headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return e.response()
+
+    async def invalid_body(request: Request, e: RequestValidationError) -> JSONResponse:
+        if not request.url.path.startswith("/v1/"):
+            return await request_validation_exception_handler(request, e)
+        # OpenAI answers 400 for a malformed body; say which field and why. A union field (prompt:
+        # str | list[str] | list[int]) fails once per member: one line, the members' reasons joined.
+        reasons: dict[str, list[str]] = {}
+        for err in e.errors():
+            where = ".".join(str(x) for x in err.get("loc", ()) if x != "body" and not _is_type_tag(x))
+            reasons.setdefault(where, []).append(err.get("msg", "invalid value"))
+        where, msgs = next(iter(reasons.items()))
+        return ApiError(400, f"{where or 'body'}: {'; or '.join(dict.fromkeys(msgs))}", param=where or None).response()
+
+    async def http_error(request: Request, e: StarletteHTTPException):
+        from fastapi.exception_handlers import http_exception_handler
+
+        if not request.url.path.startswith("/v1/"):
+            return await http_exception_handler(request, e)
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", type=kind,
+                        headers=getattr(e, "headers", None)).response()
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(RequestValidationError, invalid_body)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+
+
+def _is_type_tag(loc_part) -> bool:
+    """pydantic names a union member in an error's loc ("str", "list[int]"): not a field."""
+    return isinstance(loc_part, str) and (loc_part in ("str", "int", "float", "bool", "list", "dict")
+                                          or "[" in loc_part)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is a 413 before it is read into memory
+    (by its Content-Length, or while it streams in when it has none)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        too_big = ApiError(413, f"the request body is larger than this server's limit of {self.limit} bytes "
+                                "(--max_request_bytes)", code="request_too_large")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await too_big.response()(scope, receive, send)
+        seen = 0
+        started = False
+
+        async def send_tracking(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        async def counted_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooBig()
+            return message
+
+        try:
+            await self.app(scope, counted_receive, send_tracking)
+        except _TooBig:
+            if not started:
+                await too_big.response()(scope, receive, send)
+
+
+class _TooBig(Exception):
+    pass
