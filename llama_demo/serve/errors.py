@@ -73,29 +73,25 @@ class BodyLimit:
                                 "(--max_request_bytes)", code="request_too_large")
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await too_big.response()(scope, receive, send)
-        seen = 0
-        started = False
+        seen, answered = 0, False
 
-        async def send_tracking(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def send_unless_answered(message):
+            if not answered:  # once the 413 is out, what the app still sends goes nowhere
+                await send(message)
 
         async def counted_receive():
-            nonlocal seen
+            nonlocal seen, answered
             message = await receive()
-            if message["type"] == "http.request":
+            if message["type"] == "http.request" and not answered:
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooBig()
+                if seen > self.limit:  # answer now; the app sees a client that left
+                    await too_big.response()(scope, receive, send)
+                    answered = True
+                    return {"type": "http.disconnect"}
             return message
 
         try:
-            await self.app(scope, counted_receive, send_tracking)
-        except _TooBig:
-            if not started:
-                await too_big.response()(scope, receive, send)
-
-
-class _TooBig(Exception):
-    pass
+            await self.app(scope, counted_receive, send_unless_answered)
+        except Exception:
+            if not answered:
+                raise
