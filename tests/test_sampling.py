@@ -26,10 +26,15 @@ def test_top_k_two_never_picks_the_others():
 
 
 def test_rows_sample_with_their_own_settings():
-    logits = torch.cat([_row(), _row()])
+    """Each row's logits go with its own settings: rows differ, so a swap would show."""
+    logits = torch.cat([_row(), torch.tensor([[2.0, -1.0, 0.5, 4.0]]), torch.tensor([[5.0, 0.0, 4.9, 0.0]])])
     g = torch.Generator().manual_seed(0)
-    ids = sample(logits, torch.tensor([0.0, 1.0]), torch.tensor([1.0, 1e-6]), torch.tensor([0, 0]), g)
-    assert ids.tolist() == [1, 1]
+    for _ in range(20):
+        ids = sample(logits, torch.tensor([0.0, 1.0, 50.0]), torch.tensor([1.0, 1e-6, 1.0]), torch.tensor([0, 0, 2]), g)
+        assert ids[0] == 1 and ids[1] == 3 and ids[2] in (0, 2)
+    drawn = {sample(logits, torch.tensor([0.0, 1.0, 50.0]), torch.tensor([1.0, 1e-6, 1.0]), torch.tensor([0, 0, 2]),
+                    g)[2].item() for _ in range(100)}
+    assert drawn == {0, 2}  # row 3 really samples between its top two
 
 
 def test_repetition_penalty_lowers_seen_tokens():
@@ -38,10 +43,19 @@ def test_repetition_penalty_lowers_seen_tokens():
 
 
 @pytest.mark.parametrize("field,value", [("temperature", -1), ("top_p", 0), ("top_p", 1.5), ("top_k", -1),
-                                         ("max_new_tokens", 0), ("repetition_penalty", 0), ("temperature", float("nan"))])
+                                         ("max_new_tokens", 0), ("repetition_penalty", 0), ("temperature", float("nan")),
+                                         ("top_k", 2.0), ("seed", 1.5), ("seed", True), ("stop", ["a", ""]),
+                                         ("stop", ["x"] * 17), ("stop", ["x" * 1025]), ("repetition_penalty", float("inf"))])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(SamplingError, match=field):
         SamplingParams(**{field: value}).validate()
+
+
+def test_validate_reduces_to_what_the_engine_runs():
+    p = SamplingParams(temperature=1e-9, top_k=10**30, seed=2**64 + 3, stop="end").validate(vocab_size=400)
+    assert (p.temperature, p.top_k, p.seed, p.stop) == (0.0, 0, 3, ["end"])
+    assert SamplingParams(seed=-1).validate().seed == 2**64 - 1
+    assert SamplingParams(top_k=399).validate(vocab_size=400).top_k == 399
 
 
 def test_draws_follow_the_distribution():
