@@ -77,3 +77,27 @@ def test_lock_step_cases_on_two_ranks(ckpts, tmp_path):
     assert fault["reasons"] == {"ok": "length", "bad": "error"}
     assert fault["tokens"]["ok"] == solo["tokens"]["p0"]
     assert r0["bad_id"] not in fault["tokens"]["bad"] and fault["tokens"]["bad"] == solo["tokens"]["p1"][:len(fault["tokens"]["bad"])]
+
+
+def test_prefix_reuse_gives_the_tokens_of_a_full_prefill(ckpts, tmp_path):
+    """A conversation's next turns reuse the KV rows' tokens (a prefix ending inside the answer, a
+    row evicted by other conversations, a cancelled request's row) and get exactly transformers'
+    greedy tokens, as an engine without reuse does, on both ranks."""
+    folder = ckpts["gqa-2"]
+    torchrun(2, ["tests/workers/engine_cases.py", str(folder), str(tmp_path), json.dumps(CASE_PROMPTS), str(N_NEW)])
+    r0, r1 = (json.loads((tmp_path / f"cases{r}.json").read_text()) for r in range(2))
+    for mode in ("reuse_on", "reuse_off"):  # both ranks placed and reused identically
+        assert [(x["tokens"], x["reused"]) for x in r0[mode]["runs"]] == [(x["tokens"], x["reused"]) for x in r1[mode]["runs"]]
+    on, off = r0["reuse_on"], r0["reuse_off"]
+    assert [x["tokens"] for x in on["runs"]] == [x["tokens"] for x in off["runs"]]
+    ref = hf_model(folder)
+    first, second, others, third, cancelled, resumed = on["runs"]
+    for name, run in (("t2", second), ("t3", third), ("c2", resumed)):
+        assert run["tokens"][name] == hf_greedy(ref, on["prompts"][name], N_NEW), name
+    # what was reused: turn 2 all but its new tokens; turn 3 nothing (its row was taken); after
+    # the cancel, the cancelled prompt and its answer so far
+    t2, t3, c2 = on["prompts"]["t2"], on["prompts"]["t3"], on["prompts"]["c2"]
+    assert second["reused"]["t2"] == len(t2) - 3
+    assert third["reused"]["t3"] <= 1  # at most BOS: another conversation's row
+    assert c2 and resumed["reused"]["c2"] == len(c2) - 2
+    assert all(v == 0 for run in off["runs"] for v in run["reused"].values())

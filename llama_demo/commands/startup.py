@@ -40,6 +40,8 @@ def add_model_args(p: argparse.ArgumentParser, ckpt_help: str | None = None) -> 
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--prefill_chunk", type=int, default=None,
                    help="prompt tokens prefilled per step while other requests decode (default: 512 on GPU, 128 on CPU)")
+    p.add_argument("--no_prefix_cache", action="store_true",
+                   help="prefill every prompt in full (default: reuse the longest prefix a free KV row still holds)")
     add_quantize_arg(p)
 
 
@@ -65,7 +67,7 @@ def build_engine(a: argparse.Namespace, dist_timeout: float = DEFAULT_DIST_TIMEO
     if tokenizer.vocab_size > model.args.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}: wrong tokenizer for {a.ckpt_dir}?")
     engine = Engine(model, tokenizer, info.rank, info.world_size, info.device, seed=getattr(a, "seed", None),
-                    prefill_chunk=a.prefill_chunk)
+                    prefill_chunk=a.prefill_chunk, prefix_cache=not a.no_prefix_cache)
     return engine, tokenizer
 
 

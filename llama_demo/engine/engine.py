@@ -48,6 +48,7 @@ class TokenEvent:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: str | None = None  # why the request ended, for finish_reason "error"
     stop_id: bool = False  # token_id is the end-of-answer id (EOS, end of turn) that finished it
+    reused: int = 0  # prompt tokens whose KV was found in the cache row (prefix reuse), not prefilled
 
 
 @dataclass
@@ -62,7 +63,8 @@ class _Rank0State:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu", seed: int | None = None, prefill_chunk: int | None = None):
+                 device: torch.device | str = "cpu", seed: int | None = None, prefill_chunk: int | None = None,
+                 prefix_cache: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.rank, self.world_size = rank, world_size
@@ -75,7 +77,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk if prefill_chunk is not None else 512 if self.device.type == "cuda" else 128
         if self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
-        self.scheduler = Scheduler(model.args.max_batch_size, self.max_seq_len)
+        self.scheduler = Scheduler(model.args.max_batch_size, self.max_seq_len, prefix_cache)
         self.steps = 0
         if rank == 0:
             self.generator = torch.Generator(device="cpu")
@@ -249,7 +251,8 @@ class Engine:
         for s, tok, code in zip(seqs, ids, codes):
             st = s.rank0
             if code == ERROR:
-                events.append(TokenEvent(s.req.id, None, "", True, "error", error=st.error if st else None))
+                events.append(TokenEvent(s.req.id, None, "", True, "error", error=st.error if st else None,
+                                         reused=s.reused))
                 self.scheduler.retire(s)
                 continue
             s.out_ids.append(tok)
@@ -257,7 +260,8 @@ class Engine:
                 st.seen[tok] = True
             text = st.pending_text if st is not None else ""
             finished = code != CONTINUE
-            events.append(TokenEvent(s.req.id, tok, text, finished, REASONS.get(code), stop_id=code == STOP_ID))
+            events.append(TokenEvent(s.req.id, tok, text, finished, REASONS.get(code), stop_id=code == STOP_ID,
+                                     reused=s.reused))
             if finished:
                 self.scheduler.retire(s)
         return events

@@ -6,7 +6,6 @@ forward passes. Nothing here looks at logits or text.
 """
 from __future__ import annotations
 
-import heapq
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +52,7 @@ class Sequence:
     req: Request
     row: int  # the KV-cache row it owns
     prefilled: int = 0  # prompt tokens already in the cache
+    reused: int = 0  # of which were found in the row, left there by an earlier sequence
     out_ids: list[int] = field(default_factory=list)
     # rank 0 only: what sampling and stop decisions need (engine.Engine fills them in)
     rank0: Any = None
@@ -69,13 +69,24 @@ class Sequence:
 
 class Scheduler:
     """The waiting queue and the KV rows. A request waits until a row is free, is prefilled in
-    chunks (oldest first, within a per-step budget), then decodes one token per step."""
+    chunks (oldest first, within a per-step budget), then decodes one token per step.
 
-    def __init__(self, rows: int, max_seq_len: int):
+    Prefix reuse (llama.cpp's cache_prompt, vLLM's prefix caching, on one KV row per sequence): a
+    finished sequence's row keeps the tokens whose keys and values it holds until the row is
+    needed. A new request takes the free row whose tokens share the longest prefix with its prompt
+    and is prefilled only from the first differing token; with no such row, a row never used, else
+    the least recently freed. Every input to that choice is state every rank already holds, so
+    every rank places every request identically."""
+
+    def __init__(self, rows: int, max_seq_len: int, prefix_cache: bool = True):
         self.max_seq_len = max_seq_len
+        self.prefix_cache = prefix_cache
         self.waiting: deque[Request] = deque()
         self.running: dict[int | str, Sequence] = {}  # insertion order = admission order
-        self.free_rows = list(range(rows))  # a heap: the lowest free row keeps the batch's rows together
+        # free rows, least recently freed first; rows never used come first, lowest first, which
+        # keeps a batch's rows together (consecutive rows are attended as one view of the cache)
+        self.free_rows: list[int] = list(range(rows))
+        self.cached: dict[int, list[int]] = {}  # row -> the tokens its KV holds (free rows only)
 
     @property
     def idle(self) -> bool:
@@ -99,13 +110,29 @@ class Scheduler:
         return True
 
     def admit(self) -> list[Sequence]:
-        """Move waiting requests into free rows; returns the newly admitted sequences."""
+        """Move waiting requests into free rows; returns the newly admitted sequences (their
+        `prefilled` already counts the reused prefix)."""
         new = []
         while self.waiting and self.free_rows:
-            seq = Sequence(self.waiting.popleft(), heapq.heappop(self.free_rows))
-            self.running[seq.req.id] = seq
+            req = self.waiting.popleft()
+            row, reused = self._place(req.prompt_ids)
+            self.free_rows.remove(row)
+            self.cached.pop(row, None)
+            seq = Sequence(req, row, prefilled=reused, reused=reused)
+            self.running[req.id] = seq
             new.append(seq)
         return new
+
+    def _place(self, prompt: list[int]) -> tuple[int, int]:
+        """(row, prompt tokens whose KV it already holds). At least the last prompt token is
+        always prefilled again: its logits give the first answer token."""
+        best_row, best = self.free_rows[0], 0
+        if self.prefix_cache:
+            for row in self.free_rows:
+                n = common_prefix(self.cached.get(row, ()), prompt)
+                if n > best:
+                    best_row, best = row, n
+        return best_row, min(best, len(prompt) - 1)
 
     def decoding(self) -> list[Sequence]:
         """Sequences with a token to feed, by cache row: consecutive rows are attended as one view."""
@@ -129,8 +156,19 @@ class Scheduler:
         return generated >= seq.req.params.max_new_tokens or len(seq.req.prompt_ids) + generated >= self.max_seq_len
 
     def retire(self, seq: Sequence) -> None:
+        """Free the row; it keeps the tokens whose KV it holds (the last sampled token was never fed)."""
         del self.running[seq.req.id]
-        heapq.heappush(self.free_rows, seq.row)
+        self.free_rows.append(seq.row)  # most recently freed last
+        if self.prefix_cache and seq.pos > 0:
+            self.cached[seq.row] = (seq.req.prompt_ids[:seq.prefilled] + seq.out_ids)[:seq.pos]
+
+
+def common_prefix(a, b) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 def request_generator(params: SamplingParams) -> torch.Generator | None:

@@ -63,7 +63,8 @@ class Rate:
         self.tokens += ev.token_id is not None
         secs = time.monotonic() - self.start
         rate = self.tokens / secs if secs > 0 else 0.0
-        return f"{self.tokens} tokens in {secs:.1f} s · **{rate:.1f} tokens/s**" + (
+        reused = f" · {ev.reused} prompt tokens reused" if ev.reused else ""
+        return f"{self.tokens} tokens in {secs:.1f} s · **{rate:.1f} tokens/s**{reused}" + (
             f" · {ev.finish_reason}" if ev.finished else "")
 
 

@@ -24,7 +24,7 @@ greedy = SamplingParams(temperature=0.0, max_new_tokens=n_new)
 def run(engine, plan):
     """plan: {step number: [("add", id, prompt, params) | ("cancel", id)]}; every rank applies
     the same actions at the same step, as the serving loop's seal makes them."""
-    toks, reasons, texts, step = {}, {}, {}, 0
+    toks, reasons, texts, reused, step = {}, {}, {}, {}, 0
     while True:
         for action in plan.get(step, []):
             if action[0] == "add":
@@ -39,10 +39,11 @@ def run(engine, plan):
             if ev.token_id is not None and not ev.stop_id:
                 toks[ev.request_id].append(ev.token_id)
             texts[ev.request_id] += ev.text
+            reused[ev.request_id] = ev.reused
             if ev.finished:
                 reasons[ev.request_id] = ev.finish_reason
         step += 1
-    return {"tokens": toks, "reasons": reasons, "texts": texts}
+    return {"tokens": toks, "reasons": reasons, "texts": texts, "reused": reused}
 
 
 cases = {}
@@ -88,6 +89,27 @@ faulty = Engine(model, FailingDecode(tok) if info.rank == 0 else tok, info.rank,
 if info.rank != 0:  # followers never detokenize: prove it by taking their tokenizer's decode away
     faulty.tokenizer = None
 cases["fault"] = run(faulty, {0: [("add", "ok", prompts[0], greedy), ("add", "bad", prompts[1], greedy)]})
+
+# Prefix reuse: a conversation's next turn (its prompt = the last prompt + the answer's start +
+# new tokens) prefills only what is new; the same requests on an engine without reuse agree.
+def conversation(engine):
+    first = run(engine, {0: [("add", "t1", prompts[0], greedy)]})
+    turn2 = prompts[0] + first["tokens"]["t1"][:5] + [7, 8, 9]  # the prefix ends inside the answer
+    second = run(engine, {0: [("add", "t2", turn2, greedy)]})
+    # two other conversations take both rows, evicting turn 2's cached tokens; then turn 3
+    others = run(engine, {0: [("add", "o1", prompts[3], greedy), ("add", "o2", prompts[4], greedy)]})
+    turn3 = turn2 + second["tokens"]["t2"][:3] + [11]
+    third = run(engine, {0: [("add", "t3", turn3, greedy)]})
+    # a cancelled request's row: its prompt and partial answer are reused by the next request
+    cancelled = run(engine, {0: [("add", "c1", prompts[1], greedy)], 3: [("cancel", "c1")]})
+    after = prompts[1] + cancelled["tokens"]["c1"][:1] + [12, 13]
+    resumed = run(engine, {0: [("add", "c2", after, greedy)]})
+    return {"prompts": {"t2": turn2, "t3": turn3, "c2": after},
+            "runs": [first, second, others, third, cancelled, resumed]}
+
+
+cases["reuse_on"] = conversation(Engine(model, tok, info.rank, info.world_size, info.device))
+cases["reuse_off"] = conversation(Engine(model, tok, info.rank, info.world_size, info.device, prefix_cache=False))
 
 out.mkdir(parents=True, exist_ok=True)
 (out / f"cases{info.rank}.json").write_text(json.dumps(cases))
