@@ -162,7 +162,7 @@ def build_ui(client: EngineClient, gate: Gate, cfg: ServerConfig, system_prompt:
         gr.Button(visible=False).click(chat, [message, *settings], [api_answer, stats], api_name="chat",
                                        concurrency_id="model", concurrency_limit=cfg.max_batch_size)
     # Gradio's own queue is bounded too: beyond it the page says the queue is full (no endless spinner)
-    demo.queue(default_concurrency_limit=cfg.max_batch_size, max_size=cfg.max_waiting)
+    demo.queue(default_concurrency_limit=cfg.max_batch_size, max_size=max(1, cfg.max_waiting))
     return demo
 
 
