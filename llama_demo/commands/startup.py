@@ -12,7 +12,7 @@ import torch
 
 from ..config import DEFAULT_DIST_TIMEOUT, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, ConfigError, ModelArgs
 from ..engine.engine import Engine
-from ..model.parallel import DistInfo, init_distributed, parse_dtype, shutdown_distributed
+from ..model.parallel import DistInfo, check_dtype, init_distributed, parse_dtype, shutdown_distributed
 from ..text.tokenizer import Tokenizer, load_tokenizer
 from ..weights.loading import load_model
 
@@ -57,6 +57,7 @@ def build_engine(a: argparse.Namespace, dist_timeout: float = DEFAULT_DIST_TIMEO
     tokenizer = load_tokenizer(find_tokenizer(a.ckpt_dir, a.tokenizer_path))
     info = init_distributed(dist_timeout, a.device)
     dtype = parse_dtype(a.dtype)
+    check_dtype(dtype, info.device)
     check_kv_cache_fits(a, info, dtype)
     try:
         model = load_model(a.ckpt_dir, info, dtype, a.max_seq_len, a.max_batch_size, quantize=a.quantize)

@@ -153,12 +153,20 @@ def shutdown_distributed() -> None:
 
 
 def default_dtype(device: torch.device, checkpoint_dtype: torch.dtype | None = None) -> torch.dtype:
-    """float32 on CPU (half precision is ~70x slower there); the checkpoint's half type on GPU."""
+    """float32 on CPU (half precision is ~70x slower there); on a GPU the checkpoint's half type,
+    bfloat16 only where the GPU supports it (pre-Ampere GPUs get float16)."""
     if device.type == "cpu":
         return torch.float32
-    if checkpoint_dtype in (torch.float16, torch.bfloat16):
+    bf16 = torch.cuda.is_bf16_supported()
+    if checkpoint_dtype == torch.float16 or (checkpoint_dtype == torch.bfloat16 and bf16):
         return checkpoint_dtype
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if bf16 else torch.float16
+
+
+def check_dtype(dtype: torch.dtype | None, device: torch.device) -> None:
+    """Refuse a --dtype the device cannot run."""
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU does not support bfloat16: use --dtype float16 (or auto)")
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
