@@ -39,6 +39,7 @@ class Gate:
                  model_name: str):
         self.tokenizer, self.chat_format = tokenizer, chat_format
         self.max_seq_len, self.vocab_size, self.model_name = max_seq_len, vocab_size, model_name
+        self.max_token_chars = tokenizer.max_token_chars  # a pass over the vocabulary: at start-up, not per request
 
     # --- inputs -> prompt ids ---------------------------------------------------------------------
     async def encode(self, text: str, field: str) -> list[int]:
@@ -58,7 +59,7 @@ class Gate:
     def _check_text_size(self, texts: Sequence[str], field: str) -> None:
         chars = sum(len(t) for t in texts)
         # fewer tokens than chars / max_token_chars is impossible: too long, whatever the tokenizer does
-        at_least = chars // self.tokenizer.max_token_chars
+        at_least = chars // self.max_token_chars
         if at_least >= self.max_seq_len:
             raise ApiError(400, f"{field}: the prompt is {chars} characters, at least {at_least} tokens, but this "
                                 f"model's context (max_seq_len) is {self.max_seq_len} tokens including the answer: "
