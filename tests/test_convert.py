@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from llama_demo import convert
+from llama_demo.weights import convert
 from llama_demo.weights.checkpoint import open_checkpoint
 from llama_demo.config import ConfigError, ModelArgs
 from llama_demo.weights.convert import ConvertError, convert_gguf, convert_hf, default_model_dir, ffn_params
@@ -378,6 +378,37 @@ def test_hf_import_tied_embeddings_and_llama31_rope(tmp_path):
     assert torch.equal(got["output.weight"], emb) and torch.equal(got["tok_embeddings.weight"], emb)
     args = ModelArgs.from_params_file(out / "params.json")
     assert args.use_scaled_rope and args.rope_theta == 500000.0
+
+
+def test_hf_import_keeps_llama32_rope_factor(tmp_path, monkeypatch):
+    """Llama 3.2 1B/3B's config.json says factor 32 (Llama 3.1: 8): params.json keeps it, and a
+    model whose rotary code would apply another factor is refused at load, not served wrong."""
+    from llama_demo.config import LLAMA3_ROPE_SCALING, rope_frequencies
+    from llama_demo.model import transformer
+    from llama_demo.weights.loading import check_rope
+
+    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    tiny_hf_model(rope_parameters={"rope_theta": 500000.0, **scaling}).save_pretrained(tmp_path / "hf")
+    out = convert_hf(tmp_path / "hf", tmp_path / "out")
+    assert json.loads((out / "params.json").read_text())["rope_scaling_factor"] == 32.0
+    args = ModelArgs.from_params_file(out / "params.json")
+    assert args.use_scaled_rope and args.rope_scaling["factor"] == 32.0
+    right = lambda a: torch.tensor(rope_frequencies(a.head_dim, a.rope_theta, a.rope_scaling))  # noqa: E731
+    llama31 = lambda a: torch.tensor(rope_frequencies(a.head_dim, a.rope_theta, LLAMA3_ROPE_SCALING))  # noqa: E731
+    monkeypatch.setattr(transformer, "rope_frequencies", right)
+    check_rope(args, "params.json")
+    monkeypatch.setattr(transformer, "rope_frequencies", llama31)
+    with pytest.raises(ConfigError, match="rope_scaling_factor 32.0 is not applied"):
+        check_rope(args, "params.json")
+
+
+def test_hf_import_refuses_other_llama3_rope_constants(tmp_path):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    tiny_hf_model(rope_parameters={"rope_theta": 500000.0, **scaling}).save_pretrained(tmp_path / "hf")
+    with pytest.raises(ConvertError, match="differs from Meta's Llama 3 scaling"):
+        convert_hf(tmp_path / "hf", tmp_path / "out")
 
 
 def test_hf_import_reads_transformers_4_config_and_sharded_bin(tmp_path):
