@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -203,3 +205,61 @@ def test_missing_folder(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         open_checkpoint(tmp_path / "nope", 1)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_hugging_face_repo_folder_finds_its_original_subfolder(tmp_path):
+    """Meta-Llama-3-8B-Instruct/original/{params.json, consolidated.00.pth, tokenizer.model}: the
+    repo folder is enough for the loader and the tokenizer search."""
+    from llama_demo.commands.generate import find_tokenizer
+
+    repo = tmp_path / "Meta-Llama-3-8B-Instruct"
+    make_checkpoint(repo / "original", "mha", 2, seed=4)
+    (repo / "original" / "tokenizer.json").rename(repo / "original" / "tokenizer.model")  # stands in for Meta's file
+    ck = open_checkpoint(repo, 2)
+    assert ck.paths[0] == repo / "original" / "consolidated.00.pth" and ck.n == 2
+    assert find_tokenizer(repo, None) == repo / "original" / "tokenizer.model"
+    (repo / "tokenizer.json").write_text("{}")  # the repo's own Hugging Face tokenizer comes first
+    assert find_tokenizer(repo, None) == repo
+
+
+def test_checklist_names_a_shard_that_is_missing(good):
+    """Meta's download writes checklist.chk: a missing last shard (no gap in the numbering) is named."""
+    (good / "checklist.chk").write_text("".join(f"{'0' * 32}  {name}\n" for name in
+                                                ("params.json", "consolidated.00.pth", "consolidated.01.pth", "consolidated.02.pth")))
+    msg = _cli_error(good)
+    assert "checklist.chk lists consolidated.02.pth, which is missing" in msg
+    (good / "checklist.chk").write_text(f"{'0' * 32}  consolidated.00.pth\n{'0' * 32}  consolidated.01.pth\n")
+    assert open_checkpoint(good, 1).n == 2
+
+
+def _launch(tmp_path: Path, *argv: str, llama_dir: Path) -> subprocess.CompletedProcess:
+    """launch.sh with a stand-in virtual environment whose torchrun prints its arguments."""
+    import hashlib
+    import os
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True, exist_ok=True)
+    if not (venv / "bin" / "python").exists():
+        (venv / "bin" / "python").symlink_to(sys.executable)  # launch.sh only checks it is there
+    (venv / "bin" / "torchrun").write_text('#!/bin/sh\necho "$@"\n')
+    (venv / "bin" / "torchrun").chmod(0o755)
+    root = Path(__file__).resolve().parents[1]
+    (venv / ".requirements.md5").write_text(hashlib.md5((root / "requirements.txt").read_bytes()).hexdigest() + "\n")
+    env = dict(os.environ, LLAMA_DEMO_VENV=str(venv), LLAMA_DIR=str(llama_dir))
+    return subprocess.run(["bash", str(root / "launch.sh"), *argv], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_launch_takes_meta_and_hugging_face_folders(tmp_path):
+    models = tmp_path / "models"
+    (models / "Llama3.1-8B-Instruct").mkdir(parents=True)
+    (models / "Llama3.1-8B-Instruct" / "params.json").write_text("{}")  # Meta's download
+    (models / "Meta-Llama-3-8B-Instruct" / "original").mkdir(parents=True)
+    (models / "Meta-Llama-3-8B-Instruct" / "original" / "params.json").write_text("{}")  # Hugging Face repo
+    for name in ("Llama3.1-8B-Instruct", "Meta-Llama-3-8B-Instruct"):
+        proc = _launch(tmp_path, name, "2", "--port", "8000", llama_dir=models)
+        assert proc.returncode == 0, proc.stderr
+        assert "--nproc_per_node 2" in proc.stdout and f"app.py --ckpt_dir {models / name} --port 8000" in proc.stdout
+    proc = _launch(tmp_path, str(models / "Meta-Llama-3-8B-Instruct"), "1", llama_dir=tmp_path / "elsewhere")
+    assert proc.returncode == 0 and f"--ckpt_dir {models / 'Meta-Llama-3-8B-Instruct'}" in proc.stdout, proc.stderr
+    proc = _launch(tmp_path, "70B", "8", llama_dir=models)
+    assert proc.returncode == 2 and "no model at" in proc.stderr and "original/" in proc.stderr

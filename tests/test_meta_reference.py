@@ -184,3 +184,25 @@ def test_llama3_chat_prompt_ids_match_metas_chat_format():
         want = meta.encode_dialog_prompt([RawMessage(role=r, content=c) for r, c in dialog]).tokens
         got = Llama3ChatFormat(ours).encode_dialog([Message(r, c) for r, c in dialog])
         assert got == want, dialog
+
+
+def test_metas_llama31_in_a_hugging_face_repo_folder_generates_on_two_ranks(tmp_path):
+    """The issue's case: Llama 3.1 params.json and 128256-token vocabulary, 2 shards from Meta's
+    layers, Meta's tiktoken tokenizer.model, all in a Hugging Face repo's original/ subfolder. The
+    repo folder is enough: 2 ranks start, and the first greedy token is Meta's logits' argmax."""
+    from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
+
+    repo = tmp_path / "Meta-Llama-3.1-8B-Instruct"
+    tok_path = Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
+    prompt = MetaTokenizer(tok_path).encode("The capital of France is", bos=True, eos=False)
+    torchrun(2, ["tests/workers/meta_checkpoint.py", str(repo / "original"), "llama3-128k", "7", json.dumps([prompt])],
+             timeout=240)
+    (repo / "original" / "tokenizer.model").write_bytes(tok_path.read_bytes())
+    (repo / "config.json").write_text("{}")  # the Hugging Face side of the repo, not read
+    meta = torch.load(repo / "original" / "meta_logits.pt")
+    proc = torchrun(2, ["-m", "llama_demo.generate", "--ckpt_dir", str(repo), "--prompt", "The capital of France is",
+                        "--max_new_tokens", "3", "--temperature", "0", "--json"], timeout=240)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    # Meta's prefill saw all but the prompt's last token, its decode step the last one
+    assert out["tokens"][0] == int(meta["decode"][0, -1].argmax()), out
+    assert len(out["tokens"]) == 3

@@ -222,11 +222,26 @@ def kv_heads_of_part(n_kv: int, part: int, n_parts: int) -> list[int]:
     return [part // (n_parts // n_kv)]
 
 
+def model_folder(path: str | Path) -> Path:
+    """The folder holding params.json and the shards: `path` itself (Meta's download, e.g.
+    Llama3.1-8B-Instruct/ with checklist.chk), or its original/ subfolder (a Hugging Face repo such
+    as Meta-Llama-3-8B-Instruct/, whose original/ holds Meta's files beside the safetensors)."""
+    path = Path(path)
+    if not (path / "params.json").is_file() and (path / "original" / "params.json").is_file():
+        return path / "original"
+    return path
+
+
 def find_shards(ckpt_dir: str | Path) -> list[Path]:
-    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir = model_folder(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"checkpoint folder {ckpt_dir} does not exist; expected a folder with params.json and consolidated.00.pth, ...")
     shards = sorted((p for p in ckpt_dir.iterdir() if SHARD_RE.search(p.name)), key=lambda p: int(SHARD_RE.search(p.name).group(1)))
+    listed = _checklist_shards(ckpt_dir)
+    absent = [name for name in listed if not (ckpt_dir / name).is_file()]
+    if absent:  # e.g. an interrupted download: the shards present may still be numbered 00..NN without a gap
+        raise CheckpointError(f"{ckpt_dir / 'checklist.chk'} lists {absent[0]}, which is missing ({len(absent)} of "
+                              f"{len(listed)} shards missing); finish the download (python -m llama_demo.download resumes it)")
     if not shards:
         raise CheckpointError(f"no consolidated.NN.pth files in {ckpt_dir}; expected Meta's layout (params.json, consolidated.00.pth, ...)")
     numbers = [int(SHARD_RE.search(p.name).group(1)) for p in shards]
@@ -235,8 +250,23 @@ def find_shards(ckpt_dir: str | Path) -> list[Path]:
     return shards
 
 
+def _checklist_shards(folder: Path) -> list[str]:
+    """The shard names Meta's checklist.chk (md5sum lines) lists, when the folder has one. The
+    md5 sums themselves are checked by python -m llama_demo.download, not at every start."""
+    path = folder / "checklist.chk"
+    if not path.is_file():
+        return []
+    from .download import DownloadError, parse_checklist
+
+    try:
+        names = parse_checklist(path.read_text(errors="replace"), str(path))
+    except DownloadError as e:
+        raise CheckpointError(str(e)) from None
+    return sorted(name for name in names if SHARD_RE.search(name))
+
+
 def load_model_args(ckpt_dir: str | Path, **overrides) -> ModelArgs:
-    return ModelArgs.from_params_file(Path(ckpt_dir) / "params.json", **overrides)
+    return ModelArgs.from_params_file(model_folder(ckpt_dir) / "params.json", **overrides)
 
 
 def open_shard(path: Path) -> dict[str, torch.Tensor]:
@@ -399,6 +429,7 @@ def open_checkpoint(ckpt_dir: str | Path, world_size: int, **overrides) -> Shard
     """Check the folder and the rank count before touching any weights; fill in vocab_size."""
     if not Path(ckpt_dir).is_dir():
         raise CheckpointError(f"checkpoint folder {ckpt_dir} does not exist; expected a folder with params.json and consolidated.00.pth, ...")
+    ckpt_dir = model_folder(ckpt_dir)
     args = load_model_args(ckpt_dir, **overrides)
     quant = load_quant_spec(ckpt_dir)
     paths = find_shards(ckpt_dir)
@@ -425,7 +456,7 @@ def open_checkpoint(ckpt_dir: str | Path, world_size: int, **overrides) -> Shard
 
 def load_quant_spec(ckpt_dir: str | Path) -> QuantSpec | None:
     """params.json's "quantization" entry, None for a float checkpoint."""
-    path = Path(ckpt_dir) / "params.json"
+    path = model_folder(ckpt_dir) / "params.json"
     raw = json.loads(path.read_text())  # load_model_args has already checked it parses
     return QuantSpec.from_params(raw["quantization"], str(path)) if "quantization" in raw else None
 

@@ -25,7 +25,7 @@ def load_model(ckpt_dir: str | Path, dist_info: DistInfo, dtype: torch.dtype | N
     layers' weights in place or hooks them one by one (GPTQ)."""
     ckpt = open_checkpoint(ckpt_dir, dist_info.world_size)
     args = ckpt.args
-    check_rope(args, str(Path(ckpt_dir) / "params.json"))
+    check_rope(args, str(ckpt.paths[0].parent / "params.json"))
     dtype = dtype or default_dtype(dist_info.device, _checkpoint_dtype(ckpt))
     if ckpt.quant and quantize and quantize != ckpt.quant.method:
         raise ConfigError(f"{ckpt_dir} is already {ckpt.quant.method}-quantized; drop --quantize {quantize} "

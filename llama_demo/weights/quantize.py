@@ -161,7 +161,7 @@ def quantize_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
             continue
         t = ckpt.rank_slice(name, 0, 1)
         state.update(quantize_weight(name, t, spec) if is_quantized_weight(name, spec) else {name: t})
-    extra = {k: v for k, v in json.loads((ckpt_dir / "params.json").read_text()).items()
+    extra = {k: v for k, v in json.loads((ckpt.paths[0].parent / "params.json").read_text()).items()
              if k not in args.to_params() and k not in ("quantization", "converted_from")}
     with atomic_dir(out_dir) as tmp:
         save_sharded(state, args, tmp, shards, extra_params=extra, quant=spec)

@@ -34,8 +34,11 @@ PARAMS = {
                "ffn_dim_multiplier": 1.3, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True},
     # Llama 2 7B's params.json keys
     "llama2": {"dim": 96, "multiple_of": 48, "n_heads": 12, "n_layers": 2, "norm_eps": 1e-05, "vocab_size": -1},
+    # Llama 3.1 with its real vocabulary, for Meta's tiktoken tokenizer.model; narrow to stay small
+    "llama3-128k": {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 128256, "multiple_of": 16,
+                    "ffn_dim_multiplier": 1.3, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True},
 }[family]
-VOCAB = 384
+VOCAB = PARAMS["vocab_size"] if PARAMS["vocab_size"] > 0 else 384
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
