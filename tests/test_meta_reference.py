@@ -25,16 +25,20 @@ RANKS = (1, 2, 3)
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    """{(family, shards): Meta's folder} and {(family, shards, ranks): our logits}: Meta writes each
-    family with 1, 2 and 3 ranks (one torchrun per rank count), then we load every folder on 1, 2
+    """{(family, shards): Meta's folder} and {(family, shards, ranks): our logits}: Meta writes both
+    families with 1, 2 and 3 ranks (one torchrun per rank count), then we load every folder on 1, 2
     and 3 ranks (one torchrun per rank count)."""
     base = tmp_path_factory.mktemp("meta")
     folders = {}
     for shards in SHARDS:
-        for family in FAMILIES:
-            folders[family, shards] = base / f"{family}-{shards}"
-            torchrun(shards, ["tests/workers/meta_checkpoint.py", str(folders[family, shards]), family,
-                              str(10 + shards), json.dumps(PROMPT)], timeout=240)
+        torchrun(shards, ["tests/workers/meta_checkpoint.py", str(base / f"{{family}}-{shards}"), ",".join(FAMILIES),
+                          str(10 + shards), json.dumps(PROMPT)], timeout=240)
+        folders.update({(family, shards): base / f"{family}-{shards}" for family in FAMILIES})
+    # int8 written by python -m llama_demo.quantize from Meta's vocab-split shards (embedding too)
+    from llama_demo.weights.quantize import quantize_checkpoint
+
+    quantize_checkpoint(folders["llama3", 2], base / "int8", "int8", shards=2)
+    folders["int8", 2] = base / "int8"
     keys = sorted(folders)
     ours = {}
     for ranks in RANKS:
@@ -73,20 +77,14 @@ def test_metas_shards_hold_the_layouts_we_read(runs):
     assert json.loads((runs["folders"]["llama2", 2] / "params.json").read_text())["vocab_size"] == -1
 
 
-def test_quantized_copy_of_a_meta_checkpoint_loads(runs, tmp_path):
+@pytest.mark.parametrize("ranks", RANKS)
+def test_quantized_copy_of_a_meta_checkpoint_loads(runs, ranks):
     """int8 written by python -m llama_demo.quantize from Meta's vocab-split shards (embedding
-    quantized too) loads on 1 and 2 ranks, close to Meta's float logits."""
-    from llama_demo.weights.quantize import quantize_checkpoint
-
-    quantize_checkpoint(runs["folders"]["llama3", 2], tmp_path / "q8", "int8", shards=2)
+    quantized too) loads on 1, 2 and 3 ranks, close to Meta's float logits."""
     meta = torch.load(runs["folders"]["llama3", 2] / "meta_logits.pt")
-    for ranks in (1, 2):
-        out = tmp_path / f"o{ranks}"
-        out.mkdir()
-        torchrun(ranks, ["tests/workers/logits_of.py", str(out), json.dumps(PROMPT), str(tmp_path / "q8")])
-        got = torch.load(out / "0.pt")["prefill"]
-        rel = ((got - meta["prefill"]).norm() / meta["prefill"].norm()).item()
-        assert 0 < rel < 0.06, rel  # int8 on random weights: a few percent (tests/test_quant.py)
+    got = runs["ours"]["int8", 2, ranks]["prefill"]
+    rel = ((got - meta["prefill"]).norm() / meta["prefill"].norm()).item()
+    assert 0 < rel < 0.06, rel  # int8 on random weights: a few percent (tests/test_quant.py)
 
 
 @pytest.mark.parametrize("scaled", [False, True])
