@@ -200,6 +200,13 @@ NAMED_SHAPES: dict[str, dict] = {
 }
 
 
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where llama_demo keeps what it makes once and reuses (the converted default model, bench's
+    reference copies): cache_dir, else $LLAMA_DEMO_CACHE, else ~/.cache/llama_demo."""
+    root = cache_dir or os.environ.get("LLAMA_DEMO_CACHE") or Path.home() / ".cache" / "llama_demo"
+    return Path(root).expanduser()
+
+
 def env_float(name: str, default: float) -> float:
     try:
         return float(os.environ.get(name, default))

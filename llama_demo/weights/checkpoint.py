@@ -14,8 +14,12 @@ a different one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -53,7 +57,10 @@ EMBEDDING_LAYOUTS: dict[int, str] = {
     0: "Llama 3.x, split by vocabulary: fairscale VocabParallelEmbedding",
 }
 EMBEDDING = "tok_embeddings.weight"
-IGNORED = {"rope.freqs"}  # LLaMA 1 stores its rotary table; we recompute it
+IGNORED = {"rope.freqs"}
+# The files of a model folder's tokenizer, copied along when a folder is converted or quantized.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")  # LLaMA 1 stores its rotary table; we recompute it
 KV_NAMES = ("attention.wk.weight", "attention.wv.weight")
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 # The Column/RowParallelLinear weights: what a quantized checkpoint stores as integers.
@@ -508,3 +515,28 @@ def save_sharded(state: dict[str, torch.Tensor], args: ModelArgs, out_dir: str |
         params["quantization"] = quant.to_params()
     (out / "params.json").write_text(json.dumps(params, indent=2) + "\n")
     return paths
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse a folder that exists with something in it: converting or quantizing never overwrites.
+    Callers check before their slow part, so a wrong --out fails at once, not after minutes."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise CheckpointError(f"{out_dir} already exists and is not empty; choose a new folder or delete it")
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: Path) -> Iterator[Path]:
+    """A temporary sibling folder that becomes out_dir only when the body finishes, so an
+    interrupted conversion never leaves a folder that looks complete."""
+    check_out_dir(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()  # not mkdtemp: its 0700 mode would stick to the renamed folder
+    try:
+        yield tmp
+        if out_dir.is_dir():
+            out_dir.rmdir()  # empty (checked above); rename cannot replace a folder
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

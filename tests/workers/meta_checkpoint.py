@@ -15,7 +15,6 @@ network (same norms, rope, attention, FFN) but for its ParallelEmbedding and rop
     argv: out_dir family[,family...] seed prompt_json   ("{family}" in out_dir: one folder each)
 """
 import json
-import os
 import sys
 from pathlib import Path
 
