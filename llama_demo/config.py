@@ -34,6 +34,8 @@ PARAMS_REFUSED = {
     "lora_args": "Meta's int4 QAT+LoRA layout, which this loader does not read; use the bfloat16 release and "
                  "--quantize int4 or python -m llama_demo.quantize",
 }
+# Other spellings of our fields in Meta's params.json files (Llama Guard 3 1B INT4 uses executorch's).
+PARAMS_ALIASES = {"rope_freq_base": "rope_theta"}
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> list[float]:
@@ -55,10 +57,6 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -
             smooth = (old / wavelen - low) / (high - low)
             out.append((1 - smooth) * f / factor + smooth * f)
     return out
-
-
-# Other spellings of our fields in Meta's params.json files (Llama Guard 3 1B INT4 uses executorch's).
-PARAMS_ALIASES = {"rope_freq_base": "rope_theta"}
 
 
 @dataclass
@@ -113,6 +111,10 @@ class ModelArgs:
             raise ConfigError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
         if self.vocab_size <= 0:
             raise ConfigError("vocab_size is unknown: params.json says -1 and no tokenizer gave it")
+        if self.rope_scaling_factor is not None and self.rope_scaling_factor <= 0:
+            raise ConfigError(f"rope_scaling_factor must be positive, got {self.rope_scaling_factor}")
+        if self.hidden_dim is not None and self.hidden_dim <= 0:
+            raise ConfigError(f"hidden_dim (the FFN size) must be positive, got {self.hidden_dim}")
 
     def check_world_size(self, world_size: int) -> None:
         """Model-parallel ranks must divide the query heads and the KV heads (or be a multiple of

@@ -74,10 +74,14 @@ def check_rope(args: ModelArgs, source: str) -> None:
     rotary code reads it: refuse rather than serve subtly wrong long-context attention."""
     got = transformer.rope_frequencies(args).double()
     want = torch.tensor(rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling), dtype=torch.float64)
-    if not torch.allclose(got, want, rtol=1e-6, atol=0):
+    if torch.allclose(got, want, rtol=1e-6, atol=0):
+        return
+    if args.rope_scaling_factor not in (None, LLAMA3_ROPE_SCALING["factor"]):
         raise ConfigError(f"{source}: rope_scaling_factor {args.rope_scaling_factor} is not applied by this build's "
                           f"rotary code (model/transformer.py rope_frequencies); remove the key to run with Llama 3.1's "
                           f"factor {LLAMA3_ROPE_SCALING['factor']:g}, as Meta's reference code does")
+    raise ConfigError(f"{source}: the model's rotary frequencies differ from those of rope_theta={args.rope_theta}, "
+                      f"use_scaled_rope={args.use_scaled_rope} (model/transformer.py vs config.rope_frequencies)")
 
 
 def _checkpoint_dtype(ckpt: ShardedCheckpoint) -> torch.dtype:
