@@ -8,13 +8,12 @@ import json
 import math
 from pathlib import Path
 
+import llama_models  # a test dependency (requirements-test.txt): no skip, a missing install must fail
 import pytest
 import torch
 
 from conftest import torchrun
 from llama_demo.config import LLAMA3_ROPE_SCALING, ConfigError, ModelArgs, rope_frequencies
-
-llama_models = pytest.importorskip("llama_models", reason="llama-models is a test dependency: pip install -r requirements-test.txt")
 
 # Two rows, so batched prefill and decode are covered; the last token of each is the decode step.
 PROMPT = [[5, 6, 7, 8, 9, 10, 11, 12], [100, 200, 300, 383, 1, 2, 3, 4]]
@@ -123,15 +122,21 @@ def test_every_released_text_models_params_are_understood():
     """Each params.json Meta lists (sku_list arch_args), scaled down with the same keys and ratios:
     text models load with every field as Meta's ModelArgs reads it; vision and Meta-quantized ones
     are refused with a one-line reason naming the key."""
+    from dataclasses import fields
+
     from llama_models.llama3.args import ModelArgs as MetaArgs
     from llama_models.sku_list import all_registered_models
 
+    from llama_demo.config import PARAMS_ALIASES, PARAMS_REFUSED
+
+    understood = {f.name for f in fields(ModelArgs)} | set(PARAMS_ALIASES) | set(PARAMS_REFUSED)
     seen = 0
     for m in all_registered_models():
         raw = dict(m.arch_args)
         if not raw:  # Llama 4 (mixture of experts): its params are not in the list
             continue
         seen += 1
+        assert set(raw) <= understood, (m.descriptor(), set(raw) - understood)  # none silently ignored
         small = dict(raw, dim=raw["dim"] // 32, n_layers=2, vocab_size=256)
         for key in ("hidden_dim", "multiple_of"):
             if key in small:
