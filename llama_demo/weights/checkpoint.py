@@ -57,10 +57,10 @@ EMBEDDING_LAYOUTS: dict[int, str] = {
     0: "Llama 3.x, split by vocabulary: fairscale VocabParallelEmbedding",
 }
 EMBEDDING = "tok_embeddings.weight"
-IGNORED = {"rope.freqs"}
+IGNORED = {"rope.freqs"}  # LLaMA 1 stores its rotary table; we recompute it
 # The files of a model folder's tokenizer, copied along when a folder is converted or quantized.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")  # LLaMA 1 stores its rotary table; we recompute it
+                   "generation_config.json")
 KV_NAMES = ("attention.wk.weight", "attention.wv.weight")
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 # The Column/RowParallelLinear weights: what a quantized checkpoint stores as integers.
