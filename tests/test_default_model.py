@@ -19,7 +19,7 @@ N_NEW = 24
 
 @pytest.fixture(scope="module")
 def default_dir() -> Path:
-    from llama_demo.weights.convert import default_model_dir
+    from llama_demo.weights.default_model import default_model_dir
 
     return default_model_dir()
 

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/c
 
 def test_default_model_answers_in_the_browser(tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
-    from llama_demo.weights.convert import default_model_dir
+    from llama_demo.weights.default_model import default_model_dir
 
     ckpt = default_model_dir()
     # the page starts at temperature 0 (greedy), so the answer is the model's most likely one

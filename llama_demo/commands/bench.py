@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..weights.checkpoint import expected_shapes, open_checkpoint, save_sharded
-from ..config import NAMED_SHAPES, ModelArgs
+from ..config import NAMED_SHAPES, ModelArgs, cache_root
 from ..model.parallel import cpu_threads, init_distributed, parse_dtype
 from ..engine.engine import Engine, Request
 from .startup import add_quantize_arg, run_command
@@ -44,7 +43,7 @@ class _NoTextTokenizer:
 def random_checkpoint(shape: str, cache: Path | None = None) -> Path:
     if shape not in NAMED_SHAPES:
         raise ValueError(f"--shape must be one of {', '.join(NAMED_SHAPES)}")
-    cache = cache or Path(os.environ.get("LLAMA_DEMO_CACHE", Path.home() / ".cache" / "llama_demo")) / "bench"
+    cache = cache or cache_root() / "bench"
     folder = cache / f"random-{shape}"
     if (folder / "params.json").is_file():
         return folder
@@ -121,7 +120,7 @@ def hf_model_from_meta(folder: Path, dtype: torch.dtype, device: torch.device):
     """transformers' LlamaForCausalLM on a one-rank view of a Meta checkpoint (rotary rows permuted)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ..weights.convert import hf_from_meta_rotary as permute
+    from ..weights.hf import hf_from_meta_rotary as permute, hf_name
 
     ck = open_checkpoint(folder, 1)
     a = ck.args
@@ -129,24 +128,14 @@ def hf_model_from_meta(folder: Path, dtype: torch.dtype, device: torch.device):
                       num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
                       rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta, max_position_embeddings=4096,
                       tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-             "output.weight": "lm_head.weight"}
-    sub = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-           "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
-           "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
     sd = {}
     for name in ck.full_shapes:
         t = ck.rank_slice(name, 0, 1).to(dtype)
-        if name in names:
-            sd[names[name]] = t
-            continue
-        _, i, rest = name.split(".", 2)
-        key = rest.rsplit(".", 1)[0]
-        if key == "attention.wq":
+        if name.endswith("attention.wq.weight"):
             t = permute(t, a.n_heads)
-        elif key == "attention.wk":
+        elif name.endswith("attention.wk.weight"):
             t = permute(t, a.n_kv_heads)
-        sd[f"model.layers.{i}.{sub[key]}.weight"] = t
+        sd[hf_name(name)] = t
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype)
     missing, unexpected = model.load_state_dict(sd, strict=False)

@@ -105,7 +105,7 @@ def resolve_model(a: argparse.Namespace) -> None:
     the others wait for the folder: conversion is not repeated per rank)."""
     if a.ckpt_dir:
         return
-    from ..weights.convert import default_model_dir
+    from ..weights.default_model import default_model_dir
 
     a.ckpt_dir = str(default_model_dir())
 

@@ -14,16 +14,19 @@ from ..config import DEFAULT_DIST_TIMEOUT, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_S
 from ..engine.engine import Engine
 from ..model.parallel import DistInfo, check_dtype, init_distributed, parse_dtype, shutdown_distributed
 from ..text.tokenizer import Tokenizer, load_tokenizer
+from ..weights.checkpoint import model_folder
 from ..weights.loading import load_model
 
 
 def find_tokenizer(ckpt_dir: str | Path, tokenizer_path: str | Path | None) -> Path:
-    """--tokenizer_path, else the model folder's own tokenizer (Llama 3, converted models), else
-    Meta's tokenizer.model one level up (LLaMA 1/2 keep it beside the size folders)."""
+    """--tokenizer_path, else the model folder's own tokenizer (Llama 3, converted models), else the
+    original/ subfolder's (a Hugging Face repo of Meta's files), else Meta's tokenizer.model one
+    level up (LLaMA 1/2 keep it beside the size folders)."""
     if tokenizer_path:
         return Path(tokenizer_path)
     ckpt_dir = Path(ckpt_dir)
-    for cand in (ckpt_dir / "tokenizer.json", ckpt_dir / "tokenizer.model", ckpt_dir.parent / "tokenizer.model"):
+    for cand in (ckpt_dir / "tokenizer.json", ckpt_dir / "tokenizer.model", ckpt_dir / "original" / "tokenizer.model",
+                 ckpt_dir.parent / "tokenizer.model"):
         if cand.is_file():
             return ckpt_dir if cand.name == "tokenizer.json" else cand
     raise ConfigError(f"no tokenizer found: pass --tokenizer_path, or put tokenizer.model in {ckpt_dir} or {ckpt_dir.parent}")
@@ -85,7 +88,7 @@ def check_kv_cache_fits(a: argparse.Namespace, info: DistInfo, dtype: torch.dtyp
     """Refuse at start-up, with the flags to lower, a KV cache that cannot fit in free memory
     (it is allocated whole, up front). Weights are loaded after this check: with them the job can
     still run short, which load_model's out-of-memory error then reports."""
-    params = Path(a.ckpt_dir) / "params.json"
+    params = model_folder(a.ckpt_dir) / "params.json"
     if not params.is_file():
         return  # load_model names what is missing
     args = ModelArgs.from_params_file(params, max_seq_len=a.max_seq_len, max_batch_size=a.max_batch_size)

@@ -5,11 +5,21 @@ model-parallel rank the model was saved with. Each split tensor holds 1/N of the
 along the dimension the split table names (fairscale's Column/RowParallelLinear and
 ParallelEmbedding). When the rank count differs from the shard count, each rank reads the
 memory-mapped shards and copies out only its own slice, so no rank ever holds the whole model.
+
+How a folder's shards split each tensor is read from the shards' shapes, not assumed: Meta's
+LLaMA 1/2 code splits the token embedding by its feature dimension (ParallelEmbedding), Llama 3.x
+by vocabulary rows (VocabParallelEmbedding), and params.json says neither. Our model splits its
+own embedding by features at run time (SPLIT_DIM); resharding copes with the stored split being
+a different one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -28,7 +38,7 @@ SHARD_RE = re.compile(r"consolidated\.(\d+)\.pth$")
 # The split table: for each tensor, the dimension along which each shard/rank holds a 1/N slice
 # (None: replicated). Layer index is stripped before lookup.
 SPLIT_DIM: dict[str, int | None] = {
-    "tok_embeddings.weight": 1,      # ParallelEmbedding splits the embedding dimension
+    "tok_embeddings.weight": 1,      # ParallelEmbedding splits the embedding dimension (run time; stored: see EMBEDDING_LAYOUTS)
     "attention.wq.weight": 0,        # ColumnParallelLinear: output rows
     "attention.wk.weight": 0,
     "attention.wv.weight": 0,
@@ -41,7 +51,16 @@ SPLIT_DIM: dict[str, int | None] = {
     "attention_norm.weight": None,
     "ffn_norm.weight": None,
 }
+# The splits Meta's code stores tok_embeddings.weight [vocab, dim] with, one file per rank.
+EMBEDDING_LAYOUTS: dict[int, str] = {
+    1: "LLaMA 1/2, split by features: fairscale ParallelEmbedding",
+    0: "Llama 3.x, split by vocabulary: fairscale VocabParallelEmbedding",
+}
+EMBEDDING = "tok_embeddings.weight"
 IGNORED = {"rope.freqs"}  # LLaMA 1 stores its rotary table; we recompute it
+# The files of a model folder's tokenizer, copied along when a folder is converted or quantized.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
 KV_NAMES = ("attention.wk.weight", "attention.wv.weight")
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 # The Column/RowParallelLinear weights: what a quantized checkpoint stores as integers.
@@ -210,11 +229,26 @@ def kv_heads_of_part(n_kv: int, part: int, n_parts: int) -> list[int]:
     return [part // (n_parts // n_kv)]
 
 
+def model_folder(path: str | Path) -> Path:
+    """The folder holding params.json and the shards: `path` itself (Meta's download, e.g.
+    Llama3.1-8B-Instruct/ with checklist.chk), or its original/ subfolder (a Hugging Face repo such
+    as Meta-Llama-3-8B-Instruct/, whose original/ holds Meta's files beside the safetensors)."""
+    path = Path(path)
+    if not (path / "params.json").is_file() and (path / "original" / "params.json").is_file():
+        return path / "original"
+    return path
+
+
 def find_shards(ckpt_dir: str | Path) -> list[Path]:
-    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir = model_folder(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"checkpoint folder {ckpt_dir} does not exist; expected a folder with params.json and consolidated.00.pth, ...")
     shards = sorted((p for p in ckpt_dir.iterdir() if SHARD_RE.search(p.name)), key=lambda p: int(SHARD_RE.search(p.name).group(1)))
+    listed = _checklist_shards(ckpt_dir)
+    absent = [name for name in listed if not (ckpt_dir / name).is_file()]
+    if absent:  # e.g. an interrupted download: the shards present may still be numbered 00..NN without a gap
+        raise CheckpointError(f"{ckpt_dir / 'checklist.chk'} lists {absent[0]}, which is missing ({len(absent)} of "
+                              f"{len(listed)} shards missing); finish the download (python -m llama_demo.download resumes it)")
     if not shards:
         raise CheckpointError(f"no consolidated.NN.pth files in {ckpt_dir}; expected Meta's layout (params.json, consolidated.00.pth, ...)")
     numbers = [int(SHARD_RE.search(p.name).group(1)) for p in shards]
@@ -223,8 +257,23 @@ def find_shards(ckpt_dir: str | Path) -> list[Path]:
     return shards
 
 
+def _checklist_shards(folder: Path) -> list[str]:
+    """The shard names Meta's checklist.chk (md5sum lines) lists, when the folder has one. The
+    md5 sums themselves are checked by python -m llama_demo.download, not at every start."""
+    path = folder / "checklist.chk"
+    if not path.is_file():
+        return []
+    from .download import DownloadError, parse_checklist
+
+    try:
+        names = parse_checklist(path.read_text(errors="replace"), str(path))
+    except DownloadError as e:
+        raise CheckpointError(str(e)) from None
+    return sorted(name for name in names if SHARD_RE.search(name))
+
+
 def load_model_args(ckpt_dir: str | Path, **overrides) -> ModelArgs:
-    return ModelArgs.from_params_file(Path(ckpt_dir) / "params.json", **overrides)
+    return ModelArgs.from_params_file(model_folder(ckpt_dir) / "params.json", **overrides)
 
 
 def open_shard(path: Path) -> dict[str, torch.Tensor]:
@@ -264,6 +313,7 @@ class ShardedCheckpoint:
     args: ModelArgs
     paths: list[Path]
     quant: QuantSpec | None = None  # params.json's "quantization": see QuantSpec
+    embedding_split: int = 1  # how the files split tok_embeddings.weight: a key of EMBEDDING_LAYOUTS
 
     def __post_init__(self) -> None:
         self._open: dict[int, dict[str, torch.Tensor]] = {}
@@ -302,25 +352,57 @@ class ShardedCheckpoint:
                 raise CheckpointError(f"{path}: {name} is {str(sd[name].dtype).replace('torch.', '')}, expected "
                                       f"{str(want_dtype).replace('torch.', '')} for a {self.quant.method} checkpoint (params.json \"quantization\")")
 
-    def shard_shape(self, name: str, full: tuple[int, ...]) -> tuple[int, ...]:
-        d = split_dim(name, self.quant)
+    def stored_split(self, name: str) -> int | None:
+        """The dimension along which the shards on disk split `name` (see EMBEDDING_LAYOUTS)."""
+        if self.embedding_split == 0 and _weight_name(name) == EMBEDDING:
+            return 0  # rows are vocabulary entries: the weight and its companions alike
+        return split_dim(name, self.quant)
+
+    def shard_shape(self, name: str, full: tuple[int, ...], d: int | None = None, n: int | None = None) -> tuple[int, ...]:
+        """Shape of one shard's `name` when `n` shards split it along `d` (None: replicated); with
+        neither given, this folder's shard count and stored split."""
+        d = self.stored_split(name) if d is None and n is None else d
+        n = self.n if n is None else n
         if d is None:
             return full
         shape = list(full)
         if table_key(_weight_name(name)) in KV_NAMES:
-            shape[0] = len(kv_heads_of_part(self.args.n_kv_heads, 0, self.n)) * self.args.head_dim
+            shape[0] = len(kv_heads_of_part(self.args.n_kv_heads, 0, n)) * self.args.head_dim
         else:
-            if full[d] % self.n:
-                raise CheckpointError(f"{name} of size {full[d]} cannot have been split over {self.n} shards; is params.json right?")
-            shape[d] = full[d] // self.n
+            if full[d] % n:
+                raise CheckpointError(f"{name} of size {full[d]} cannot have been split over {n} shards; is params.json right?")
+            shape[d] = full[d] // n
         return tuple(shape)
+
+    def detect_embedding_split(self) -> None:
+        """Read from shard 0's tok_embeddings.weight which of Meta's layouts the folder uses."""
+        if self.n == 1:
+            return  # one shard holds the whole table: nothing to tell apart
+        path, full = self.paths[0], self.full_shapes[EMBEDDING]
+        sd = open_shard(path)
+        if EMBEDDING not in sd:
+            self._check_shard(0, sd)  # says what is missing
+        got = tuple(sd[EMBEDDING].shape)
+        for d in EMBEDDING_LAYOUTS:
+            if full[d] % self.n == 0 and got == self.shard_shape(EMBEDDING, full, d, self.n):
+                self.embedding_split = d
+                self._check_shard(0, sd)  # the rest of shard 0 against that layout; keep it open
+                self._open[0] = sd
+                return
+        layouts = " or ".join(f"{list(self.shard_shape(EMBEDDING, full, d, self.n))} ({EMBEDDING_LAYOUTS[d]})"
+                              for d in EMBEDDING_LAYOUTS if full[d] % self.n == 0)
+        raise CheckpointError(f"{path}: {EMBEDDING} has shape {list(got)}, which fits no known layout of "
+                              f"{self.n} shards: expected {layouts or 'sizes divisible by ' + str(self.n)} for params.json's "
+                              f"vocab_size={self.args.vocab_size}, dim={self.args.dim}; is params.json right?")
 
     def rank_slice(self, name: str, rank: int, world: int) -> torch.Tensor:
         """This rank's part of tensor `name`, copied out of the memory-mapped shards."""
         full = self.full_shapes[name]
         d = split_dim(name, self.quant)
-        if d is None:
+        if d is None and self.stored_split(name) is None:
             return self.shard(0)[name].clone()
+        whole = d is None  # replicated at run time, split on disk (a vocab-split embedding's int8 scales)
+        d = 0 if whole else d
         if table_key(_weight_name(name)) in KV_NAMES:  # rows are heads: weight, scales, zeros alike
             hd, n_kv = self.args.head_dim, self.args.n_kv_heads
             blocks = []
@@ -332,12 +414,17 @@ class ShardedCheckpoint:
                         blocks.append(self.shard(s)[name].narrow(0, held.index(h) * hd, hd))
                         break
             return torch.cat(blocks, 0)
+        lo, hi = (0, full[d]) if whole else (rank * full[d] // world, (rank + 1) * full[d] // world)
+        src = self.stored_split(name)
+        if src is None:  # one full copy on disk (replicated): every shard has it
+            return self.shard(0)[name].narrow(d, lo, hi - lo).clone()
+        if src != d:  # split one way on disk, the other way at run time: a strip of every shard
+            return torch.cat([self.shard(s)[name].narrow(d, lo, hi - lo) for s in range(self.n)], src)
         per_shard = full[d] // self.n
-        start, stop = rank * full[d] // world, (rank + 1) * full[d] // world
         pieces = []
-        for s in range(start // per_shard, (stop - 1) // per_shard + 1):
-            lo, hi = max(start, s * per_shard), min(stop, (s + 1) * per_shard)
-            pieces.append(self.shard(s)[name].narrow(d, lo - s * per_shard, hi - lo))
+        for s in range(lo // per_shard, (hi - 1) // per_shard + 1):
+            a, b = max(lo, s * per_shard), min(hi, (s + 1) * per_shard)
+            pieces.append(self.shard(s)[name].narrow(d, a - s * per_shard, b - a))
         return pieces[0].clone() if len(pieces) == 1 else torch.cat(pieces, d)
 
 
@@ -349,14 +436,17 @@ def open_checkpoint(ckpt_dir: str | Path, world_size: int, **overrides) -> Shard
     """Check the folder and the rank count before touching any weights; fill in vocab_size."""
     if not Path(ckpt_dir).is_dir():
         raise CheckpointError(f"checkpoint folder {ckpt_dir} does not exist; expected a folder with params.json and consolidated.00.pth, ...")
+    ckpt_dir = model_folder(ckpt_dir)
     args = load_model_args(ckpt_dir, **overrides)
     quant = load_quant_spec(ckpt_dir)
     paths = find_shards(ckpt_dir)
-    if args.vocab_size <= 0:  # LLaMA 1/2 say -1: the embedding's row count is the truth
-        emb = open_shard(paths[0]).get("tok_embeddings.weight")
-        if emb is None or emb.dim() != 2:
-            raise CheckpointError(f"{paths[0]} has no 2-D tok_embeddings.weight; expected a Meta consolidated.NN.pth")
-        args.vocab_size = emb.shape[0]
+    if args.vocab_size <= 0:
+        # LLaMA 1/2 say -1. The output layer is column-parallel in every Meta layout, so its rows
+        # times the shard count are the vocabulary (the embedding's rows are not: Llama 3 splits them).
+        out = open_shard(paths[0]).get("output.weight")
+        if out is None or out.dim() != 2:
+            raise CheckpointError(f"{paths[0]} has no 2-D output.weight; expected a Meta consolidated.NN.pth")
+        args.vocab_size = out.shape[0] * len(paths)
     args.validate()
     args.check_world_size(world_size)
     n = len(paths)
@@ -366,12 +456,14 @@ def open_checkpoint(ckpt_dir: str | Path, world_size: int, **overrides) -> Shard
         quant.check(args)
         quant.check(args, n, "shard")
         quant.check(args, world_size, "rank")
-    return ShardedCheckpoint(args, paths, quant)
+    ckpt = ShardedCheckpoint(args, paths, quant)
+    ckpt.detect_embedding_split()
+    return ckpt
 
 
 def load_quant_spec(ckpt_dir: str | Path) -> QuantSpec | None:
     """params.json's "quantization" entry, None for a float checkpoint."""
-    path = Path(ckpt_dir) / "params.json"
+    path = model_folder(ckpt_dir) / "params.json"
     raw = json.loads(path.read_text())  # load_model_args has already checked it parses
     return QuantSpec.from_params(raw["quantization"], str(path)) if "quantization" in raw else None
 
@@ -423,3 +515,28 @@ def save_sharded(state: dict[str, torch.Tensor], args: ModelArgs, out_dir: str |
         params["quantization"] = quant.to_params()
     (out / "params.json").write_text(json.dumps(params, indent=2) + "\n")
     return paths
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse a folder that exists with something in it: converting or quantizing never overwrites.
+    Callers check before their slow part, so a wrong --out fails at once, not after minutes."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise CheckpointError(f"{out_dir} already exists and is not empty; choose a new folder or delete it")
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: Path) -> Iterator[Path]:
+    """A temporary sibling folder that becomes out_dir only when the body finishes, so an
+    interrupted conversion never leaves a folder that looks complete."""
+    check_out_dir(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()  # not mkdtemp: its 0700 mode would stick to the renamed folder
+    try:
+        yield tmp
+        if out_dir.is_dir():
+            out_dir.rmdir()  # empty (checked above); rename cannot replace a folder
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

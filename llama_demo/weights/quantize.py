@@ -38,15 +38,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import QuantSpec, is_quantized_weight, open_checkpoint, save_sharded
+from .checkpoint import (TOKENIZER_FILES, QuantSpec, atomic_dir, check_out_dir, is_quantized_weight, open_checkpoint,
+                         save_sharded)
 from ..config import ConfigError
-from .convert import atomic_dir, check_out_dir
 from ..model.quant import dequantize_int4, gptq_int4, quantize_weight, spec_for
 
-# Copied as they are, so the quantized folder is served as is (tokenizer.model may sit one level
-# up, beside LLaMA 1/2's size folders: then it is copied from there).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json",
-                   "special_tokens_map.json")
 DEFAULT_CALIB_TEXT = "assets/pride_and_prejudice.txt"
 # The eval figures use the text's first 2048 tokens: calibrating after 4096 keeps them unseen.
 DEFAULT_CALIB_SKIP = 4096
@@ -161,7 +157,7 @@ def quantize_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
             continue
         t = ckpt.rank_slice(name, 0, 1)
         state.update(quantize_weight(name, t, spec) if is_quantized_weight(name, spec) else {name: t})
-    extra = {k: v for k, v in json.loads((ckpt_dir / "params.json").read_text()).items()
+    extra = {k: v for k, v in json.loads((ckpt.paths[0].parent / "params.json").read_text()).items()
              if k not in args.to_params() and k not in ("quantization", "converted_from")}
     with atomic_dir(out_dir) as tmp:
         save_sharded(state, args, tmp, shards, extra_params=extra, quant=spec)
@@ -195,6 +191,8 @@ def _run_gptq(ckpt_dir: Path, spec: QuantSpec, calib_text: str | None, calib_tok
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
+    """The tokenizer files, copied as they are, so the quantized folder is served as is
+    (tokenizer.model may sit one level up, beside LLaMA 1/2's size folders: then from there)."""
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
