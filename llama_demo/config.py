@@ -183,10 +183,23 @@ MAX_STOP_CHARS = 1024
 MAX_CHAT_MESSAGES = 4096
 MAX_SEED = 2**64  # torch.Generator takes seeds in [0, 2**64); larger integers are reduced modulo this
 MAX_REPETITION_PENALTY = 100.0
+# OpenAI's ranges: presence/frequency penalties in [-2, 2], logit_bias values in [-100, 100]
+MAX_PRESENCE_PENALTY = 2.0
+MAX_LOGIT_BIAS = 100.0
+MAX_LOGIT_BIAS_ENTRIES = 1024  # token ids one request may bias (OpenAI's limit is 300)
+# Alternatives per token with logprobs: OpenAI allows 20 (chat top_logprobs; completions take 5,
+# vLLM 20); each costs one top-k over the vocabulary on rank 0, only for requests that ask.
+MAX_TOP_LOGPROBS = 20
+# Choices one request may ask for (n, times the prompts of a batch): each is its own engine request,
+# and all of them must fit the queue at once (all-or-nothing, else 429).
+MAX_CHOICES = 128
 # Requests admitted beyond the KV rows wait here; more than this many waiting is a 429.
 DEFAULT_MAX_WAITING = 64
 DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20  # a request body larger than this is a 413
 RETRY_AFTER_S = 2  # what a 429 tells clients to wait
+# An SSE comment (": keep-alive") goes out after this many seconds without an event, so proxies
+# and clients with read timeouts keep a stream open while its request waits for a KV row.
+SSE_KEEPALIVE_S = 10.0
 
 # Secrets come from the environment (or a file), never from every rank's command line.
 API_KEY_ENV = "LLAMA_DEMO_API_KEY"

@@ -174,7 +174,17 @@ def test_raw_stream_is_sse_ending_in_done(chat):
     ("completions", {"prompt": "the lazy dog " * 200}, "prompt", "context"),
     ("completions", {"prompt": "x", "temperature": -1}, "temperature", "temperature must be >= 0"),
     ("completions", {"prompt": "x", "top_p": 2}, "top_p", "top_p must be in (0, 1]"),
-    ("completions", {"prompt": "x", "n": 2}, "n", "n is not supported"),
+    ("completions", {"prompt": "x", "n": 0}, "n", "n must be an integer >= 1"),
+    ("completions", {"prompt": "x", "suffix": "end"}, "suffix", "suffix is not supported"),
+    ("completions", {"prompt": "x", "wizardry": 1}, "wizardry", "Extra inputs are not permitted"),
+    ("completions", {"prompt": "x", "logit_bias": {"999": 1}}, "logit_bias", "outside the vocabulary"),
+    ("completions", {"prompt": "x", "logprobs": 21}, "logprobs", "logprobs must be an integer in [0, 20]"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, "top_logprobs",
+     "needs logprobs: true"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 30},
+     "top_logprobs", "top_logprobs must be an integer in [0, 20]"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+     "tools", "tools is not supported"),
     ("completions", {"prompt": "x", "max_tokens": 0}, "max_tokens", "max_tokens must be an integer >= 1"),
     ("completions", {"prompt": "x", "temperature": "hot"}, "temperature", "valid number"),
     ("completions", {}, "prompt", "Field required"),
@@ -335,3 +345,112 @@ def test_share_without_internet_is_one_clear_line(monkeypatch):
         open_share_tunnel("0.0.0.0", 7860)
     msg = str(e.value)
     assert "\n" not in msg and "internet" in msg and "http://127.0.0.1:7860/" in msg
+
+
+# --- logprobs, n, batches of prompts, nulls -------------------------------------------------------
+
+
+def test_chat_logprobs_have_openais_shape(chat, tok):
+    out = oai(chat[2]).chat.completions.create(model="m", messages=[{"role": "user", "content": "hi llama"}],
+                                               max_tokens=5, logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert len(content) == 5 and chat[0].requests[-1][1].logprobs == 3
+    assert "".join(c.token for c in content) == out.choices[0].message.content
+    first = content[0]
+    assert first.logprob == -0.25 and bytes(first.bytes).decode() == first.token
+    assert len(first.top_logprobs) == 3 and first.top_logprobs[0].token == first.token
+
+
+def test_chat_stream_carries_logprobs_per_token(chat):
+    chunks = list(oai(chat[2]).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4, logprobs=True, stream=True))
+    entries = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert len(entries) == 4 and all(e.top_logprobs == [] for e in entries)
+
+
+def test_completion_echo_with_logprobs_scores_the_prompt_as_openai_does(chat, tok):
+    ids = tok.encode("The quick brown fox")
+    out = oai(chat[2]).completions.create(model="m", prompt=ids, max_tokens=2, echo=True, logprobs=1, temperature=0)
+    choice = out.choices[0]
+    lp = choice.logprobs
+    assert choice.text.startswith(tok.decode(ids))
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == len(ids) + 2
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing predicts the first token
+    assert lp.token_logprobs[1:] == [-0.25] * (len(ids) + 1)
+    assert all(max(top.values()) == t for top, t in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]))
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[-1] < len(choice.text)
+    params = chat[0].requests[-1][1]
+    assert (params.logprobs, params.prompt_logprobs) == (1, 1)
+
+
+def test_completion_logprobs_stream_as_openai_does(chat, tok):
+    chunks = list(oai(chat[2]).completions.create(model="m", prompt="llama", max_tokens=3, logprobs=2, stream=True))
+    tokens = [t for c in chunks for t in (c.choices[0].logprobs.tokens if c.choices[0].logprobs else [])]
+    assert len(tokens) == 3
+    offsets = [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert offsets == sorted(offsets) and offsets[0] == 0
+
+
+def test_a_batch_of_prompts_and_n_are_several_requests_in_one_response(chat, tok):
+    client, _, s = chat
+    prompts = [tok.encode("Once upon"), tok.encode("a little llama")]
+    before = len(client.requests)
+    out = oai(s).completions.create(model="m", prompt=prompts, max_tokens=3, n=2, seed=7)
+    assert len(client.requests) - before == 4
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert [c.text for c in out.choices] == [expected_text(tok, prompts[i // 2], 3, SEQ) for i in range(4)]
+    assert [r[1].seed for r in client.requests[before:]] == [7, 8, 7, 8]  # choice j draws from seed + j
+    assert out.usage.prompt_tokens == len(prompts[0]) + len(prompts[1]) and out.usage.completion_tokens == 12
+    texts = oai(s).completions.create(model="m", prompt=["Once upon", "a little llama"], max_tokens=3)
+    assert [c.text for c in texts.choices] == [expected_text(tok, p, 3, SEQ) for p in prompts]
+
+
+def test_chat_n_streams_every_choice_by_index(chat):
+    chunks = list(oai(chat[2]).chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                                       max_tokens=4, n=3, stream=True))
+    texts = {}
+    for c in chunks:
+        for ch in c.choices:
+            texts[ch.index] = texts.get(ch.index, "") + (ch.delta.content or "")
+    assert sorted(texts) == [0, 1, 2] and len(set(texts.values())) == 1
+    assert sum(1 for c in chunks for ch in c.choices if ch.finish_reason) == 3
+
+
+def test_choices_queue_all_or_nothing(chat):
+    client, _, s = chat
+    client.capacity, before = 3, len(client.requests)
+    try:
+        r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "x", "n": 2, "max_tokens": 2, "stream": True,
+                                                        "stream_options": None})
+        assert r.status_code == 200
+        client.delay = 0.05
+        with httpx.stream("POST", f"{s.url}/v1/completions", json={"prompt": "x", "n": 2, "max_tokens": 40,
+                                                                   "stream": True}) as held:
+            lines = held.iter_lines()  # kept: a dropped iterator closes the stream
+            next(lines)
+            r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "x", "n": 2})
+            assert r.status_code == 429 and r.headers["retry-after"]
+    finally:
+        client.capacity, client.delay = 1000, 0.0
+    assert len(client.requests) == before + 4  # the refused pair published nothing
+
+
+def test_explicit_nulls_mean_the_defaults(chat):
+    client, _, s = chat
+    body = {"prompt": "llama", "stream": None, "n": None, "temperature": None, "top_p": None, "max_tokens": None,
+            "stop": None, "seed": None, "presence_penalty": None, "frequency_penalty": None, "logit_bias": None,
+            "logprobs": None, "echo": None, "best_of": None, "suffix": None, "user": None, "stream_options": None}
+    r = httpx.post(f"{s.url}/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    params = client.requests[-1][1]
+    assert (params.temperature, params.top_p, params.max_new_tokens, params.logprobs) == (1.0, 1.0, 16, None)
+
+
+def test_sampling_fields_reach_the_engine(chat):
+    client, _, s = chat
+    oai(s).chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                   presence_penalty=0.5, frequency_penalty=-0.5, logit_bias={"5": -100, "7": 3},
+                                   extra_body={"min_p": 0.1, "top_k": 4, "repetition_penalty": 1.1})
+    p = client.requests[-1][1]
+    assert (p.presence_penalty, p.frequency_penalty, p.min_p, p.top_k, p.repetition_penalty) == (0.5, -0.5, 0.1, 4, 1.1)
+    assert p.logit_bias == [[5, -100.0], [7, 3.0]]

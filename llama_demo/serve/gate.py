@@ -23,7 +23,9 @@ from .errors import ApiError
 
 # SamplingParams field -> the OpenAI request field a 400 names
 API_NAMES = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-             "repetition_penalty": "repetition_penalty", "stop": "stop", "seed": "seed"}
+             "repetition_penalty": "repetition_penalty", "stop": "stop", "seed": "seed",
+             "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty", "min_p": "min_p",
+             "logit_bias": "logit_bias", "logprobs": "logprobs", "prompt_logprobs": "logprobs"}
 
 
 @dataclass
@@ -77,16 +79,18 @@ class Gate:
             raise ApiError(400, f"{field}: {e}", param=field) from None
 
     # --- the check --------------------------------------------------------------------------------
-    def job(self, prompt_ids: list, params: SamplingParams, prompt_field: str, clip_to_context: bool = True) -> Job:
-        """Check prompt ids and sampling values completely; a 400 names the field at fault. A
-        max_tokens beyond the context is clipped to what fits (as vLLM does), not refused."""
+    def job(self, prompt_ids: list, params: SamplingParams, prompt_field: str, clip_to_context: bool = True,
+            names: dict[str, str] | None = None) -> Job:
+        """Check prompt ids and sampling values completely; a 400 names the field at fault (by
+        API_NAMES, or `names` where an endpoint spells a field its own way). A max_tokens beyond
+        the context is clipped to what fits (as vLLM does), not refused."""
         try:
             checked = check_request(prompt_ids, params, self.max_seq_len, self.vocab_size)
         except PromptTooLong as e:
             raise ApiError(400, str(e), param=prompt_field) from None
         except SamplingError as e:  # its message starts with the field it names: use the API's name
             field, _, rest = str(e).partition(" ")
-            param = API_NAMES.get(field)
+            param = {**API_NAMES, **(names or {})}.get(field)
             raise ApiError(400, f"{param} {rest}" if param else str(e), param=param) from None
         except ValueError as e:  # token ids outside the vocabulary
             raise ApiError(400, f"{prompt_field}: {e}", param=prompt_field) from None

@@ -12,17 +12,21 @@ EngineClient; leaving early (disconnect, Stop button) cancels the request on eve
 from __future__ import annotations
 
 import asyncio
+import codecs
+import dataclasses
 import time
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
-from ..config import API_SAMPLING, RETRY_AFTER_S, ServerConfig
+from ..config import API_SAMPLING, MAX_CHOICES, MAX_SEED, RETRY_AFTER_S, SSE_KEEPALIVE_S, ServerConfig
 from ..engine.engine import TokenEvent
 from ..engine.sampler import SamplingParams
 from ..text.chat_format import ChatFormat, Message
+from ..text.tokenizer import Tokenizer
 from . import protocol as p
 from .auth import require_api_access
 from .errors import ApiError, BodyLimit, install_error_handlers
@@ -56,67 +60,152 @@ def health_response(client: EngineClient) -> JSONResponse:
                         status_code=503)
 
 
+@dataclass
+class Choice:
+    """One engine request of a response: n > 1 and batches of prompts make several."""
+    index: int
+    job: Job
+    prompt: int  # which prompt of the request (usage counts each prompt once)
+    echo: str | None = None  # completions' echo: the prompt text the answer follows
+
+
+@dataclass
+class Answer:
+    """One choice's answer as its events arrive."""
+    text: list[str] = field(default_factory=list)
+    tokens: int = 0
+    finish_reason: str | None = None
+    logprobs: list[tuple[int, float | None, list]] = field(default_factory=list)  # (id, logprob, top)
+    prompt_logprobs: list | None = None
+
+    def add(self, ev: TokenEvent) -> None:
+        self.text.append(ev.text)
+        self.tokens += ev.token_id is not None
+        if ev.prompt_logprobs is not None:
+            self.prompt_logprobs = ev.prompt_logprobs
+        if ev.logprob is not None:
+            self.logprobs.append((ev.token_id, ev.logprob, ev.top_logprobs or [], ev.stop_id))
+        if ev.finished:
+            self.finish_reason = finish_reason(ev)
+
+
 class OpenAIApi:
     def __init__(self, client: EngineClient, gate: Gate, cfg: ServerConfig):
         self.client, self.gate, self.cfg = client, gate, cfg
+        self.keepalive_s = SSE_KEEPALIVE_S
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.client.tokenizer
 
     def models(self) -> p.ModelList:
         return p.ModelList(data=[p.ModelCard(id=self.client.model_name, max_model_len=self.client.max_seq_len)])
 
-    async def completion_job(self, req: p.CompletionRequest) -> Job:
-        refuse_unsupported(req, echo=req.echo, logprobs=req.logprobs is not None, best_of=(req.best_of or 1) != 1)
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise ApiError(400, f"prompt: batches are not supported (got {len(prompt)} prompts); send one",
-                               param="prompt")
-            prompt = prompt[0]
-        ids = await self.gate.encode(prompt, "prompt") if isinstance(prompt, str) else list(prompt)
+    async def completion_choices(self, req: p.CompletionRequest) -> list[Choice]:
+        refuse_unsupported(req)
+        prompts = _prompts(req.prompt)
+        n = self._choices_per_prompt(req, len(prompts))
         max_tokens = req.max_tokens if req.max_tokens is not None else API_SAMPLING.max_new_tokens
-        return self.gate.job(ids, sampling(req, max_tokens), "prompt")
+        k = req.logprobs
+        params = sampling(req, max_tokens, logprobs=k, prompt_logprobs=k if req.echo and k is not None else None)
+        choices = []
+        for i, prompt in enumerate(prompts):
+            field_name = "prompt" if len(prompts) == 1 else f"prompt.{i}"
+            ids = await self.gate.encode(prompt, field_name) if isinstance(prompt, str) else prompt
+            job = self.gate.job(ids, params, field_name, names={"logprobs": "logprobs", "prompt_logprobs": "logprobs"})
+            echo = (prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)) if req.echo else None
+            choices += [Choice(i * n + j, _nth(job, j), i, echo) for j in range(n)]
+        return choices
 
-    async def chat_job(self, req: p.ChatCompletionRequest) -> Job:
-        refuse_unsupported(req, logprobs=bool(req.logprobs))
-        dialog = [Message(_role(m.role), _content_text(m.content, i, m.role)) for i, m in enumerate(req.messages)]
+    async def chat_choices(self, req: p.ChatCompletionRequest) -> list[Choice]:
+        refuse_unsupported(req)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        n = self._choices_per_prompt(req, 1)
+        dialog = [_message(m, i) for i, m in enumerate(req.messages)]
         ids = await self.gate.encode_dialog(dialog, "messages")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         # no max_tokens: the server's default, clipped by the gate to what the context has room for
-        return self.gate.job(ids, sampling(req, self.cfg.page.max_new_tokens if max_tokens is None else max_tokens),
-                             "messages")
+        params = sampling(req, self.cfg.page.max_new_tokens if max_tokens is None else max_tokens,
+                          logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+        job = self.gate.job(ids, params, "messages", names={"logprobs": "top_logprobs"})
+        return [Choice(j, _nth(job, j), 0) for j in range(n)]
 
-    def submit(self, job: Job) -> Submission:
+    def _choices_per_prompt(self, req: p.SamplingRequest, prompts: int) -> int:
+        n = 1 if req.n is None else req.n
+        if n < 1:
+            raise ApiError(400, f"n must be an integer >= 1, got {n}", param="n")
+        total = n * prompts
+        limit = min(MAX_CHOICES, getattr(self.client, "capacity", MAX_CHOICES))
+        if total > limit:
+            raise ApiError(400, f"n: this request asks for {total} answers ({prompts} prompt(s) x n={n}); this server "
+                                f"runs at most {limit} at once: ask for fewer", param="n" if prompts == 1 else "prompt")
+        return n
+
+    def submit(self, choices: list[Choice]) -> list[Submission]:
+        """Every choice's engine request, all or none (a 429 when the queue cannot take them all)."""
         try:
-            return self.client.submit(job.prompt_ids, job.params)
+            return self.client.submit_many([(c.job.prompt_ids, c.job.params) for c in choices])
         except QueueFull as e:
             raise ApiError(429, str(e), type="rate_limit_error", code="server_busy",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except RuntimeError as e:  # the model stopped serving
             raise ApiError(503, str(e), type="server_error") from None
 
-    async def run(self, sub: Submission) -> tuple[str, str, int]:
-        """The whole answer: (text, finish_reason, completion tokens)."""
-        parts, n, reason = [], 0, "stop"
-        async for ev in events(sub):
-            parts.append(ev.text)
-            n += ev.token_id is not None
-            if ev.finished:
-                reason = finish_reason(ev)
-        return "".join(parts), reason, n
+    async def collect(self, subs: list[Submission]) -> list[Answer]:
+        """Every choice's whole answer; the first failure cancels the others."""
+        async def one(sub: Submission) -> Answer:
+            answer = Answer()
+            async for ev in events(sub):
+                answer.add(ev)
+            return answer
 
-    def usage(self, job: Job, n: int) -> p.UsageInfo:
-        k = len(job.prompt_ids)
-        return p.UsageInfo(prompt_tokens=k, completion_tokens=n, total_tokens=k + n)
+        tasks = [asyncio.ensure_future(one(s)) for s in subs]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    def usage(self, choices: list[Choice], answers: list[Answer] | None = None, tokens: int = 0) -> p.UsageInfo:
+        prompt = sum(len(c.job.prompt_ids) for c in {c.prompt: c for c in choices}.values())
+        done = sum(a.tokens for a in answers) if answers is not None else tokens
+        return p.UsageInfo(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done)
 
 
-def sampling(req: p.SamplingRequest, max_tokens: int) -> SamplingParams:
-    """The request's sampling fields, OpenAI's defaults for those it leaves out (the gate checks them)."""
+def _prompts(prompt) -> list:
+    """OpenAI's four prompt shapes -> a list of prompts, each a text or a list of token ids."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(t, int) for t in prompt):
+        return [list(prompt)]
+    if not prompt:
+        raise ApiError(400, "prompt: empty: send a text, a list of texts, token ids, or lists of token ids",
+                       param="prompt")
+    return [x if isinstance(x, str) else list(x) for x in prompt]
+
+
+def _nth(job: Job, j: int) -> Job:
+    """Choice j of n: its own request; with a seed, choice j draws from seed + j, so the n answers
+    differ and each is reproducible (choice 0 is what the same request with n=1 answers)."""
+    if j == 0 or job.params.seed is None:
+        return job if j == 0 else dataclasses.replace(job, params=dataclasses.replace(job.params))
+    return dataclasses.replace(job, params=dataclasses.replace(job.params, seed=(job.params.seed + j) % MAX_SEED))
+
+
+def sampling(req: p.SamplingRequest, max_tokens: int, logprobs: int | None = None,
+             prompt_logprobs: int | None = None) -> SamplingParams:
+    """The request's sampling fields, OpenAI's defaults for those it leaves out or sends as null
+    (the gate checks them)."""
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     return SamplingParams(
         temperature=API_SAMPLING.temperature if req.temperature is None else req.temperature,
         top_p=API_SAMPLING.top_p if req.top_p is None else req.top_p,
         top_k=req.top_k or 0,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-        max_new_tokens=max_tokens, stop=stop, seed=req.seed)
+        max_new_tokens=max_tokens, stop=stop, seed=req.seed,
+        presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+        min_p=req.min_p or 0.0, logit_bias=req.logit_bias or [], logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
 async def events(sub: Submission) -> AsyncIterator[TokenEvent]:
@@ -133,8 +222,54 @@ async def events(sub: Submission) -> AsyncIterator[TokenEvent]:
         sub.close()
 
 
+# --- logprobs in OpenAI's two shapes -------------------------------------------------------------
+
+
+class CompletionLogprobWriter:
+    """/v1/completions' parallel lists, written a few tokens at a time (a stream's chunks continue
+    the text offsets of the ones before)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok, self.offset = tokenizer, 0
+        self._chars = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def write(self, entries) -> p.CompletionLogprobs:
+        out = p.CompletionLogprobs()
+        for tid, lp, top, *_ in entries:
+            text = self.tok.token_text(tid)
+            out.tokens.append(text)
+            out.token_logprobs.append(lp)
+            top_dict = None
+            if lp is not None:  # as vLLM: the chosen token is among them (up to logprobs + 1 entries)
+                top_dict = {self.tok.token_text(t): v for t, v in top}
+                top_dict.setdefault(text, lp)
+            out.top_logprobs.append(top_dict)
+            out.text_offset.append(self.offset)
+            if tid not in self.tok.special_ids:  # the answer's text does not spell special tokens
+                self.offset += len(self._chars.decode(self.tok.token_bytes(tid)))
+        return out
+
+
+def chat_logprobs(tokenizer: Tokenizer, entries) -> p.ChatLogprobs:
+    """/v1/chat/completions' logprobs.content; the end-of-turn token is not content and is left out."""
+    def one(tid: int, lp: float) -> dict:
+        return {"token": tokenizer.token_text(tid), "logprob": lp, "bytes": list(tokenizer.token_bytes(tid))}
+
+    return p.ChatLogprobs(content=[p.ChatTokenLogprob(**one(tid, lp), top_logprobs=[p.TopLogprob(**one(t, v)) for t, v in top])
+                                   for tid, lp, top, stop_id in entries if not stop_id])
+
+
+def completion_choice(tokenizer: Tokenizer, c: Choice, a: Answer, logprobs: bool) -> p.CompletionResponseChoice:
+    lp = None
+    if logprobs:
+        lp = CompletionLogprobWriter(tokenizer).write((a.prompt_logprobs or []) + a.logprobs)
+    return p.CompletionResponseChoice(index=c.index, text=(c.echo or "") + "".join(a.text), logprobs=lp,
+                                      finish_reason=a.finish_reason)
+
+
 def openai_router(api: OpenAIApi, dependencies: list) -> APIRouter:
     router = APIRouter(prefix="/v1", dependencies=dependencies)
+    tok = api.tokenizer
 
     @router.get("/models")
     async def models() -> p.ModelList:
@@ -142,37 +277,62 @@ def openai_router(api: OpenAIApi, dependencies: list) -> APIRouter:
 
     @router.post("/completions")
     async def completions(req: p.CompletionRequest, request: Request):
-        job = await api.completion_job(req)
-        sub = api.submit(job)
+        choices = await api.completion_choices(req)
+        subs = api.submit(choices)
+        want_logprobs = req.logprobs is not None
+        model = choices[0].job.model
         if req.stream:
-            def chunk(text: str, reason: str | None, cid: str) -> p.CompletionStreamResponse:
-                return p.CompletionStreamResponse(id=cid, model=job.model, choices=[
-                    p.CompletionResponseChoice(text=text, finish_reason=reason)])
-            return stream(api, job, sub, req, request, p.CompletionStreamResponse, chunk)
+            writers = [CompletionLogprobWriter(tok) for _ in choices]
+
+            def chunk(i: int, ev: TokenEvent, first: bool) -> p.CompletionStreamResponse | None:
+                c = choices[i]
+                text = (c.echo or "") + ev.text if first else ev.text
+                lp = None
+                if want_logprobs and ev.token_id is not None:
+                    lp = writers[i].write((ev.prompt_logprobs or []) +
+                                          ([(ev.token_id, ev.logprob, ev.top_logprobs or [])] if ev.logprob is not None else []))
+                if not text and not ev.finished and lp is None:
+                    return None
+                return p.CompletionStreamResponse(model=model, choices=[p.CompletionResponseChoice(
+                    index=c.index, text=text, logprobs=lp, finish_reason=finish_reason(ev) if ev.finished else None)])
+            return stream(api, choices, subs, req, request, p.CompletionStreamResponse, chunk)
         try:
-            text, reason, n = await until_disconnect(request, api.run(sub))
+            answers = await until_disconnect(request, api.collect(subs))
         finally:
-            sub.close()
-        return p.CompletionResponse(model=job.model, usage=api.usage(job, n),
-                                    choices=[p.CompletionResponseChoice(text=text, finish_reason=reason)])
+            for s in subs:
+                s.close()
+        return p.CompletionResponse(model=model, usage=api.usage(choices, answers), choices=[
+            completion_choice(tok, c, a, want_logprobs) for c, a in zip(choices, answers)])
 
     @router.post("/chat/completions")
     async def chat_completions(req: p.ChatCompletionRequest, request: Request):
-        job = await api.chat_job(req)
-        sub = api.submit(job)
+        choices = await api.chat_choices(req)
+        subs = api.submit(choices)
+        model = choices[0].job.model
         if req.stream:
-            def chunk(text: str, reason: str | None, cid: str) -> p.ChatCompletionStreamResponse:
-                delta = p.DeltaMessage(content=text) if text or reason is None else p.DeltaMessage()
-                return p.ChatCompletionStreamResponse(id=cid, model=job.model, choices=[
-                    p.ChatCompletionStreamChoice(delta=delta, finish_reason=reason)])
-            return stream(api, job, sub, req, request, p.ChatCompletionStreamResponse, chunk,
-                          first=p.DeltaMessage(role="assistant", content=""))
+            def chunk(i: int, ev: TokenEvent, first: bool) -> p.ChatCompletionStreamResponse | None:
+                lp = None
+                if req.logprobs and ev.logprob is not None and not ev.stop_id:
+                    lp = chat_logprobs(tok, [(ev.token_id, ev.logprob, ev.top_logprobs or [], False)])
+                if not ev.text and not ev.finished and lp is None:
+                    return None
+                delta = p.DeltaMessage(content=ev.text) if ev.text or lp is not None else p.DeltaMessage()
+                return p.ChatCompletionStreamResponse(model=model, choices=[p.ChatCompletionStreamChoice(
+                    index=choices[i].index, delta=delta, logprobs=lp,
+                    finish_reason=finish_reason(ev) if ev.finished else None)])
+            opening = [p.ChatCompletionStreamResponse(model=model, choices=[p.ChatCompletionStreamChoice(
+                index=c.index, delta=p.DeltaMessage(role="assistant", content=""))]) for c in choices]
+            return stream(api, choices, subs, req, request, p.ChatCompletionStreamResponse, chunk, opening)
         try:
-            text, reason, n = await until_disconnect(request, api.run(sub))
+            answers = await until_disconnect(request, api.collect(subs))
         finally:
-            sub.close()
-        return p.ChatCompletionResponse(model=job.model, usage=api.usage(job, n), choices=[
-            p.ChatCompletionResponseChoice(message=p.ResponseMessage(content=text), finish_reason=reason)])
+            for s in subs:
+                s.close()
+        return p.ChatCompletionResponse(model=model, usage=api.usage(choices, answers), choices=[
+            p.ChatCompletionResponseChoice(index=c.index, message=p.ResponseMessage(content="".join(a.text)),
+                                           logprobs=chat_logprobs(tok, a.logprobs) if req.logprobs else None,
+                                           finish_reason=a.finish_reason)
+            for c, a in zip(choices, answers)])
 
     @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     async def unknown(path: str, request: Request):
@@ -200,40 +360,63 @@ class EventStream(StreamingResponse):
             self.on_close()
 
 
-def stream(api: OpenAIApi, job: Job, sub: Submission, req: p.SamplingRequest, request: Request, kind: type,
-           chunk: Callable, first: p.DeltaMessage | None = None) -> "EventStream":
-    """The answer as server-sent events. The request is checked and published already, so the
-    response starts at once; a failure mid-answer is an error event, then [DONE]."""
-    cid = kind(model=job.model, choices=[]).id  # every chunk of one answer carries the same id
+def stream(api: OpenAIApi, choices: list[Choice], subs: list[Submission], req: p.SamplingRequest, request: Request,
+           kind: type, chunk: Callable, opening: list[BaseModel] = ()) -> "EventStream":
+    """The answers as server-sent events, every choice's chunks as they come (each names its
+    index). The requests are checked and published already, so the response starts at once; a
+    keep-alive comment goes out while nothing arrives (a request waiting for a KV row); a failure
+    mid-answer is an error event, then [DONE]."""
+    cid = kind(model="", choices=[]).id  # every chunk of one response carries the same id
     created = int(time.time())  # and the same creation time
 
     def sse(obj: BaseModel) -> str:
+        if hasattr(obj, "created"):
+            obj.id, obj.created = cid, created
         return f"data: {obj.model_dump_json()}\n\n"
 
     async def body() -> AsyncIterator[str]:
-        n = 0
-        answer = events(sub)
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, sub: Submission) -> None:
+            try:
+                async for ev in events(sub):
+                    queue.put_nowait((i, ev))
+            except ApiError as e:
+                queue.put_nowait((i, e))
+
+        pumps = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(subs)]
+        tokens, left, started = 0, len(subs), [False] * len(subs)
         try:
-            if first is not None:  # OpenAI's chat stream opens with the assistant's role
-                yield sse(kind(id=cid, created=created, model=job.model,
-                               choices=[p.ChatCompletionStreamChoice(delta=first)]))
-            async for ev in answer:
-                n += ev.token_id is not None
-                if ev.text or ev.finished:
-                    out = chunk(ev.text, finish_reason(ev) if ev.finished else None, cid)
-                    out.created = created
-                    yield sse(out)
-                if ev.finished or await request.is_disconnected():
+            for o in opening:  # OpenAI's chat stream opens each choice with the assistant's role
+                yield sse(o)
+            while left:
+                try:
+                    i, ev = await asyncio.wait_for(queue.get(), api.keepalive_s)
+                except asyncio.TimeoutError:
+                    yield ": keep-alive\n\n"
+                    continue
+                if isinstance(ev, ApiError):  # the request failed mid-answer: the status is sent already
+                    yield sse(p.ErrorResponse(error=ev.info))
                     break
-            if req.stream_options and req.stream_options.include_usage:
-                yield sse(kind(id=cid, created=created, model=job.model, choices=[], usage=api.usage(job, n)))
-        except ApiError as e:  # the request failed mid-answer: the status is sent already
-            yield sse(p.ErrorResponse(error=e.info))
+                tokens += ev.token_id is not None
+                out = chunk(i, ev, not started[i])
+                started[i] = True
+                if out is not None:
+                    yield sse(out)
+                left -= ev.finished
+                if await request.is_disconnected():
+                    break
+            else:
+                if req.stream_options and req.stream_options.include_usage:
+                    yield sse(kind(model=choices[0].job.model, choices=[], usage=api.usage(choices, tokens=tokens)))
         finally:
-            await answer.aclose()
+            for t in pumps:
+                t.cancel()
+            for s in subs:
+                s.close()
         yield "data: [DONE]\n\n"
 
-    return EventStream(body(), sub.close)
+    return EventStream(body(), lambda: [s.close() for s in subs])
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -259,14 +442,36 @@ def finish_reason(ev: TokenEvent) -> str:
     return "length" if ev.finish_reason == "length" else "stop"
 
 
-def refuse_unsupported(req: p.SamplingRequest, **used: bool) -> None:
+HINTS = {
+    "tools": ": tool calls are not implemented (describe the tools in the messages instead)",
+    "tool_choice": " (only \"none\"): tool calls are not implemented",
+    "functions": ": function calls are not implemented", "function_call": " (only \"none\")",
+    "response_format": " (only {\"type\": \"text\"}): structured output is not implemented",
+    "suffix": ": insertion (fill-in-the-middle) is not implemented",
+    "best_of": " (only best_of = n): every choice is returned",
+    "store": " (only false): this server stores nothing",
+    "modalities": " (only [\"text\"])", "service_tier": " (only \"auto\" or \"default\")",
+}
+
+
+def refuse_unsupported(req: p.SamplingRequest) -> None:
     """A 400 naming a field we cannot honour, rather than quietly answering something else."""
-    used.update(n=req.n != 1, presence_penalty=bool(req.presence_penalty),
-                frequency_penalty=bool(req.frequency_penalty))
-    for name, is_used in used.items():
-        if is_used:
-            hint = " (only n=1)" if name == "n" else " (use repetition_penalty)" if "penalty" in name else ""
-            raise ApiError(400, f"{name} is not supported by this server{hint}", param=name)
+    for name, neutral in p.REFUSED.items():
+        if name not in type(req).model_fields:
+            continue
+        v = getattr(req, name)
+        if v is None or any(type(v) is type(x) and v == x for x in neutral):
+            continue
+        if name == "best_of" and type(v) is int and v == (req.n or 1):
+            continue
+        raise ApiError(400, f"{name} is not supported by this server{HINTS.get(name, '')}", param=name)
+
+
+def _message(m: p.ChatMessage, i: int) -> Message:
+    for name in ("name", "tool_calls", "tool_call_id"):
+        if getattr(m, name) is not None:
+            raise ApiError(400, f"messages.{i}.{name} is not supported by this server", param=f"messages.{i}.{name}")
+    return Message(_role(m.role), _content_text(m.content, i, m.role))
 
 
 def _role(role: str) -> str:
