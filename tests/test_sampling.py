@@ -136,3 +136,29 @@ def test_top_logprobs_are_log_softmax_of_the_logits():
     ref = torch.log_softmax(logits, -1)
     assert torch.allclose(chosen, ref[torch.arange(3), torch.tensor([4, 5, 6])])
     assert torch.equal(ids[:, 0], ref.argmax(-1)) and torch.allclose(top[:, 0], ref.amax(-1))
+
+
+def test_repeat_guard_stops_a_loop_not_an_answer():
+    from llama_demo.engine.sampler import repeats_itself
+
+    loop = [5, 9, 11, 3, 8, 2] * 11  # "la femme de France, " over and over: 66 tokens
+    assert repeats_itself([1, 2, 3] + loop, 64)
+    assert not repeats_itself([1, 2, 3] + loop[:60], 64)  # not yet 64 tokens of it
+    assert not repeats_itself(list(range(200)), 64)
+    assert repeats_itself([7] * 64, 64) and not repeats_itself([7] * 63, 64)
+    assert not repeats_itself(list(range(40)) * 3, 64)  # a cycle longer than 32 tokens is left alone
+
+
+def test_page_defaults_come_from_the_models_generation_config(tmp_path):
+    import json
+
+    from llama_demo.config import PAGE_SAMPLING, page_sampling
+
+    assert page_sampling(tmp_path) == PAGE_SAMPLING
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "repetition_penalty": 1.05}))
+    page = page_sampling(tmp_path)
+    assert (page.temperature, page.top_p, page.top_k, page.repetition_penalty) == (0.6, 0.95, 20, 1.05)
+    assert page_sampling(tmp_path, temperature=0.1).temperature == 0.1  # the flag wins
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    assert page_sampling(tmp_path).temperature == 0.0

@@ -23,14 +23,16 @@ from ..model.parallel import broadcast_from_first
 from ..model.transformer import Transformer
 from ..text.detok import TextStream
 from ..text.tokenizer import Tokenizer
-from .sampler import apply_logit_bias, apply_penalties, apply_repetition_penalty, sample, top_logprobs
+from .sampler import (apply_logit_bias, apply_penalties, apply_repetition_penalty, repeats_itself, sample,
+                      top_logprobs)
 from .scheduler import PromptTooLong, Request, Scheduler, Sequence, check_prompt, check_request, request_generator
 
 __all__ = ["Engine", "Request", "TokenEvent", "PromptTooLong", "StepOutOfMemory", "check_prompt", "check_request"]
 
 # Finish codes broadcast with each sampled id (one home for their meaning).
-CONTINUE, STOP_ID, STOP_STRING, LENGTH, ERROR = 0, 1, 2, 3, 4
-REASONS = {STOP_ID: "stop", STOP_STRING: "stop", LENGTH: "length", ERROR: "error"}
+CONTINUE, STOP_ID, STOP_STRING, LENGTH, ERROR, REPEATING = 0, 1, 2, 3, 4, 5
+REASONS = {STOP_ID: "stop", STOP_STRING: "stop", LENGTH: "length", ERROR: "error", REPEATING: "stop"}
+REPEATING_NOTE = "stopped: the answer kept repeating itself"
 
 
 class StepOutOfMemory(RuntimeError):
@@ -54,6 +56,7 @@ class TokenEvent:
     # on a request's first event with prompt_logprobs: one (id, logprob, top) per prompt token, the
     # first token's logprob None (nothing predicts it)
     prompt_logprobs: list[tuple[int, float | None, list[tuple[int, float]]]] | None = None
+    note: str | None = None  # rank 0: why an answer ended early, when a person should know (the repeat guard)
 
 
 @dataclass
@@ -304,6 +307,10 @@ class Engine:
             if stopped:
                 st.pending_text = text
                 return STOP_STRING
+            guard = s.req.params.repeat_guard
+            if guard and repeats_itself(s.out_ids + [tok], guard):
+                st.pending_text = text + st.text.finish()
+                return REPEATING
             if self.scheduler.length_reached(s, len(s.out_ids) + 1):
                 st.pending_text = text + st.text.finish()
                 return LENGTH
@@ -333,6 +340,8 @@ class Engine:
                     (ev.logprob, ev.top_logprobs), st.logprob = st.logprob, None
                 if st.prompt_logprobs is not None:
                     ev.prompt_logprobs, st.prompt_logprobs = st.prompt_logprobs, None
+                if code == REPEATING:
+                    ev.note = REPEATING_NOTE
             finished = ev.finished
             events.append(ev)
             if finished:

@@ -8,7 +8,7 @@ import torch
 
 from ..config import (API_SAMPLING, GREEDY_BELOW_TEMPERATURE, MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES,
                       MAX_PRESENCE_PENALTY, MAX_REPETITION_PENALTY, MAX_SEED, MAX_STOP_CHARS, MAX_STOP_STRINGS,
-                      MAX_TOP_LOGPROBS)
+                      MAX_TOP_LOGPROBS, REPEAT_GUARD_MAX_PERIOD, REPEAT_GUARD_MIN_REPEATS)
 
 
 class SamplingError(ValueError):
@@ -36,6 +36,7 @@ class SamplingParams:
     logprobs: int | None = None
     # ... and for each prompt token (completions' echo); the first prompt token has none.
     prompt_logprobs: int | None = None
+    repeat_guard: int = 0  # the chat page's: end an answer that loops over >= this many tokens (0 = off)
 
     def validate(self, vocab_size: int | None = None) -> "SamplingParams":
         """Check every field (SamplingError naming the first bad one) and return the values the
@@ -90,6 +91,8 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_TOP_LOGPROBS):
                 raise SamplingError(f"{name} must be an integer in [0, {MAX_TOP_LOGPROBS}], got {v!r}")
+        if integer("repeat_guard") < 0:
+            raise SamplingError(f"repeat_guard must be an integer >= 0 (0 = off), got {self.repeat_guard!r}")
         seed = self.seed
         if seed is not None:
             seed = integer("seed") % MAX_SEED  # negative and huge integers alike: one generator state each
@@ -99,11 +102,26 @@ class SamplingParams:
                               top_p=top_p, top_k=top_k, repetition_penalty=penalty,
                               max_new_tokens=self.max_new_tokens, stop=list(dict.fromkeys(stop)), seed=seed,
                               presence_penalty=presence, frequency_penalty=frequency, min_p=min_p, logit_bias=bias,
-                              logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs)
+                              logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs,
+                              repeat_guard=self.repeat_guard)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def repeats_itself(ids: list[int], min_tokens: int, max_period: int = REPEAT_GUARD_MAX_PERIOD,
+                   min_repeats: int = REPEAT_GUARD_MIN_REPEATS) -> bool:
+    """Whether `ids` ends with one cycle of p <= max_period tokens repeated at least min_repeats
+    times over at least min_tokens tokens. Most periods fail at their first comparison."""
+    for p in range(1, max_period + 1):
+        span = max(min_tokens, p * min_repeats)
+        if span > len(ids):
+            break
+        tail = ids[-span:]
+        if all(tail[i] == tail[i - p] for i in range(span - 1, p - 1, -1)):
+            return True
+    return False
 
 
 def _logit_bias(bias, vocab_size: int | None) -> list[list]:

@@ -110,4 +110,5 @@ class Gate:
         if tokens != tokens or tokens in (float("inf"), float("-inf")):
             raise ApiError(400, "max_tokens must be a finite number", param="max_tokens")
         return SamplingParams(number(temperature, defaults.temperature), number(top_p, defaults.top_p),
-                              max_new_tokens=int(tokens))
+                              max_new_tokens=int(tokens), top_k=defaults.top_k,
+                              repetition_penalty=defaults.repetition_penalty, repeat_guard=defaults.repeat_guard)

@@ -64,7 +64,7 @@ class Rate:
         secs = time.monotonic() - self.start
         rate = self.tokens / secs if secs > 0 else 0.0
         return f"{self.tokens} tokens in {secs:.1f} s · **{rate:.1f} tokens/s**" + (
-            f" · {ev.finish_reason}" if ev.finished else "")
+            f" · {ev.note or ev.finish_reason}" if ev.finished else "")
 
 
 def load_examples() -> list[str]:
