@@ -238,6 +238,7 @@ MAX_CHOICES = 128
 DEFAULT_MAX_WAITING = 64
 DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20  # a request body larger than this is a 413
 RETRY_AFTER_S = 2  # what a 429 tells clients to wait
+
 # An SSE comment (": keep-alive") goes out after this many seconds without an event, so proxies
 # and clients with read timeouts keep a stream open while its request waits for a KV row.
 SSE_KEEPALIVE_S = 10.0
@@ -263,3 +264,4 @@ class ServerConfig:
     chat: bool | None = None  # None: decide from the model folder
     page: SamplingDefaults = PAGE_SAMPLING  # the chat page's sliders; max_new_tokens is also chat's API default
     cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API; none by default
+    sse_keepalive_s: float = SSE_KEEPALIVE_S

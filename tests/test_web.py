@@ -454,3 +454,63 @@ def test_sampling_fields_reach_the_engine(chat):
     p = client.requests[-1][1]
     assert (p.presence_penalty, p.frequency_penalty, p.min_p, p.top_k, p.repetition_penalty) == (0.5, -0.5, 0.1, 4, 1.1)
     assert p.logit_bias == [[5, -100.0], [7, 3.0]]
+
+
+# --- operations: tokenize, metrics, CORS, keep-alive ----------------------------------------------
+
+
+def test_tokenize_and_detokenize_in_vllms_shapes(chat, tok):
+    _, fmt, s = chat
+    r = httpx.post(f"{s.url}/tokenize", json={"prompt": "The quick brown fox"})
+    assert r.json() == {"tokens": tok.encode("The quick brown fox"), "count": len(tok.encode("The quick brown fox")),
+                        "max_model_len": SEQ}
+    no_bos = httpx.post(f"{s.url}/tokenize", json={"prompt": "fox", "add_special_tokens": False}).json()["tokens"]
+    assert no_bos == tok.encode("fox", bos=False)
+    dialog = httpx.post(f"{s.url}/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert dialog["tokens"] == fmt.encode_dialog([Message("user", "hi")])
+    assert httpx.post(f"{s.url}/detokenize", json={"tokens": tok.encode("the lazy dog")}).json() == {
+        "prompt": "the lazy dog"}
+    bad = httpx.post(f"{s.url}/detokenize", json={"tokens": [99999]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+def test_metrics_count_requests_tokens_and_latencies(chat):
+    s = chat[2]
+    before = httpx.get(f"{s.url}/metrics").text
+    oai(s).completions.create(model="m", prompt="llama", max_tokens=3)
+    httpx.post(f"{s.url}/v1/completions", json={"prompt": "x", "temperature": -1})
+    text = httpx.get(f"{s.url}/metrics").text
+
+    def value(body: str, name: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(name + " ")
+                   or line.startswith(name + "{"))
+
+    assert value(text, "llama_demo_generation_tokens_total") - value(before, "llama_demo_generation_tokens_total") == 3
+    assert 'llama_demo_requests_total{endpoint="/v1/completions",outcome="length"}' in text
+    assert 'llama_demo_requests_total{endpoint="/v1/completions",outcome="400"}' in text
+    for name in ("llama_demo_time_to_first_token_seconds_count", "llama_demo_inter_token_latency_seconds_count",
+                 "llama_demo_requests_waiting", "llama_demo_requests_running", "llama_demo_prompt_tokens_total"):
+        assert name in text
+
+
+def test_cors_is_off_by_default_and_on_for_named_origins(tok, chat):
+    origin = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    r = httpx.options(f"{chat[2].url}/v1/completions", headers=origin)
+    assert "access-control-allow-origin" not in r.headers
+    client = FakeClient(tok, max_seq_len=SEQ)
+    with ServerThread(build_app(client, None, ServerConfig(cors_origins=["https://app.example"])), free_port()) as s:
+        r = httpx.options(f"{s.url}/v1/completions", headers=origin)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+        other = httpx.options(f"{s.url}/v1/completions", headers={**origin, "Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_a_waiting_stream_gets_keep_alive_comments(tok):
+    client = FakeClient(tok, max_seq_len=SEQ, delay=0.6)
+    with ServerThread(build_app(client, None, ServerConfig(sse_keepalive_s=0.2)), free_port()) as s:
+        with httpx.stream("POST", f"{s.url}/v1/completions", json={"prompt": "x", "max_tokens": 1,
+                                                                   "stream": True}) as r:
+            lines = [line for line in r.iter_lines() if line]
+    assert lines[0] == ": keep-alive" and lines[-1] == "data: [DONE]"
+    created = {json.loads(line[6:])["created"] for line in lines if line.startswith("data: {")}
+    assert len(created) == 1

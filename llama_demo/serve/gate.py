@@ -43,10 +43,10 @@ class Gate:
         self.max_seq_len, self.vocab_size, self.model_name = max_seq_len, vocab_size, model_name
 
     # --- inputs -> prompt ids ---------------------------------------------------------------------
-    async def encode(self, text: str, field: str) -> list[int]:
-        """Ids of a plain-text prompt (BOS as the tokenizer says)."""
+    async def encode(self, text: str, field: str, bos: bool | None = None) -> list[int]:
+        """Ids of a plain-text prompt (BOS as the tokenizer says, unless `bos` says)."""
         self._check_text_size([text], field)
-        return await self._off_loop(lambda: self.tokenizer.encode(text), field)
+        return await self._off_loop(lambda: self.tokenizer.encode(text, bos=bos), field)
 
     async def encode_dialog(self, dialog: list[Message], field: str = "messages") -> list[int]:
         if self.chat_format is None:

@@ -64,6 +64,7 @@ class EngineClient:
         self.model_name = model_name
         # requests in flight beyond the KV rows wait; beyond this many in flight, refuse (429)
         self.capacity = max_batch_size + max_waiting
+        self.max_batch_size = max_batch_size
         self.health = Health(time.time(), time.monotonic(), 60.0)
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count(1)

@@ -1,10 +1,12 @@
 """Rank 0's web front: one FastAPI app on one port.
 
 - `GET /health`: 200 while every rank is in step, 503 with the reason otherwise;
+- `GET /metrics`: Prometheus metrics (serve.metrics);
 - `/v1/models`, `/v1/completions`, `/v1/chat/completions`: the OpenAI wire format
   (serve.protocol), streamed as server-sent events when asked; errors in OpenAI's shape
-  (serve.errors), access checked by serve.auth;
+  (serve.errors), access checked by serve.auth; `/tokenize`, `/detokenize` in vLLM's shapes;
 - `/`: the Gradio chat page (serve.ui).
+Browsers on other origins may call the API only when --cors_origins names them.
 
 Every route turns its body into a Job through the gate (serve.gate) and submits it to the
 EngineClient; leaving early (disconnect, Stop button) cancels the request on every rank.
@@ -19,10 +21,11 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
-from ..config import API_SAMPLING, MAX_CHOICES, MAX_SEED, RETRY_AFTER_S, SSE_KEEPALIVE_S, ServerConfig
+from ..config import API_SAMPLING, MAX_CHOICES, MAX_SEED, RETRY_AFTER_S, ServerConfig
 from ..engine.engine import TokenEvent
 from ..engine.sampler import SamplingParams
 from ..text.chat_format import ChatFormat, Message
@@ -32,6 +35,7 @@ from .auth import require_api_access
 from .errors import ApiError, BodyLimit, install_error_handlers
 from .gate import Gate, Job
 from .loop import EngineClient, QueueFull, Submission
+from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .ui import build_ui, mount_ui
 
 T = TypeVar("T")
@@ -43,9 +47,17 @@ def build_app(client: EngineClient, chat_format: ChatFormat | None, cfg: ServerC
     app = FastAPI(title=f"llama_demo: {client.model_name}", docs_url="/v1/docs", openapi_url="/v1/openapi.json")
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=cfg.max_request_bytes)
+    if cfg.cors_origins:  # off by default: a page on another origin may not read the answers
+        app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["*"], allow_credentials="*" not in cfg.cors_origins)
+    app.state.metrics = metrics = Metrics(client)
     app.add_api_route("/health", lambda: health_response(client), methods=["GET"])
-    app.include_router(openai_router(OpenAIApi(client, gate, cfg), require_api_access(cfg.api_key, cfg.auth)))
-    return mount_ui(app, build_ui(client, gate, cfg, system_prompt), cfg)
+    app.add_api_route("/metrics", lambda: Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST), methods=["GET"])
+    api = OpenAIApi(client, gate, cfg, metrics)
+    access = require_api_access(cfg.api_key, cfg.auth)
+    app.include_router(tokenizer_router(api, access))
+    app.include_router(openai_router(api, access))
+    return mount_ui(app, build_ui(client, gate, cfg, system_prompt, metrics), cfg)
 
 
 def health_response(client: EngineClient) -> JSONResponse:
@@ -90,9 +102,9 @@ class Answer:
 
 
 class OpenAIApi:
-    def __init__(self, client: EngineClient, gate: Gate, cfg: ServerConfig):
-        self.client, self.gate, self.cfg = client, gate, cfg
-        self.keepalive_s = SSE_KEEPALIVE_S
+    def __init__(self, client: EngineClient, gate: Gate, cfg: ServerConfig, metrics: Metrics):
+        self.client, self.gate, self.cfg, self.metrics = client, gate, cfg, metrics
+        self.keepalive_s = cfg.sse_keepalive_s
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -142,17 +154,19 @@ class OpenAIApi:
                                 f"runs at most {limit} at once: ask for fewer", param="n" if prompts == 1 else "prompt")
         return n
 
-    def submit(self, choices: list[Choice]) -> list[Submission]:
-        """Every choice's engine request, all or none (a 429 when the queue cannot take them all)."""
+    def submit(self, choices: list[Choice], endpoint: str) -> list:
+        """Every choice's engine request, all or none (a 429 when the queue cannot take them all);
+        returns each one's events (failures as ApiErrors), counted and timed by the metrics."""
         try:
-            return self.client.submit_many([(c.job.prompt_ids, c.job.params) for c in choices])
+            subs = self.client.submit_many([(c.job.prompt_ids, c.job.params) for c in choices])
+            return [Tracked(s, self.metrics.track(s, endpoint, len(c.job.prompt_ids))) for s, c in zip(subs, choices)]
         except QueueFull as e:
             raise ApiError(429, str(e), type="rate_limit_error", code="server_busy",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except RuntimeError as e:  # the model stopped serving
             raise ApiError(503, str(e), type="server_error") from None
 
-    async def collect(self, subs: list[Submission]) -> list[Answer]:
+    async def collect(self, subs: list["Tracked"]) -> list[Answer]:
         """Every choice's whole answer; the first failure cancels the others."""
         async def one(sub: Submission) -> Answer:
             answer = Answer()
@@ -208,7 +222,20 @@ def sampling(req: p.SamplingRequest, max_tokens: int, logprobs: int | None = Non
         min_p=req.min_p or 0.0, logit_bias=req.logit_bias or [], logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
-async def events(sub: Submission) -> AsyncIterator[TokenEvent]:
+class Tracked:
+    """A submission and its events as the metrics see them."""
+
+    def __init__(self, sub: Submission, tracked: AsyncIterator[TokenEvent]):
+        self.sub, self.tracked = sub, tracked
+
+    def __aiter__(self):
+        return self.tracked
+
+    def close(self) -> None:
+        self.sub.close()
+
+
+async def events(sub: "Tracked | Submission") -> AsyncIterator[TokenEvent]:
     """A submission's events with its failures as API errors (a request that failed inside the
     engine, the model gone); closing it early cancels the request now, not at collection."""
     try:
@@ -220,6 +247,8 @@ async def events(sub: Submission) -> AsyncIterator[TokenEvent]:
         raise ApiError(503, str(e), type="server_error") from None
     finally:
         sub.close()
+        if isinstance(sub, Tracked):
+            await sub.tracked.aclose()  # counts a request left midway now, not when collected
 
 
 # --- logprobs in OpenAI's two shapes -------------------------------------------------------------
@@ -278,7 +307,7 @@ def openai_router(api: OpenAIApi, dependencies: list) -> APIRouter:
     @router.post("/completions")
     async def completions(req: p.CompletionRequest, request: Request):
         choices = await api.completion_choices(req)
-        subs = api.submit(choices)
+        subs = api.submit(choices, "/v1/completions")
         want_logprobs = req.logprobs is not None
         model = choices[0].job.model
         if req.stream:
@@ -307,7 +336,7 @@ def openai_router(api: OpenAIApi, dependencies: list) -> APIRouter:
     @router.post("/chat/completions")
     async def chat_completions(req: p.ChatCompletionRequest, request: Request):
         choices = await api.chat_choices(req)
-        subs = api.submit(choices)
+        subs = api.submit(choices, "/v1/chat/completions")
         model = choices[0].job.model
         if req.stream:
             def chunk(i: int, ev: TokenEvent, first: bool) -> p.ChatCompletionStreamResponse | None:
@@ -338,6 +367,35 @@ def openai_router(api: OpenAIApi, dependencies: list) -> APIRouter:
     async def unknown(path: str, request: Request):
         raise ApiError(404, f"{request.method} /v1/{path}: no such endpoint on this server (it serves /v1/models, "
                             "/v1/completions and /v1/chat/completions)", type="not_found_error", code="not_found")
+
+    return router
+
+
+def tokenizer_router(api: OpenAIApi, dependencies: list) -> APIRouter:
+    """vLLM's /tokenize and /detokenize: what the model sees of a prompt (or a dialog), and back."""
+    router = APIRouter(dependencies=dependencies)
+
+    @router.post("/tokenize")
+    async def tokenize(req: p.TokenizeRequest) -> p.TokenizeResponse:
+        if (req.prompt is None) == (req.messages is None):
+            raise ApiError(400, "send either prompt (a text) or messages (a dialog)", param="prompt")
+        if req.add_generation_prompt is False:
+            raise ApiError(400, "add_generation_prompt: false is not supported (the chat format always opens "
+                                "the answer)", param="add_generation_prompt")
+        if req.prompt is not None:
+            ids = await api.gate.encode(req.prompt, "prompt", bos=None if req.add_special_tokens is None
+                                        else req.add_special_tokens and api.tokenizer.bos_id is not None)
+        else:
+            ids = await api.gate.encode_dialog([_message(m, i) for i, m in enumerate(req.messages)], "messages")
+        return p.TokenizeResponse(tokens=ids, count=len(ids), max_model_len=api.client.max_seq_len)
+
+    @router.post("/detokenize")
+    async def detokenize(req: p.DetokenizeRequest) -> p.DetokenizeResponse:
+        bad = [t for t in req.tokens if not 0 <= t < api.client.vocab_size]
+        if bad:
+            raise ApiError(400, f"tokens: id {bad[0]} is outside the vocabulary (0..{api.client.vocab_size - 1})",
+                           param="tokens")
+        return p.DetokenizeResponse(prompt=api.tokenizer.decode(req.tokens))
 
     return router
 
