@@ -190,8 +190,8 @@ def test_raw_stream_is_sse_ending_in_done(chat):
     ("completions", {}, "prompt", "Field required"),
     ("chat/completions", {"messages": []}, "messages", "empty dialog"),
     ("chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages", "unknown role 'wizard'"),
-    ("chat/completions", {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
-     "messages", "turns alternate"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]},
+     "messages", "no tool role"),
     ("chat/completions", {"messages": [{"role": "user", "content": "the lazy dog " * 200}]}, "messages", "context"),
 ])
 def test_bad_requests_are_400_saying_what_is_wrong(chat, path, body, param, words):

@@ -526,10 +526,9 @@ def refuse_unsupported(req: p.SamplingRequest) -> None:
 
 
 def _message(m: p.ChatMessage, i: int) -> Message:
-    for name in ("name", "tool_calls", "tool_call_id"):
-        if getattr(m, name) is not None:
-            raise ApiError(400, f"messages.{i}.{name} is not supported by this server", param=f"messages.{i}.{name}")
-    return Message(_role(m.role), _content_text(m.content, i, m.role))
+    """An API message as the chat format takes it; the format refuses what it cannot write."""
+    return Message(_role(m.role), _content_text(m.content, i, m.role), name=m.name, tool_calls=m.tool_calls,
+                   tool_call_id=m.tool_call_id)
 
 
 def _role(role: str) -> str:
