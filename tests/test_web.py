@@ -514,3 +514,72 @@ def test_a_waiting_stream_gets_keep_alive_comments(tok):
     assert lines[0] == ": keep-alive" and lines[-1] == "data: [DONE]"
     created = {json.loads(line[6:])["created"] for line in lines if line.startswith("data: {")}
     assert len(created) == 1
+
+
+# --- every OpenAI request field is honoured or refused ---------------------------------------------
+
+
+def _openai_fields(module) -> list[str]:
+    import typing
+
+    return sorted(typing.get_type_hints(module.CompletionCreateParamsBase))
+
+
+# A valid value for each field we honour, and how to see that it was honoured: (value, check(params, body)).
+HONOURED = {
+    "model": ("another-name", lambda p, b: b["model"] == "fake-llama"),  # any name: the answer says which model
+    "prompt": ("llama", lambda p, b: True),
+    "messages": ([{"role": "user", "content": "hi"}], lambda p, b: True),
+    "max_tokens": (3, lambda p, b: p.max_new_tokens == 3),
+    "max_completion_tokens": (3, lambda p, b: p.max_new_tokens == 3),
+    "temperature": (0.5, lambda p, b: p.temperature == 0.5),
+    "top_p": (0.5, lambda p, b: p.top_p == 0.5),
+    "n": (2, lambda p, b: len(b["choices"]) == 2),
+    "seed": (5, lambda p, b: p.seed == 5),
+    "stop": (["zz"], lambda p, b: p.stop == ["zz"]),
+    "presence_penalty": (0.5, lambda p, b: p.presence_penalty == 0.5),
+    "frequency_penalty": (0.5, lambda p, b: p.frequency_penalty == 0.5),
+    "logit_bias": ({"5": 1.5}, lambda p, b: p.logit_bias == [[5, 1.5]]),
+    "logprobs": (2, lambda p, b: b["choices"][0]["logprobs"] is not None),
+    "top_logprobs": (2, lambda p, b: p.logprobs == 2),
+    "echo": (True, lambda p, b: b["choices"][0]["text"].startswith("llama")),
+}
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_every_openai_request_field_is_honoured_or_refused(chat, endpoint):
+    """Walks the official client's request schema: each field is honoured (its effect checked),
+    a label that cannot change an answer, or a 400 naming it; never silently ignored."""
+    from openai.types import completion_create_params
+    from openai.types.chat import completion_create_params as chat_params
+
+    from llama_demo.serve import protocol as p
+
+    client, _, s = chat
+    module, path = ((completion_create_params, "completions") if endpoint == "completions"
+                    else (chat_params, "chat/completions"))
+    base = {"prompt": "llama", "max_tokens": 2} if endpoint == "completions" else {
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    if endpoint == "chat":
+        HONOURED_HERE = {**HONOURED, "logprobs": (True, lambda p, b: b["choices"][0]["logprobs"] is not None)}
+    else:
+        HONOURED_HERE = HONOURED
+    for field in _openai_fields(module):
+        value = HONOURED_HERE.get(field, ("x",))[0]
+        body = {**base, field: value}
+        if field == "top_logprobs":
+            body["logprobs"] = True
+        r = httpx.post(f"{s.url}/v1/{path}", json=body)
+        if r.status_code == 400:
+            assert r.json()["error"]["param"] == field, (field, r.text)
+            assert field not in HONOURED_HERE, f"{field} is honoured, yet a valid value was refused: {r.text}"
+            continue
+        assert r.status_code == 200, (field, r.text)
+        if field in HONOURED_HERE:
+            assert HONOURED_HERE[field][1](client.requests[-1][1], r.json()), f"{field} was not honoured"
+        else:
+            assert field in p.LABELS, f"{field} was accepted, but is neither honoured nor a label"
+    # the neutral values of refused fields are accepted (clients send them by default)
+    neutral = {"tool_choice": "none", "response_format": {"type": "text"}, "store": False, "parallel_tool_calls": True}
+    if endpoint == "chat":
+        assert httpx.post(f"{s.url}/v1/{path}", json={**base, **neutral}).status_code == 200

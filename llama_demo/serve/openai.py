@@ -514,6 +514,8 @@ HINTS = {
 
 def refuse_unsupported(req: p.SamplingRequest) -> None:
     """A 400 naming a field we cannot honour, rather than quietly answering something else."""
+    if req.stream_options is not None and not req.stream:
+        raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
     for name, neutral in p.REFUSED.items():
         if name not in type(req).model_fields:
             continue
