@@ -583,3 +583,29 @@ def test_every_openai_request_field_is_honoured_or_refused(chat, endpoint):
     neutral = {"tool_choice": "none", "response_format": {"type": "text"}, "store": False, "parallel_tool_calls": True}
     if endpoint == "chat":
         assert httpx.post(f"{s.url}/v1/{path}", json={**base, **neutral}).status_code == 200
+
+
+# --- structured output ----------------------------------------------------------------------------
+
+
+def test_openai_parse_with_a_pydantic_model_gets_the_schemas_grammar(tok):
+    import pydantic
+
+    class Person(pydantic.BaseModel):
+        name: str
+        age: int
+
+    client = FakeClient(tok, max_seq_len=SEQ, script='{"name":"Ada","age":36}')
+    with ServerThread(build_app(client, chat_format(tok), ServerConfig()), free_port()) as s:
+        out = oai(s).chat.completions.parse(model="m", messages=[{"role": "user", "content": "who?"}],
+                                            response_format=Person, max_tokens=40)
+        assert out.choices[0].message.parsed == Person(name="Ada", age=36)
+        grammar = client.requests[-1][1].grammar
+        assert grammar and '"age"' in grammar  # the schema's grammar travels to the engine
+        oai(s).chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                       response_format={"type": "json_object"}, max_tokens=40)
+        assert client.requests[-1][1].grammar
+        r = httpx.post(f"{s.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                              "response_format": {"type": "json_schema", "json_schema": {
+                                                                  "name": "x", "schema": {"type": "nope"}}}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"

@@ -25,13 +25,14 @@ from ..text.detok import TextStream
 from ..text.tokenizer import Tokenizer
 from .sampler import (apply_logit_bias, apply_penalties, apply_repetition_penalty, repeats_itself, sample,
                       top_logprobs)
+from .grammar import Matcher
 from .scheduler import PromptTooLong, Request, Scheduler, Sequence, check_prompt, check_request, request_generator
 
 __all__ = ["Engine", "Request", "TokenEvent", "PromptTooLong", "StepOutOfMemory", "check_prompt", "check_request"]
 
 # Finish codes broadcast with each sampled id (one home for their meaning).
-CONTINUE, STOP_ID, STOP_STRING, LENGTH, ERROR, REPEATING = 0, 1, 2, 3, 4, 5
-REASONS = {STOP_ID: "stop", STOP_STRING: "stop", LENGTH: "length", ERROR: "error", REPEATING: "stop"}
+CONTINUE, STOP_ID, STOP_STRING, LENGTH, ERROR, REPEATING, GRAMMAR_END = 0, 1, 2, 3, 4, 5, 6
+REASONS = {STOP_ID: "stop", STOP_STRING: "stop", LENGTH: "length", ERROR: "error", REPEATING: "stop", GRAMMAR_END: "stop"}
 REPEATING_NOTE = "stopped: the answer kept repeating itself"
 
 
@@ -68,6 +69,7 @@ class _Rank0State:
     counts: torch.Tensor | None = None  # with presence/frequency penalties: (V,) counts of the answer's tokens
     logprob: tuple[float, list[tuple[int, float]]] | None = None  # this step's, for the event
     prompt_logprobs: list | None = None  # gathered chunk by chunk while the prompt is prefilled
+    matcher: Matcher | None = None  # structured output: the grammar's state, masks each step's logits
     error: str | None = None  # set when something about this request failed: it ends at its next token
     pending_text: str = ""
 
@@ -129,6 +131,8 @@ class Engine:
             p = seq.req.params
             try:
                 seq.rank0 = _Rank0State(TextStream(self.tokenizer, p.stop, seq.req.prompt_ids[-4:]), request_generator(p))
+                if p.grammar is not None:
+                    seq.rank0.matcher = Matcher(p.grammar, self.tokenizer, self.vocab_size, self.stop_ids)
             except Exception as e:  # ends this request at its first token, on every rank (see _decide)
                 seq.rank0 = _Rank0State(TextStream(self.tokenizer), None, error=f"could not start the request: {e}")
 
@@ -263,7 +267,7 @@ class Engine:
         params = [s.req.params for s in seqs]
         # penalties and biases change a copy: logprobs are reported from the model's own logits
         adjusted = [p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.logit_bias
-                    for p in params]
+                    or s.rank0.matcher is not None for p, s in zip(params, seqs)]
         logits = logits.float().clone() if any(adjusted) else logits.float()
         for i, s in enumerate(seqs):
             if not adjusted[i]:
@@ -282,6 +286,8 @@ class Engine:
                                              torch.ones(len(s.out_ids), device=logits.device))
                 logits[i] = apply_penalties(logits[i], st.counts, p.presence_penalty, p.frequency_penalty)
             logits[i] = apply_logit_bias(logits[i], p.logit_bias)
+            if st.matcher is not None:  # last: the grammar has the final say over what may follow
+                logits[i] = logits[i].masked_fill(~st.matcher.allowed(logits.device), float("-inf"))
         temp = torch.tensor([p.temperature for p in params], device=logits.device)
         top_p = torch.tensor([p.top_p for p in params], device=logits.device)
         top_k = torch.tensor([p.top_k for p in params], device=logits.device)
@@ -307,6 +313,11 @@ class Engine:
             if stopped:
                 st.pending_text = text
                 return STOP_STRING
+            if st.matcher is not None:
+                st.matcher.consume(tok)
+                if st.matcher.done:  # the document is complete: nothing but the end may follow
+                    st.pending_text = text + st.text.finish()
+                    return GRAMMAR_END
             guard = s.req.params.repeat_guard
             if guard and repeats_itself(s.out_ids + [tok], guard):
                 st.pending_text = text + st.text.finish()

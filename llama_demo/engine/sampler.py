@@ -37,6 +37,7 @@ class SamplingParams:
     # ... and for each prompt token (completions' echo); the first prompt token has none.
     prompt_logprobs: int | None = None
     repeat_guard: int = 0  # the chat page's: end an answer that loops over >= this many tokens (0 = off)
+    grammar: str | None = None  # structured output: an llguidance grammar the answer must follow (engine.grammar)
 
     def validate(self, vocab_size: int | None = None) -> "SamplingParams":
         """Check every field (SamplingError naming the first bad one) and return the values the
@@ -91,6 +92,8 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_TOP_LOGPROBS):
                 raise SamplingError(f"{name} must be an integer in [0, {MAX_TOP_LOGPROBS}], got {v!r}")
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise SamplingError("grammar must be a compiled grammar (text) or None")
         if integer("repeat_guard") < 0:
             raise SamplingError(f"repeat_guard must be an integer >= 0 (0 = off), got {self.repeat_guard!r}")
         seed = self.seed
@@ -103,7 +106,7 @@ class SamplingParams:
                               max_new_tokens=self.max_new_tokens, stop=list(dict.fromkeys(stop)), seed=seed,
                               presence_penalty=presence, frequency_penalty=frequency, min_p=min_p, logit_bias=bias,
                               logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs,
-                              repeat_guard=self.repeat_guard)
+                              repeat_guard=self.repeat_guard, grammar=self.grammar)
 
     @property
     def greedy(self) -> bool:

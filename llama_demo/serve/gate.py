@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..config import MAX_CHAT_MESSAGES, SamplingDefaults
+from ..engine.grammar import GrammarError, response_format_grammar
 from ..engine.sampler import SamplingError, SamplingParams
 from ..engine.scheduler import PromptTooLong, check_request
 from ..text.chat_format import ChatFormat, Message
@@ -97,6 +98,14 @@ class Gate:
         if clip_to_context:
             checked.max_new_tokens = min(checked.max_new_tokens, self.max_seq_len - len(prompt_ids))
         return Job(list(prompt_ids), checked, self.model_name)
+
+    @staticmethod
+    def grammar(response_format) -> str | None:
+        """response_format -> the grammar the answer must follow (None: free text)."""
+        try:
+            return response_format_grammar(response_format)
+        except GrammarError as e:
+            raise ApiError(400, f"response_format: {e}", param="response_format") from None
 
     def page_params(self, temperature, top_p, max_new_tokens, defaults: SamplingDefaults) -> SamplingParams:
         """The chat page's sliders (numbers from the browser, or from gradio_client: anything)."""

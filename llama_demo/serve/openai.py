@@ -140,6 +140,7 @@ class OpenAIApi:
         # no max_tokens: the server's default, clipped by the gate to what the context has room for
         params = sampling(req, self.cfg.page.max_new_tokens if max_tokens is None else max_tokens,
                           logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+        params.grammar = self.gate.grammar(req.response_format)
         job = self.gate.job(ids, params, "messages", names={"logprobs": "top_logprobs"})
         return [Choice(j, _nth(job, j), 0) for j in range(n)]
 
@@ -504,7 +505,6 @@ HINTS = {
     "tools": ": tool calls are not implemented (describe the tools in the messages instead)",
     "tool_choice": " (only \"none\"): tool calls are not implemented",
     "functions": ": function calls are not implemented", "function_call": " (only \"none\")",
-    "response_format": " (only {\"type\": \"text\"}): structured output is not implemented",
     "suffix": ": insertion (fill-in-the-middle) is not implemented",
     "best_of": " (only best_of = n): every choice is returned",
     "store": " (only false): this server stores nothing",

@@ -78,7 +78,7 @@ REFUSED: dict[str, tuple] = {
     "suffix": ("",), "best_of": (1,),  # best_of: also accepted when it equals n
     "tools": ([],), "tool_choice": ("none", "auto"), "functions": ([],), "function_call": ("none", "auto"),
     "parallel_tool_calls": (True, False),  # about tool calls only: none can happen without tools
-    "response_format": ({"type": "text"},), "audio": (), "modalities": (["text"],), "prediction": (),
+    "audio": (), "modalities": (["text"],), "prediction": (),
     "reasoning_effort": (), "verbosity": (), "web_search_options": (), "store": (False,),
     "service_tier": ("auto", "default"), "moderation": (), "prompt_cache_retention": (), "prompt_cache_options": (),
 }
