@@ -183,8 +183,9 @@ def test_raw_stream_is_sse_ending_in_done(chat):
      "needs logprobs: true"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 30},
      "top_logprobs", "top_logprobs must be an integer in [0, 20]"),
-    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
-     "tools", "tools is not supported"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                          "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "tools", "no place for tools"),
     ("completions", {"prompt": "x", "max_tokens": 0}, "max_tokens", "max_tokens must be an integer >= 1"),
     ("completions", {"prompt": "x", "temperature": "hot"}, "temperature", "valid number"),
     ("completions", {}, "prompt", "Field required"),
@@ -609,3 +610,62 @@ def test_openai_parse_with_a_pydantic_model_gets_the_schemas_grammar(tok):
                                                               "response_format": {"type": "json_schema", "json_schema": {
                                                                   "name": "x", "schema": {"type": "nope"}}}})
         assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+
+
+# --- tools ----------------------------------------------------------------------------------------
+
+TOOL_TEMPLATE = (  # Llama 3.1's way, reduced: the tools as JSON in the prompt, tool results as ipython
+    "{% if tools %}Tools: {{ tools | map(attribute='function.name') | join(',') }}\n{% endif %}"
+    "{% for m in messages %}{% if m.role == 'tool' %}ipython: {{ m.content }}\n{% elif m.tool_calls %}"
+    "assistant: {{ m.tool_calls[0].function.name }}\n{% else %}{{ m.role }}: {{ m.content }}\n{% endif %}"
+    "{% endfor %}assistant:")
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                            "required": ["city"]}}}]
+
+
+def tool_server(tok, script):
+    from llama_demo.text.chat_format import JinjaChatFormat
+
+    client = FakeClient(tok, max_seq_len=SEQ, script=script)
+    return client, ServerThread(build_app(client, JinjaChatFormat(TOOL_TEMPLATE, tok), ServerConfig()), free_port())
+
+
+def test_llama31_json_tool_calls_come_back_as_tool_calls(tok):
+    client, server = tool_server(tok, '{"name": "get_weather", "parameters": {"city": "Paris"}}')
+    with server as s:
+        out = oai(s).chat.completions.create(model="m", messages=[{"role": "user", "content": "weather?"}],
+                                             tools=WEATHER, max_tokens=60)
+        choice = out.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        call = choice.message.tool_calls[0]
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+        assert tok.decode(client.requests[-1][0]).startswith("Tools: get_weather")
+        chunks = list(oai(s).chat.completions.create(model="m", messages=[{"role": "user", "content": "weather?"}],
+                                                     tools=WEATHER, max_tokens=60, stream=True))
+        calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+        assert calls[0].function.name == "get_weather" and chunks[-1].choices[0].finish_reason == "tool_calls"
+        follow_up = [{"role": "user", "content": "weather?"},
+                     {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                     {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+        oai(s).chat.completions.create(model="m", messages=follow_up, tools=WEATHER, max_tokens=60)
+        assert "ipython: sunny" in tok.decode(client.requests[-1][0])
+        oai(s).chat.completions.create(model="m", messages=[{"role": "user", "content": "weather?"}], tools=WEATHER,
+                                       tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                       max_tokens=60)
+        assert '"get_weather"' in client.requests[-1][1].grammar  # a forced call is a grammar
+        none = oai(s).chat.completions.create(model="m", messages=[{"role": "user", "content": "weather?"}],
+                                              tools=WEATHER, tool_choice="none", max_tokens=60)
+        assert none.choices[0].message.content.startswith("{") and not none.choices[0].message.tool_calls
+        assert not tok.decode(client.requests[-1][0]).startswith("Tools")
+
+
+def test_text_answers_stay_text_when_tools_are_offered(tok):
+    _, server = tool_server(tok, "It is sunny.")
+    with server as s:
+        out = oai(s).chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], tools=WEATHER,
+                                             max_tokens=60)
+        assert out.choices[0].message.content == "It is sunny." and out.choices[0].finish_reason == "stop"
+        r = httpx.post(f"{s.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                              "tools": WEATHER, "tool_choice": {"function": {"name": "x"}}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"

@@ -49,14 +49,15 @@ class Gate:
         self._check_text_size([text], field)
         return await self._off_loop(lambda: self.tokenizer.encode(text, bos=bos), field)
 
-    async def encode_dialog(self, dialog: list[Message], field: str = "messages") -> list[int]:
+    async def encode_dialog(self, dialog: list[Message], field: str = "messages",
+                            tools: list[dict] | None = None) -> list[int]:
         if self.chat_format is None:
             raise ApiError(400, "this server runs a base model without a chat format: use /v1/completions "
                                 "(or restart with --chat)", param=field)
         if len(dialog) > MAX_CHAT_MESSAGES:
             raise ApiError(400, f"{field}: at most {MAX_CHAT_MESSAGES} messages, got {len(dialog)}", param=field)
         self._check_text_size([m.content for m in dialog], field)
-        return await self._off_loop(lambda: self.chat_format.encode_dialog(dialog), field)
+        return await self._off_loop(lambda: self.chat_format.encode_dialog(dialog, tools), field)
 
     def _check_text_size(self, texts: Sequence[str], field: str) -> None:
         chars = sum(len(t) for t in texts)

@@ -36,6 +36,7 @@ from .errors import ApiError, BodyLimit, install_error_handlers
 from .gate import Gate, Job
 from .loop import EngineClient, QueueFull, Submission
 from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .tools import parse_tool_calls, tool_use
 from .ui import build_ui, mount_ui
 
 T = TypeVar("T")
@@ -79,6 +80,7 @@ class Choice:
     job: Job
     prompt: int  # which prompt of the request (usage counts each prompt once)
     echo: str | None = None  # completions' echo: the prompt text the answer follows
+    tool_calls: bool = False  # chat with tools: read tool calls out of the answer
 
 
 @dataclass
@@ -134,15 +136,23 @@ class OpenAIApi:
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         n = self._choices_per_prompt(req, 1)
+        tools = tool_use(req.tools, req.tool_choice)
+        if tools.tools and not (self.gate.chat_format and self.gate.chat_format.supports_tools):
+            raise ApiError(400, "tools: this model's chat template has no place for tools", param="tools")
         dialog = [_message(m, i) for i, m in enumerate(req.messages)]
-        ids = await self.gate.encode_dialog(dialog, "messages")
+        ids = await self.gate.encode_dialog(dialog, "messages", tools=tools.tools)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         # no max_tokens: the server's default, clipped by the gate to what the context has room for
         params = sampling(req, self.cfg.page.max_new_tokens if max_tokens is None else max_tokens,
                           logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         params.grammar = self.gate.grammar(req.response_format)
+        if tools.grammar is not None:
+            if params.grammar is not None:
+                raise ApiError(400, "tool_choice: a forced tool call and a response_format cannot both shape the "
+                                    "answer", param="tool_choice")
+            params.grammar = tools.grammar
         job = self.gate.job(ids, params, "messages", names={"logprobs": "top_logprobs"})
-        return [Choice(j, _nth(job, j), 0) for j in range(n)]
+        return [Choice(j, _nth(job, j), 0, tool_calls=tools.parse) for j in range(n)]
 
     def _choices_per_prompt(self, req: p.SamplingRequest, prompts: int) -> int:
         n = 1 if req.n is None else req.n
@@ -297,6 +307,16 @@ def completion_choice(tokenizer: Tokenizer, c: Choice, a: Answer, logprobs: bool
                                       finish_reason=a.finish_reason)
 
 
+def chat_message(a: Answer, tool_calls: bool) -> tuple[p.ResponseMessage, str]:
+    """The assistant's message and finish_reason: tool calls when the answer is one (and tools were
+    offered), else its text."""
+    text = "".join(a.text)
+    calls = parse_tool_calls(text) if tool_calls and a.finish_reason == "stop" else None
+    if calls:
+        return p.ResponseMessage(content=None, tool_calls=calls), "tool_calls"
+    return p.ResponseMessage(content=text), a.finish_reason
+
+
 def openai_router(api: OpenAIApi, dependencies: list) -> APIRouter:
     router = APIRouter(prefix="/v1", dependencies=dependencies)
     tok = api.tokenizer
@@ -340,7 +360,22 @@ def openai_router(api: OpenAIApi, dependencies: list) -> APIRouter:
         subs = api.submit(choices, "/v1/chat/completions")
         model = choices[0].job.model
         if req.stream:
+            held: list[list[TokenEvent]] = [[] for _ in choices]  # with tools: each answer, until it is whole
+
             def chunk(i: int, ev: TokenEvent, first: bool) -> p.ChatCompletionStreamResponse | None:
+                if choices[i].tool_calls:  # a tool call is known only once the answer is complete
+                    held[i].append(ev)
+                    if not ev.finished:
+                        return None
+                    whole = Answer()
+                    for e in held[i]:
+                        whole.add(e)
+                    msg, reason = chat_message(whole, True)
+                    lp = chat_logprobs(tok, whole.logprobs) if req.logprobs else None
+                    calls = [{"index": k, **c} for k, c in enumerate(msg.tool_calls or [])] or None
+                    return p.ChatCompletionStreamResponse(model=model, choices=[p.ChatCompletionStreamChoice(
+                        index=choices[i].index, delta=p.DeltaMessage(content=msg.content, tool_calls=calls),
+                        logprobs=lp, finish_reason=reason)])
                 lp = None
                 if req.logprobs and ev.logprob is not None and not ev.stop_id:
                     lp = chat_logprobs(tok, [(ev.token_id, ev.logprob, ev.top_logprobs or [], False)])
@@ -358,11 +393,11 @@ def openai_router(api: OpenAIApi, dependencies: list) -> APIRouter:
         finally:
             for s in subs:
                 s.close()
+        replies = [chat_message(a, c.tool_calls) for c, a in zip(choices, answers)]
         return p.ChatCompletionResponse(model=model, usage=api.usage(choices, answers), choices=[
-            p.ChatCompletionResponseChoice(index=c.index, message=p.ResponseMessage(content="".join(a.text)),
-                                           logprobs=chat_logprobs(tok, a.logprobs) if req.logprobs else None,
-                                           finish_reason=a.finish_reason)
-            for c, a in zip(choices, answers)])
+            p.ChatCompletionResponseChoice(index=c.index, message=msg, finish_reason=reason,
+                                           logprobs=chat_logprobs(tok, a.logprobs) if req.logprobs else None)
+            for c, a, (msg, reason) in zip(choices, answers, replies)])
 
     @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     async def unknown(path: str, request: Request):
@@ -502,9 +537,7 @@ def finish_reason(ev: TokenEvent) -> str:
 
 
 HINTS = {
-    "tools": ": tool calls are not implemented (describe the tools in the messages instead)",
-    "tool_choice": " (only \"none\"): tool calls are not implemented",
-    "functions": ": function calls are not implemented", "function_call": " (only \"none\")",
+    "functions": ": use tools", "function_call": ": use tool_choice",
     "suffix": ": insertion (fill-in-the-middle) is not implemented",
     "best_of": " (only best_of = n): every choice is returned",
     "store": " (only false): this server stores nothing",

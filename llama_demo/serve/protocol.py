@@ -76,8 +76,8 @@ LABELS = ("user", "safety_identifier", "metadata", "prompt_cache_key")
 # any other value is a 400 naming the field. Checked by serve.openai.refuse_unsupported.
 REFUSED: dict[str, tuple] = {
     "suffix": ("",), "best_of": (1,),  # best_of: also accepted when it equals n
-    "tools": ([],), "tool_choice": ("none", "auto"), "functions": ([],), "function_call": ("none", "auto"),
-    "parallel_tool_calls": (True, False),  # about tool calls only: none can happen without tools
+    "functions": ([],), "function_call": ("none", "auto"),  # OpenAI's deprecated spelling of tools
+    "parallel_tool_calls": (True, False),  # several calls may come back either way: we never split them
     "audio": (), "modalities": (["text"],), "prediction": (),
     "reasoning_effort": (), "verbosity": (), "web_search_options": (), "store": (False,),
     "service_tier": ("auto", "default"), "moderation": (), "prompt_cache_retention": (), "prompt_cache_options": (),
@@ -222,7 +222,8 @@ class ChatLogprobs(BaseModel):
 
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[dict] | None = None
 
 
 class ChatCompletionResponseChoice(BaseModel):
@@ -244,6 +245,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict] | None = None
 
     @model_serializer(mode="wrap")
     def _without_nones(self, handler):  # OpenAI's deltas omit what they do not carry

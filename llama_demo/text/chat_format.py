@@ -95,10 +95,15 @@ class ChatFormat:
     def stop_ids(self) -> frozenset[int]:
         return self.tokenizer.stop_ids
 
-    def encode_dialog(self, dialog: Sequence[Message]) -> list[int]:
-        """Prompt ids for `dialog`, ending where the assistant's answer begins."""
+    supports_tools = False  # whether the format can show the model a list of tools
+
+    def encode_dialog(self, dialog: Sequence[Message], tools: list[dict] | None = None) -> list[int]:
+        """Prompt ids for `dialog` (and the tools the model may call, OpenAI's shape), ending where
+        the assistant's answer begins."""
         self.check(dialog)
-        return self._encode(dialog)
+        if tools and not self.supports_tools:
+            raise ChatFormatError("this model's chat format has no place for tools")
+        return self._encode(dialog, tools) if tools else self._encode(dialog)
 
     def check(self, dialog: Sequence[Message]) -> None:
         """Raise ChatFormatError for a dialog this format cannot write (default: Llama 2's rules)."""
@@ -180,6 +185,7 @@ class JinjaChatFormat(ChatFormat):
         }
         # what the template knows beyond role and content, read from its source
         self.roles = ROLES + ((TOOL_ROLE,) if re.search(r"""['"]tool['"]""", template) else ())
+        self.supports_tools = bool(re.search(r"\btools\b", template))
         self.extras = tuple(x for x, pattern in (("tool_calls", r"tool_calls"), ("name", r"""(\.name\b|\[['"]name['"]\])"""))
                             if re.search(pattern, template))
 
@@ -188,7 +194,7 @@ class JinjaChatFormat(ChatFormat):
         check_messages(dialog, self.roles, self.extras,
                        "" if TOOL_ROLE in self.roles else " (this model's chat template has no tool role)")
 
-    def render(self, dialog: Sequence[Message]) -> str:
+    def render(self, dialog: Sequence[Message], tools: list[dict] | None = None) -> str:
         """The prompt text, ready for the assistant's answer (add_generation_prompt=True)."""
         import jinja2
 
@@ -198,14 +204,14 @@ class JinjaChatFormat(ChatFormat):
                     for m in dialog]
         try:
             return self._template.render(
-                messages=messages, tools=None, documents=None, add_generation_prompt=True, **self._variables
+                messages=messages, tools=tools or None, documents=None, add_generation_prompt=True, **self._variables
             )
         except jinja2.TemplateError as e:  # raise_exception(...) in the template lands here too
             raise ChatFormatError(f"the model's chat template rejected the dialog: {e}") from e
 
-    def _encode(self, dialog: Sequence[Message]) -> list[int]:
+    def _encode(self, dialog: Sequence[Message], tools: list[dict] | None = None) -> list[int]:
         # The template writes BOS itself if the model wants it; special-token strings become ids.
-        return self.tokenizer.encode_with_special_tokens(self.render(dialog))
+        return self.tokenizer.encode_with_special_tokens(self.render(dialog, tools))
 
 
 def _compile_template(template: str):
