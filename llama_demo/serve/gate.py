@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..config import MAX_CHAT_MESSAGES, SamplingDefaults
-from ..engine.grammar import GrammarError, response_format_grammar
+from ..engine.grammar import GrammarError, ll_tokenizer, response_format_grammar
 from ..engine.sampler import SamplingError, SamplingParams
 from ..engine.scheduler import PromptTooLong, check_request
 from ..text.chat_format import ChatFormat, Message
@@ -100,13 +100,22 @@ class Gate:
             checked.max_new_tokens = min(checked.max_new_tokens, self.max_seq_len - len(prompt_ids))
         return Job(list(prompt_ids), checked, self.model_name)
 
-    @staticmethod
-    def grammar(response_format) -> str | None:
+    async def grammar(self, response_format) -> str | None:
         """response_format -> the grammar the answer must follow (None: free text)."""
         try:
-            return response_format_grammar(response_format)
+            grammar = response_format_grammar(response_format)
         except GrammarError as e:
             raise ApiError(400, f"response_format: {e}", param="response_format") from None
+        if grammar is not None:
+            await asyncio.to_thread(self.warm_grammar_tokenizer)
+        return grammar
+
+    def warm_grammar_tokenizer(self) -> None:
+        """Build llguidance's view of the vocabulary here (~1 s for 50k tokens, once), not in the
+        serving loop where it would stall every running answer; the engine finds it cached (same
+        tokenizer, vocabulary size and stop ids as serve's engine.stop_ids)."""
+        stops = self.tokenizer.stop_ids | (self.chat_format.stop_ids if self.chat_format else frozenset())
+        ll_tokenizer(self.tokenizer, self.vocab_size, frozenset(stops))
 
     def page_params(self, temperature, top_p, max_new_tokens, defaults: SamplingDefaults) -> SamplingParams:
         """The chat page's sliders (numbers from the browser, or from gradio_client: anything)."""

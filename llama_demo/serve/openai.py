@@ -145,8 +145,9 @@ class OpenAIApi:
         # no max_tokens: the server's default, clipped by the gate to what the context has room for
         params = sampling(req, self.cfg.page.max_new_tokens if max_tokens is None else max_tokens,
                           logprobs=(req.top_logprobs or 0) if req.logprobs else None)
-        params.grammar = self.gate.grammar(req.response_format)
+        params.grammar = await self.gate.grammar(req.response_format)
         if tools.grammar is not None:
+            await asyncio.to_thread(self.gate.warm_grammar_tokenizer)
             if params.grammar is not None:
                 raise ApiError(400, "tool_choice: a forced tool call and a response_format cannot both shape the "
                                     "answer", param="tool_choice")
