@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 
@@ -240,6 +240,9 @@ class SamplingDefaults:
     temperature: float
     top_p: float
     max_new_tokens: int
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    repeat_guard: int = 0  # stop an answer whose last tokens repeat one short cycle (see REPEAT_GUARD_*); 0 = off
 
 
 # What a request that names nothing gets: OpenAI's defaults (temperature 1, top_p 1, 16 tokens
@@ -247,8 +250,46 @@ class SamplingDefaults:
 API_SAMPLING = SamplingDefaults(temperature=1.0, top_p=1.0, max_new_tokens=16)
 # `python -m llama_demo.generate`: Meta's example scripts' values (example_text_completion.py).
 CLI_SAMPLING = SamplingDefaults(temperature=0.6, top_p=0.9, max_new_tokens=64)
-# The chat page's initial sliders: low enough that small models stay on topic.
-PAGE_SAMPLING = SamplingDefaults(temperature=0.3, top_p=0.9, max_new_tokens=512)
+# Runaway repetition ("la femme de France, la femme de France, ..." for 512 tokens, seen on the
+# page with a 135M model): the page stops an answer once its last tokens are one cycle of at most
+# REPEAT_GUARD_MAX_PERIOD tokens repeated REPEAT_GUARD_MIN_REPEATS times or more, covering at
+# least PAGE_REPEAT_GUARD tokens. A detector rather than a default repetition penalty: a penalty
+# also bends every normal answer (code, lists and names legitimately repeat tokens), while a
+# 64-token loop is never an answer anyone wants. The API keeps OpenAI's semantics (no guard).
+REPEAT_GUARD_MAX_PERIOD = 32
+REPEAT_GUARD_MIN_REPEATS = 4
+PAGE_REPEAT_GUARD = 64
+# The chat page's initial sliders: low enough that small models stay on topic. A model folder's
+# Hugging Face generation_config.json, when present, gives its own (page_sampling).
+PAGE_SAMPLING = SamplingDefaults(temperature=0.3, top_p=0.9, max_new_tokens=512, repeat_guard=PAGE_REPEAT_GUARD)
+
+
+def page_sampling(model_dir: str | os.PathLike | None, temperature: float | None = None, top_p: float | None = None,
+                  max_new_tokens: int | None = None) -> SamplingDefaults:
+    """The chat page's defaults: the flags, else the model's generation_config.json (temperature,
+    top_p, top_k, repetition_penalty; do_sample false = greedy), else PAGE_SAMPLING."""
+    gen = {}
+    path = Path(model_dir) / "generation_config.json" if model_dir else None
+    if path is not None and path.is_file():
+        try:
+            gen = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path} is not readable JSON ({e}): fix or remove it") from None
+        gen = gen if isinstance(gen, dict) else {}
+
+    def pick(key: str, flag, default, kind):
+        v = flag if flag is not None else gen.get(key, default)
+        return default if isinstance(v, bool) or not isinstance(v, (int, float)) else kind(v)
+
+    model_temperature = 0.0 if gen.get("do_sample") is False else None
+    return SamplingDefaults(
+        temperature=pick("temperature", temperature if temperature is not None else model_temperature,
+                         PAGE_SAMPLING.temperature, float),
+        top_p=pick("top_p", top_p, PAGE_SAMPLING.top_p, float),
+        max_new_tokens=max_new_tokens if max_new_tokens is not None else PAGE_SAMPLING.max_new_tokens,
+        top_k=pick("top_k", None, PAGE_SAMPLING.top_k, int),
+        repetition_penalty=pick("repetition_penalty", None, PAGE_SAMPLING.repetition_penalty, float),
+        repeat_guard=PAGE_SAMPLING.repeat_guard)
 
 # Below this a temperature is treated as greedy: dividing logits by 1e-300 overflows to inf and
 # the softmax to NaN (vLLM uses the same epsilon).
@@ -259,10 +300,24 @@ MAX_STOP_CHARS = 1024
 MAX_CHAT_MESSAGES = 4096
 MAX_SEED = 2**64  # torch.Generator takes seeds in [0, 2**64); larger integers are reduced modulo this
 MAX_REPETITION_PENALTY = 100.0
+# OpenAI's ranges: presence/frequency penalties in [-2, 2], logit_bias values in [-100, 100]
+MAX_PRESENCE_PENALTY = 2.0
+MAX_LOGIT_BIAS = 100.0
+MAX_LOGIT_BIAS_ENTRIES = 1024  # token ids one request may bias (OpenAI's limit is 300)
+# Alternatives per token with logprobs: OpenAI allows 20 (chat top_logprobs; completions take 5,
+# vLLM 20); each costs one top-k over the vocabulary on rank 0, only for requests that ask.
+MAX_TOP_LOGPROBS = 20
+# Choices one request may ask for (n, times the prompts of a batch): each is its own engine request,
+# and all of them must fit the queue at once (all-or-nothing, else 429).
+MAX_CHOICES = 128
 # Requests admitted beyond the KV rows wait here; more than this many waiting is a 429.
 DEFAULT_MAX_WAITING = 64
 DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20  # a request body larger than this is a 413
 RETRY_AFTER_S = 2  # what a 429 tells clients to wait
+
+# An SSE comment (": keep-alive") goes out after this many seconds without an event, so proxies
+# and clients with read timeouts keep a stream open while its request waits for a KV row.
+SSE_KEEPALIVE_S = 10.0
 
 # Secrets come from the environment (or a file), never from every rank's command line.
 API_KEY_ENV = "LLAMA_DEMO_API_KEY"
@@ -284,3 +339,5 @@ class ServerConfig:
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     chat: bool | None = None  # None: decide from the model folder
     page: SamplingDefaults = PAGE_SAMPLING  # the chat page's sliders; max_new_tokens is also chat's API default
+    cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API; none by default
+    sse_keepalive_s: float = SSE_KEEPALIVE_S

@@ -51,12 +51,18 @@ class FakeClient:
         self._ids = itertools.count(1)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> "FakeSubmission":
-        if self.in_flight >= self.capacity:
+        return self.submit_many([(prompt_ids, params)])[0]
+
+    def submit_many(self, requests: list[tuple[list[int], SamplingParams]]) -> list["FakeSubmission"]:
+        if self.in_flight + len(requests) > self.capacity:  # all or none, as EngineClient
             raise QueueFull(f"the server is busy: {self.in_flight} requests are running or waiting")
-        rid = f"r{next(self._ids)}"
-        self.requests.append((list(prompt_ids), params))
-        self.in_flight += 1
-        return FakeSubmission(self, rid, self._answer(rid, prompt_ids, params))
+        subs = []
+        for prompt_ids, params in requests:
+            rid = f"r{next(self._ids)}"
+            self.requests.append((list(prompt_ids), params))
+            self.in_flight += 1
+            subs.append(FakeSubmission(self, rid, self._answer(rid, prompt_ids, params)))
+        return subs
 
     async def _answer(self, rid: str, prompt_ids: list[int], params: SamplingParams):
         if self.refuse:
@@ -72,7 +78,18 @@ class FakeClient:
             await asyncio.sleep(self.delay)
             finished = i == len(answer) - 1
             text = decoder.push(tok) + (decoder.flush() if finished else "")
-            yield TokenEvent(rid, tok, text, finished, reason if finished else None)
+            ev = TokenEvent(rid, tok, text, finished, reason if finished else None)
+            if params.logprobs is not None:
+                ev.logprob, ev.top_logprobs = fake_logprobs(tok, params.logprobs)
+            if i == 0 and params.prompt_logprobs is not None:
+                ev.prompt_logprobs = [(prompt_ids[0], None, [])] + [
+                    (t, *fake_logprobs(t, params.prompt_logprobs)) for t in prompt_ids[1:]]
+            yield ev
+
+
+def fake_logprobs(tok: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """The fake model's logprobs: every token is the most likely, at -0.25; alternatives below it."""
+    return -0.25, [(tok, -0.25)] + [((tok + j) % 7 + 400, -0.25 - j) for j in range(1, k)][:max(0, k - 1)] if k else []
 
 
 class FakeSubmission:

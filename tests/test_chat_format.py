@@ -263,22 +263,53 @@ def test_jinja_template_cannot_escape_the_sandbox():
 # --- dialog validation ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "dialog, message",
-    [
-        ([], "empty dialog"),
-        ([Message("assistant", "hi")], "'assistant' where 'user'"),
-        ([Message("user", "a"), Message("user", "b")], "'user' where 'assistant'"),
-        ([Message("user", "a"), Message("system", "s"), Message("user", "b")], "system message may only come first"),
-        ([Message("user", "a"), Message("assistant", "b")], "last message must be from the user"),
-        ([Message("system", "s")], "last message must be from the user"),
-        ([Message("robot", "a")], "unknown role 'robot'"),
-    ],
-)
+ORDER_RULES = [
+    ([Message("assistant", "hi")], "'assistant' where 'user'"),
+    ([Message("user", "a"), Message("user", "b")], "'user' where 'assistant'"),
+    ([Message("user", "a"), Message("system", "s"), Message("user", "b")], "system message may only come first"),
+    ([Message("user", "a"), Message("assistant", "b")], "last message must be from the user"),
+    ([Message("system", "s")], "last message must be from the user"),
+]
+
+
+@pytest.mark.parametrize("dialog, message", [([], "empty dialog"), ([Message("robot", "a")], "unknown role 'robot'")])
 @pytest.mark.parametrize("make", [Llama2ChatFormat, Llama3ChatFormat, lambda t: JinjaChatFormat(CHATML_TEMPLATE, t)])
 def test_bad_dialogs_are_rejected_by_every_format(dialog, message, make):
     with pytest.raises(ChatFormatError, match=message):
         make(CharTokenizer()).encode_dialog(dialog)
+
+
+@pytest.mark.parametrize("dialog, message", ORDER_RULES)
+def test_llama2_keeps_metas_turn_order(dialog, message):
+    with pytest.raises(ChatFormatError, match=message):
+        Llama2ChatFormat(CharTokenizer()).encode_dialog(dialog)
+
+
+@pytest.mark.parametrize("dialog", [d for d, _ in ORDER_RULES])
+def test_templates_and_llama3_decide_the_turn_order_themselves(dialog):
+    Llama3ChatFormat(CharTokenizer()).encode_dialog(dialog)
+    text = JinjaChatFormat(CHATML_TEMPLATE, CharTokenizer()).render(dialog)
+    assert text.endswith("<|im_start|>assistant\n") and dialog[-1].content in text
+    with pytest.raises(ChatFormatError, match="must alternate"):  # a template with rules keeps them
+        JinjaChatFormat(LLAMA2_HF_TEMPLATE, CharTokenizer()).render([Message("user", "a"), Message("user", "b")])
+
+
+def test_tool_role_and_tool_calls_only_where_the_template_has_them():
+    plain = JinjaChatFormat(CHATML_TEMPLATE, CharTokenizer())
+    with pytest.raises(ChatFormatError, match="no tool role"):
+        plain.render([Message("user", "a"), Message("tool", "42")])
+    with pytest.raises(ChatFormatError, match="does not render tool_calls"):
+        plain.render([Message("user", "a"), Message("assistant", "", tool_calls=[{"id": "1"}])])
+    tools = JinjaChatFormat(
+        "{% for m in messages %}{% if m.role == 'tool' %}<tool>{{ m.content }}</tool>{% elif m.tool_calls %}"
+        "<call>{{ m.tool_calls[0].function.name }}</call>{% else %}{{ m.role }}: {{ m.content }}\n{% endif %}"
+        "{% endfor %}", CharTokenizer())
+    calls = [{"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{}"}}]
+    text = tools.render([Message("user", "a"), Message("assistant", "", tool_calls=calls),
+                         Message("tool", "42", tool_call_id="c1")])
+    assert text == "user: a\n<call>add</call><tool>42</tool>"
+    llama3 = Llama3ChatFormat(CharTokenizer())
+    assert llama3.encode_dialog([Message("user", "a"), Message("tool", "42")])  # as Llama 3.1's ipython role
 
 
 # --- choosing a format -------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
 """Sampling is pure: logits in, ids out."""
+import re
+
 import pytest
 import torch
 
@@ -103,3 +105,74 @@ def test_repetition_penalty_by_mask_equals_by_ids():
     mask = torch.zeros(50, dtype=torch.bool)
     mask[ids] = True
     assert torch.equal(apply_repetition_penalty(logits, mask, 1.3), apply_repetition_penalty(logits, ids, 1.3))
+
+
+def test_presence_and_frequency_penalties_follow_openais_formula():
+    from llama_demo.engine.sampler import apply_penalties
+
+    logits, counts = torch.zeros(4), torch.tensor([0.0, 1.0, 3.0, 0.0])
+    out = apply_penalties(logits, counts, presence=0.5, frequency=0.25)
+    assert out.tolist() == [0.0, -0.75, -1.25, 0.0]
+
+
+def test_min_p_drops_tokens_below_its_share_of_the_most_likely():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    seen = {int(sample(logits, torch.ones(1), torch.ones(1), torch.zeros(1, dtype=torch.long),
+                       uniform=torch.tensor([u]), min_p=torch.tensor([0.5]))) for u in torch.linspace(0, 0.999, 50)}
+    assert seen == {0, 1}  # 0.15 and 0.05 are below half of 0.5
+
+
+def test_logit_bias_is_checked_and_applied():
+    from llama_demo.engine.sampler import apply_logit_bias
+
+    p = SamplingParams(logit_bias={"3": 100, 1: -100.0}).validate(vocab_size=8)
+    assert p.logit_bias == [[1, -100.0], [3, 100.0]]
+    assert int(sample(apply_logit_bias(torch.zeros(8), p.logit_bias)[None], torch.zeros(1), torch.ones(1),
+                      torch.zeros(1, dtype=torch.long))) == 3
+    for bad, words in (({"8": 1}, "outside the vocabulary"), ({"x": 1}, "outside the vocabulary"),
+                       ({"1": 101}, "[-100, 100]")):
+        with pytest.raises(SamplingError, match=re.escape(words)):
+            SamplingParams(logit_bias=bad).validate(vocab_size=8)
+
+
+@pytest.mark.parametrize("field, value", [("presence_penalty", 2.5), ("frequency_penalty", -3), ("min_p", 1.5),
+                                          ("logprobs", 21), ("prompt_logprobs", -1), ("logprobs", True)])
+def test_new_fields_out_of_range_name_the_field(field, value):
+    with pytest.raises(SamplingError, match=field):
+        SamplingParams(**{field: value}).validate(vocab_size=8)
+
+
+def test_top_logprobs_are_log_softmax_of_the_logits():
+    from llama_demo.engine.sampler import top_logprobs
+
+    logits = torch.randn(3, 50)
+    chosen, ids, top = top_logprobs(logits, torch.tensor([4, 5, 6]), 2)
+    ref = torch.log_softmax(logits, -1)
+    assert torch.allclose(chosen, ref[torch.arange(3), torch.tensor([4, 5, 6])])
+    assert torch.equal(ids[:, 0], ref.argmax(-1)) and torch.allclose(top[:, 0], ref.amax(-1))
+
+
+def test_repeat_guard_stops_a_loop_not_an_answer():
+    from llama_demo.engine.sampler import repeats_itself
+
+    loop = [5, 9, 11, 3, 8, 2] * 11  # "la femme de France, " over and over: 66 tokens
+    assert repeats_itself([1, 2, 3] + loop, 64)
+    assert not repeats_itself([1, 2, 3] + loop[:60], 64)  # not yet 64 tokens of it
+    assert not repeats_itself(list(range(200)), 64)
+    assert repeats_itself([7] * 64, 64) and not repeats_itself([7] * 63, 64)
+    assert not repeats_itself(list(range(40)) * 3, 64)  # a cycle longer than 32 tokens is left alone
+
+
+def test_page_defaults_come_from_the_models_generation_config(tmp_path):
+    import json
+
+    from llama_demo.config import PAGE_SAMPLING, page_sampling
+
+    assert page_sampling(tmp_path) == PAGE_SAMPLING
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "repetition_penalty": 1.05}))
+    page = page_sampling(tmp_path)
+    assert (page.temperature, page.top_p, page.top_k, page.repetition_penalty) == (0.6, 0.95, 20, 1.05)
+    assert page_sampling(tmp_path, temperature=0.1).temperature == 0.1  # the flag wins
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    assert page_sampling(tmp_path).temperature == 0.0

@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..config import (API_KEY_ENV, AUTH_ENV, PAGE_SAMPLING, ConfigError, SamplingDefaults, ServerConfig)
+from ..config import API_KEY_ENV, AUTH_ENV, PAGE_SAMPLING, ConfigError, ServerConfig, page_sampling
 from ..engine.engine import StepOutOfMemory
 from ..model.parallel import shutdown_distributed
 from ..serve.auth import exposure_warnings, parse_login, read_secret
@@ -49,8 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max_new_tokens", type=int, default=PAGE_SAMPLING.max_new_tokens,
                    help="default answer length (the page's slider, and chat requests that name none)")
-    p.add_argument("--temperature", type=float, default=PAGE_SAMPLING.temperature, help="the chat page's initial temperature")
-    p.add_argument("--top_p", type=float, default=PAGE_SAMPLING.top_p, help="the chat page's initial top-p")
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"the chat page's initial temperature (default: the model's generation_config.json, else {PAGE_SAMPLING.temperature})")
+    p.add_argument("--top_p", type=float, default=None,
+                   help=f"the chat page's initial top-p (default: the model's generation_config.json, else {PAGE_SAMPLING.top_p})")
+    p.add_argument("--cors_origins", default=None,
+                   help="comma-separated origins allowed to call the API from a browser (CORS), or '*'; default: none")
     a = p.parse_args(argv)
     if a.heartbeat_interval <= 0 or a.heartbeat_interval >= a.dist_timeout:
         p.error("--heartbeat_interval must be positive and below --dist_timeout")
@@ -65,7 +69,8 @@ def server_config(a: argparse.Namespace) -> ServerConfig:
                         max_batch_size=a.max_batch_size, max_waiting=a.max_waiting,
                         max_request_bytes=a.max_request_bytes, dist_timeout=a.dist_timeout,
                         heartbeat_interval=a.heartbeat_interval, chat=a.chat,
-                        page=SamplingDefaults(a.temperature, a.top_p, a.max_new_tokens))
+                        page=page_sampling(None, a.temperature, a.top_p, a.max_new_tokens),
+                        cors_origins=[o.strip() for o in (a.cors_origins or "").split(",") if o.strip()])
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -132,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             check_port_free(cfg.host, cfg.port)
         resolve_model(a)
+        cfg.page = page_sampling(a.ckpt_dir, a.temperature, a.top_p, a.max_new_tokens)
         engine, tokenizer = build_engine(a, cfg.dist_timeout)
         bus = Bus(rank, os.environ.get("MASTER_ADDR", "127.0.0.1"), cfg.zmq_port)
         bus.handshake()

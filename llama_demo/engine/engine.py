@@ -23,14 +23,17 @@ from ..model.parallel import broadcast_from_first
 from ..model.transformer import Transformer
 from ..text.detok import TextStream
 from ..text.tokenizer import Tokenizer
-from .sampler import apply_repetition_penalty, sample
+from .sampler import (apply_logit_bias, apply_penalties, apply_repetition_penalty, repeats_itself, sample,
+                      top_logprobs)
+from .grammar import Matcher
 from .scheduler import PromptTooLong, Request, Scheduler, Sequence, check_prompt, check_request, request_generator
 
 __all__ = ["Engine", "Request", "TokenEvent", "PromptTooLong", "StepOutOfMemory", "check_prompt", "check_request"]
 
 # Finish codes broadcast with each sampled id (one home for their meaning).
-CONTINUE, STOP_ID, STOP_STRING, LENGTH, ERROR = 0, 1, 2, 3, 4
-REASONS = {STOP_ID: "stop", STOP_STRING: "stop", LENGTH: "length", ERROR: "error"}
+CONTINUE, STOP_ID, STOP_STRING, LENGTH, ERROR, REPEATING, GRAMMAR_END = 0, 1, 2, 3, 4, 5, 6
+REASONS = {STOP_ID: "stop", STOP_STRING: "stop", LENGTH: "length", ERROR: "error", REPEATING: "stop", GRAMMAR_END: "stop"}
+REPEATING_NOTE = "stopped: the answer kept repeating itself"
 
 
 class StepOutOfMemory(RuntimeError):
@@ -49,6 +52,13 @@ class TokenEvent:
     error: str | None = None  # why the request ended, for finish_reason "error"
     stop_id: bool = False  # token_id is the end-of-answer id (EOS, end of turn) that finished it
     reused: int = 0  # prompt tokens whose KV was found in the cache row (prefix reuse), not prefilled
+    # Rank 0 only, for requests that ask (SamplingParams.logprobs / prompt_logprobs); never broadcast.
+    logprob: float | None = None  # token_id's log probability under the model (before any sampling filter)
+    top_logprobs: list[tuple[int, float]] | None = None  # the most likely ids at this step, best first
+    # on a request's first event with prompt_logprobs: one (id, logprob, top) per prompt token, the
+    # first token's logprob None (nothing predicts it)
+    prompt_logprobs: list[tuple[int, float | None, list[tuple[int, float]]]] | None = None
+    note: str | None = None  # rank 0: why an answer ended early, when a person should know (the repeat guard)
 
 
 @dataclass
@@ -57,6 +67,10 @@ class _Rank0State:
     text: TextStream
     generator: torch.Generator | None
     seen: torch.Tensor | None = None  # with a repetition penalty: (V,) mask of the tokens so far
+    counts: torch.Tensor | None = None  # with presence/frequency penalties: (V,) counts of the answer's tokens
+    logprob: tuple[float, list[tuple[int, float]]] | None = None  # this step's, for the event
+    prompt_logprobs: list | None = None  # gathered chunk by chunk while the prompt is prefilled
+    matcher: Matcher | None = None  # structured output: the grammar's state, masks each step's logits
     error: str | None = None  # set when something about this request failed: it ends at its next token
     pending_text: str = ""
 
@@ -119,6 +133,8 @@ class Engine:
             p = seq.req.params
             try:
                 seq.rank0 = _Rank0State(TextStream(self.tokenizer, p.stop, seq.req.prompt_ids[-4:]), request_generator(p))
+                if p.grammar is not None:
+                    seq.rank0.matcher = Matcher(p.grammar, self.tokenizer, self.vocab_size, self.stop_ids)
             except Exception as e:  # ends this request at its first token, on every rank (see _decide)
                 seq.rank0 = _Rank0State(TextStream(self.tokenizer), None, error=f"could not start the request: {e}")
 
@@ -155,13 +171,42 @@ class Engine:
             logits.append(self._forward(tokens, pos, [s.row for s in decoding], kv_len=max(s.pos for s in decoding) + 1))
             seqs += decoding
         for s, n in plan:
-            chunk = s.req.prompt_ids[s.prefilled: s.prefilled + n]
-            out = self._forward(torch.tensor([chunk]), s.prefilled, [s.row], logits_at=n - 1)
+            out = self._prefill(s, n)
             s.prefilled += n
             if s.prompt_left == 0:
                 logits.append(out)
                 seqs.append(s)
         return seqs, logits
+
+    def _prefill(self, s: Sequence, n: int) -> torch.Tensor:
+        """Feed s's next n prompt tokens; returns the logits (1, V) at the last one. A request that
+        asks for prompt logprobs (echo) gets the logits of every position of the chunk instead, on
+        every rank alike (its params travel to all ranks, so the forwards and collectives still
+        match); rank 0 alone keeps their logprobs."""
+        chunk = torch.tensor([s.req.prompt_ids[s.prefilled: s.prefilled + n]])
+        if s.req.params.prompt_logprobs is None:
+            return self._forward(chunk, s.prefilled, [s.row], logits_at=n - 1)
+        pos = torch.arange(s.prefilled, s.prefilled + n)[None]
+        every = self.model(chunk.to(self.device), pos.to(self.device), [s.row], s.prefilled + n)  # (1, n, V)
+        if self.rank == 0:
+            self._note_prompt_logprobs(s, every[0])
+        return every[:, -1]
+
+    def _note_prompt_logprobs(self, s: Sequence, logits: torch.Tensor) -> None:
+        """Rank 0: logprobs of the prompt tokens this chunk's logits (n, V) predict. Position j's
+        logits predict token j + 1; the chunk's last position predicts the next chunk's first token,
+        or (last chunk) the first answer token, which _decide scores as usual."""
+        st, start, ids = s.rank0, s.prefilled, s.req.prompt_ids
+        try:
+            if st.prompt_logprobs is None:
+                st.prompt_logprobs = [(ids[0], None, [])]  # nothing predicts the first token
+            targets = ids[start + 1: start + len(logits) + 1]
+            chosen, top_ids, top = top_logprobs(logits[:len(targets)], torch.tensor(targets),
+                                                s.req.params.prompt_logprobs)
+            st.prompt_logprobs += [(t, lp, list(zip(ti, tl))) for t, lp, ti, tl in
+                                   zip(targets, chosen.tolist(), top_ids.tolist(), top.tolist())]
+        except Exception as e:  # ends this request at its first token (see _judge)
+            st.error = st.error or f"prompt logprobs failed: {e}"
 
     def _forward(self, tokens: torch.Tensor, pos, rows: list[int], logits_at: int | None = None,
                  kv_len: int | None = None) -> torch.Tensor:
@@ -181,12 +226,30 @@ class Engine:
         out = torch.zeros(2 * n, dtype=torch.long, device=self.device)
         if self.rank == 0:
             ids = self._sample_rows(logits, seqs)
+            self._note_logprobs(logits, seqs, ids)
             codes = [self._judge(s, tok) for s, tok in zip(seqs, ids)]
             out.copy_(torch.tensor(ids + codes))
         if self.world_size > 1:
             broadcast_from_first(out, None)
         flat = out.tolist()
         return flat[:n], flat[n:]
+
+    def _note_logprobs(self, logits: torch.Tensor, seqs: list[Sequence], ids: list[int]) -> None:
+        """Rank 0: for the rows that ask, the sampled ids' logprobs and their best alternatives,
+        from the model's logits before any penalty or filter (one top-k over those rows)."""
+        rows = [i for i, s in enumerate(seqs) if s.req.params.logprobs is not None]
+        if not rows:
+            return
+        try:
+            k = max(seqs[i].req.params.logprobs for i in rows)
+            at = torch.tensor(rows, device=logits.device)
+            chosen, top_ids, top = top_logprobs(logits.index_select(0, at), torch.tensor([ids[i] for i in rows]), k)
+            for r, i in enumerate(rows):
+                want = seqs[i].req.params.logprobs
+                seqs[i].rank0.logprob = (chosen[r].item(), list(zip(top_ids[r, :want].tolist(), top[r, :want].tolist())))
+        except Exception as e:
+            for i in rows:
+                seqs[i].rank0.error = seqs[i].rank0.error or f"logprobs failed: {e}"
 
     def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """One batched draw; if it fails, row by row, so that only the request at fault ends."""
@@ -203,16 +266,30 @@ class Engine:
             return ids
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        logits = logits.float()
+        params = [s.req.params for s in seqs]
+        # penalties and biases change a copy: logprobs are reported from the model's own logits
+        adjusted = [p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.logit_bias
+                    or s.rank0.matcher is not None for p, s in zip(params, seqs)]
+        logits = logits.float().clone() if any(adjusted) else logits.float()
         for i, s in enumerate(seqs):
-            p = s.req.params.repetition_penalty
-            if p != 1.0:
-                st = s.rank0
+            if not adjusted[i]:
+                continue
+            p, st = params[i], s.rank0
+            if p.repetition_penalty != 1.0:
                 if st.seen is None:  # built once, then kept up to date token by token (_advance)
                     st.seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
                     st.seen[torch.tensor(s.req.prompt_ids + s.out_ids, device=logits.device)] = True
-                logits[i] = apply_repetition_penalty(logits[i], st.seen, p)
-        params = [s.req.params for s in seqs]
+                logits[i] = apply_repetition_penalty(logits[i], st.seen, p.repetition_penalty)
+            if p.presence_penalty or p.frequency_penalty:
+                if st.counts is None:  # over the answer only (OpenAI), kept up to date in _advance
+                    st.counts = torch.zeros(logits.shape[-1], device=logits.device)
+                    if s.out_ids:
+                        st.counts.index_add_(0, torch.tensor(s.out_ids, device=logits.device),
+                                             torch.ones(len(s.out_ids), device=logits.device))
+                logits[i] = apply_penalties(logits[i], st.counts, p.presence_penalty, p.frequency_penalty)
+            logits[i] = apply_logit_bias(logits[i], p.logit_bias)
+            if st.matcher is not None:  # last: the grammar has the final say over what may follow
+                logits[i] = logits[i].masked_fill(~st.matcher.allowed(logits.device), float("-inf"))
         temp = torch.tensor([p.temperature for p in params], device=logits.device)
         top_p = torch.tensor([p.top_p for p in params], device=logits.device)
         top_k = torch.tensor([p.top_k for p in params], device=logits.device)
@@ -222,7 +299,8 @@ class Engine:
         for i, s in enumerate(seqs):
             if s.rank0.generator is not None:
                 u[i] = torch.rand(1, generator=s.rank0.generator)[0]
-        return sample(logits, temp, top_p, top_k, uniform=u.to(logits.device))
+        min_p = torch.tensor([p.min_p for p in params], device=logits.device)
+        return sample(logits, temp, top_p, top_k, uniform=u.to(logits.device), min_p=min_p)
 
     def _judge(self, s: Sequence, tok: int) -> int:
         """Rank 0: does this token end the sequence? Detokenizes and matches stop strings."""
@@ -237,6 +315,15 @@ class Engine:
             if stopped:
                 st.pending_text = text
                 return STOP_STRING
+            if st.matcher is not None:
+                st.matcher.consume(tok)
+                if st.matcher.done:  # the document is complete: nothing but the end may follow
+                    st.pending_text = text + st.text.finish()
+                    return GRAMMAR_END
+            guard = s.req.params.repeat_guard
+            if guard and repeats_itself(s.out_ids + [tok], guard):
+                st.pending_text = text + st.text.finish()
+                return REPEATING
             if self.scheduler.length_reached(s, len(s.out_ids) + 1):
                 st.pending_text = text + st.text.finish()
                 return LENGTH
@@ -256,12 +343,22 @@ class Engine:
                 self.scheduler.retire(s)
                 continue
             s.out_ids.append(tok)
-            if st is not None and st.seen is not None:
-                st.seen[tok] = True
-            text = st.pending_text if st is not None else ""
-            finished = code != CONTINUE
-            events.append(TokenEvent(s.req.id, tok, text, finished, REASONS.get(code), stop_id=code == STOP_ID,
-                                     reused=s.reused))
+            ev = TokenEvent(s.req.id, tok, "", code != CONTINUE, REASONS.get(code), stop_id=code == STOP_ID,
+                            reused=s.reused)
+            if st is not None:
+                if st.seen is not None:
+                    st.seen[tok] = True
+                if st.counts is not None:
+                    st.counts[tok] += 1
+                ev.text = st.pending_text
+                if st.logprob is not None:
+                    (ev.logprob, ev.top_logprobs), st.logprob = st.logprob, None
+                if st.prompt_logprobs is not None:
+                    ev.prompt_logprobs, st.prompt_logprobs = st.prompt_logprobs, None
+                if code == REPEATING:
+                    ev.note = REPEATING_NOTE
+            finished = ev.finished
+            events.append(ev)
             if finished:
                 self.scheduler.retire(s)
         return events

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import (API_SAMPLING, GREEDY_BELOW_TEMPERATURE, MAX_REPETITION_PENALTY, MAX_SEED, MAX_STOP_CHARS,
-                      MAX_STOP_STRINGS)
+from ..config import (API_SAMPLING, GREEDY_BELOW_TEMPERATURE, MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES,
+                      MAX_PRESENCE_PENALTY, MAX_REPETITION_PENALTY, MAX_SEED, MAX_STOP_CHARS, MAX_STOP_STRINGS,
+                      MAX_TOP_LOGPROBS, REPEAT_GUARD_MAX_PERIOD, REPEAT_GUARD_MIN_REPEATS)
 
 
 class SamplingError(ValueError):
@@ -23,6 +24,20 @@ class SamplingParams:
     max_new_tokens: int = API_SAMPLING.max_new_tokens
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    # OpenAI's penalties, per sequence over its generated tokens: logit -= frequency * count + presence * (count > 0)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one; 0 = off
+    # [[token id, bias], ...] added to the logits before sampling. Pairs, not a dict: the params
+    # travel as JSON, whose object keys would come back as strings.
+    logit_bias: list = field(default_factory=list)
+    # Log probabilities (rank 0 computes them only for requests that ask): None = off, k = the
+    # chosen token's logprob plus the k most likely alternatives, for each generated token ...
+    logprobs: int | None = None
+    # ... and for each prompt token (completions' echo); the first prompt token has none.
+    prompt_logprobs: int | None = None
+    repeat_guard: int = 0  # the chat page's: end an answer that loops over >= this many tokens (0 = off)
+    grammar: str | None = None  # structured output: an llguidance grammar the answer must follow (engine.grammar)
 
     def validate(self, vocab_size: int | None = None) -> "SamplingParams":
         """Check every field (SamplingError naming the first bad one) and return the values the
@@ -65,6 +80,22 @@ class SamplingParams:
             raise SamplingError(f"stop strings may be at most {MAX_STOP_CHARS} characters long")
         if any(not _encodable(s) for s in stop):
             raise SamplingError("stop strings must be valid Unicode text (no lone surrogates)")
+        presence, frequency = num("presence_penalty"), num("frequency_penalty")
+        for name, v in (("presence_penalty", presence), ("frequency_penalty", frequency)):
+            if not -MAX_PRESENCE_PENALTY <= v <= MAX_PRESENCE_PENALTY:
+                raise SamplingError(f"{name} must be in [-{MAX_PRESENCE_PENALTY:g}, {MAX_PRESENCE_PENALTY:g}] (0 = off), got {v}")
+        min_p = num("min_p")
+        if not 0 <= min_p <= 1:
+            raise SamplingError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
+        bias = _logit_bias(self.logit_bias, vocab_size)
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_TOP_LOGPROBS):
+                raise SamplingError(f"{name} must be an integer in [0, {MAX_TOP_LOGPROBS}], got {v!r}")
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise SamplingError("grammar must be a compiled grammar (text) or None")
+        if integer("repeat_guard") < 0:
+            raise SamplingError(f"repeat_guard must be an integer >= 0 (0 = off), got {self.repeat_guard!r}")
         seed = self.seed
         if seed is not None:
             seed = integer("seed") % MAX_SEED  # negative and huge integers alike: one generator state each
@@ -72,11 +103,55 @@ class SamplingParams:
             top_k = 0  # keeping every token is no limit
         return SamplingParams(temperature=0.0 if temperature < GREEDY_BELOW_TEMPERATURE else temperature,
                               top_p=top_p, top_k=top_k, repetition_penalty=penalty,
-                              max_new_tokens=self.max_new_tokens, stop=list(dict.fromkeys(stop)), seed=seed)
+                              max_new_tokens=self.max_new_tokens, stop=list(dict.fromkeys(stop)), seed=seed,
+                              presence_penalty=presence, frequency_penalty=frequency, min_p=min_p, logit_bias=bias,
+                              logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs,
+                              repeat_guard=self.repeat_guard, grammar=self.grammar)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def repeats_itself(ids: list[int], min_tokens: int, max_period: int = REPEAT_GUARD_MAX_PERIOD,
+                   min_repeats: int = REPEAT_GUARD_MIN_REPEATS) -> bool:
+    """Whether `ids` ends with one cycle of p <= max_period tokens repeated at least min_repeats
+    times over at least min_tokens tokens. Most periods fail at their first comparison."""
+    for p in range(1, max_period + 1):
+        span = max(min_tokens, p * min_repeats)
+        if span > len(ids):
+            break
+        tail = ids[-span:]
+        if all(tail[i] == tail[i - p] for i in range(span - 1, p - 1, -1)):
+            return True
+    return False
+
+
+def _logit_bias(bias, vocab_size: int | None) -> list[list]:
+    """{id: bias} (ids as ints or the strings JSON makes of them) or [[id, bias], ...] -> sorted pairs."""
+    if bias is None:
+        return []
+    pairs = bias.items() if isinstance(bias, dict) else bias
+    out = {}
+    try:
+        pairs = [(k, v) for k, v in pairs]
+    except (TypeError, ValueError):
+        raise SamplingError("logit_bias must map token ids to numbers") from None
+    if len(pairs) > MAX_LOGIT_BIAS_ENTRIES:
+        raise SamplingError(f"logit_bias may bias at most {MAX_LOGIT_BIAS_ENTRIES} tokens, got {len(pairs)}")
+    for k, v in pairs:
+        try:
+            tid = int(k) if isinstance(k, str) and k.strip().lstrip("-").isdigit() else k
+        except ValueError:
+            tid = k
+        if isinstance(tid, bool) or not isinstance(tid, int) or not (0 <= tid < (vocab_size or 2**62)):
+            top = f"0..{vocab_size - 1}" if vocab_size else ">= 0"
+            raise SamplingError(f"logit_bias token id {k!r} is outside the vocabulary ({top})")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS:
+            raise SamplingError(f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                                f"got {v!r} for token {tid}")
+        out[tid] = float(v)
+    return [[k, out[k]] for k in sorted(out)]
 
 
 def _encodable(text: str) -> bool:
@@ -101,6 +176,31 @@ def apply_repetition_penalty(logits: torch.Tensor, previous: torch.Tensor, penal
     return logits
 
 
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties on one row (V,): `counts` (V,) how often each
+    token occurs in the answer so far (the prompt does not count)."""
+    if not presence and not frequency:
+        return logits
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: list) -> torch.Tensor:
+    """Add [[id, bias], ...] to one row (V,) of logits (ids checked by SamplingParams.validate)."""
+    if not bias:
+        return logits
+    ids = torch.tensor([b[0] for b in bias], device=logits.device)
+    return logits.index_add(0, ids, torch.tensor([float(b[1]) for b in bias], device=logits.device, dtype=logits.dtype))
+
+
+def top_logprobs(logits: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-softmax of float32 logits (N, V): the logprob of each row's `ids` (N,), and the k most
+    likely ids and their logprobs, (N, k) each (k may be 0)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, ids[:, None].to(logp.device)).squeeze(-1)
+    top, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], ids.new_zeros((len(ids), 0)))
+    return chosen, top_ids, top
+
+
 # Nucleus / top-k filtering looks at the most likely CANDIDATES tokens first and sorts the whole
 # vocabulary only when the kept set may be larger: sorting 8 x 49152 probabilities takes ~14 ms
 # on 2 CPU cores, a top-256 ~0.5 ms.
@@ -108,8 +208,10 @@ CANDIDATES = 256
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
-           generator: torch.Generator | None = None, uniform: torch.Tensor | None = None) -> torch.Tensor:
-    """logits (B, V) float32; per-row temperature, top_p (float) and top_k (int, 0 = off).
+           generator: torch.Generator | None = None, uniform: torch.Tensor | None = None,
+           min_p: torch.Tensor | None = None) -> torch.Tensor:
+    """logits (B, V) float32; per-row temperature, top_p (float), top_k (int, 0 = off) and min_p
+    (float, 0 = off: tokens below min_p times the row's most likely probability are dropped first).
     Rows with temperature 0 take the argmax; the others draw by inverting their (filtered)
     distribution's CDF at `uniform` (B,) values in [0, 1), one per row (default: drawn from
     `generator`): one batched search, where torch.multinomial took ~8 ms for 8 x 49152 on CPU.
@@ -122,6 +224,9 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     u = uniform if uniform is not None else torch.rand(B, generator=generator, device=logits.device)
     t = torch.where(greedy, torch.ones_like(temperature), temperature)
     probs = torch.softmax(logits / t[:, None], dim=-1)
+    if min_p is not None and bool((min_p > 0).any()):
+        probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)  # top-p below compares against a total of 1
     picked = _invert_cdf(probs, u)
     rows = ((top_p < 1) | (top_k > 0)).nonzero().squeeze(-1)
     if rows.numel():

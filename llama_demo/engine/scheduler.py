@@ -115,7 +115,8 @@ class Scheduler:
         new = []
         while self.waiting and self.free_rows:
             req = self.waiting.popleft()
-            row, reused = self._place(req.prompt_ids)
+            # a request scoring its prompt (echo) needs the logits of every prompt position: no reuse
+            row, reused = self._place(req.prompt_ids, reuse=req.params.prompt_logprobs is None)
             self.free_rows.remove(row)
             self.cached.pop(row, None)
             seq = Sequence(req, row, prefilled=reused, reused=reused)
@@ -123,11 +124,11 @@ class Scheduler:
             new.append(seq)
         return new
 
-    def _place(self, prompt: list[int]) -> tuple[int, int]:
+    def _place(self, prompt: list[int], reuse: bool = True) -> tuple[int, int]:
         """(row, prompt tokens whose KV it already holds). At least the last prompt token is
         always prefilled again: its logits give the first answer token."""
         best_row, best = self.free_rows[0], 0
-        if self.prefix_cache:
+        if self.prefix_cache and reuse:
             for row in self.free_rows:
                 n = common_prefix(self.cached.get(row, ()), prompt)
                 if n > best:

@@ -23,12 +23,19 @@ class ApiError(Exception):
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    def count(request: Request, status: int) -> None:
+        metrics = getattr(request.app.state, "metrics", None)
+        if metrics is not None and status != 499:
+            metrics.refused(request.url.path, status)
+
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        count(request, e.status)
         return e.response()
 
     async def invalid_body(request: Request, e: RequestValidationError) -> JSONResponse:
-        if not request.url.path.startswith("/v1/"):
+        if not is_api_path(request.url.path):
             return await request_validation_exception_handler(request, e)
+        count(request, 400)
         # OpenAI answers 400 for a malformed body; say which field and why. A union field (prompt:
         # str | list[str] | list[int]) fails once per member: one line, the members' reasons joined.
         reasons: dict[str, list[str]] = {}
@@ -41,7 +48,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, e: StarletteHTTPException):
         from fastapi.exception_handlers import http_exception_handler
 
-        if not request.url.path.startswith("/v1/"):
+        if not is_api_path(request.url.path):
             return await http_exception_handler(request, e)
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", type=kind,
@@ -50,6 +57,11 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, invalid_body)
     app.add_exception_handler(StarletteHTTPException, http_error)
+
+
+def is_api_path(path: str) -> bool:
+    """Paths whose errors take OpenAI's shape: /v1/..., and vLLM's /tokenize and /detokenize."""
+    return path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
 
 
 def _is_type_tag(loc_part) -> bool:

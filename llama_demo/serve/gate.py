@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..config import MAX_CHAT_MESSAGES, SamplingDefaults
+from ..engine.grammar import GrammarError, ll_tokenizer, response_format_grammar
 from ..engine.sampler import SamplingError, SamplingParams
 from ..engine.scheduler import PromptTooLong, check_request
 from ..text.chat_format import ChatFormat, Message
@@ -23,7 +24,9 @@ from .errors import ApiError
 
 # SamplingParams field -> the OpenAI request field a 400 names
 API_NAMES = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-             "repetition_penalty": "repetition_penalty", "stop": "stop", "seed": "seed"}
+             "repetition_penalty": "repetition_penalty", "stop": "stop", "seed": "seed",
+             "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty", "min_p": "min_p",
+             "logit_bias": "logit_bias", "logprobs": "logprobs", "prompt_logprobs": "logprobs"}
 
 
 @dataclass
@@ -42,19 +45,20 @@ class Gate:
         self.max_token_chars = tokenizer.max_token_chars  # a pass over the vocabulary: at start-up, not per request
 
     # --- inputs -> prompt ids ---------------------------------------------------------------------
-    async def encode(self, text: str, field: str) -> list[int]:
-        """Ids of a plain-text prompt (BOS as the tokenizer says)."""
+    async def encode(self, text: str, field: str, bos: bool | None = None) -> list[int]:
+        """Ids of a plain-text prompt (BOS as the tokenizer says, unless `bos` says)."""
         self._check_text_size([text], field)
-        return await self._off_loop(lambda: self.tokenizer.encode(text), field)
+        return await self._off_loop(lambda: self.tokenizer.encode(text, bos=bos), field)
 
-    async def encode_dialog(self, dialog: list[Message], field: str = "messages") -> list[int]:
+    async def encode_dialog(self, dialog: list[Message], field: str = "messages",
+                            tools: list[dict] | None = None) -> list[int]:
         if self.chat_format is None:
             raise ApiError(400, "this server runs a base model without a chat format: use /v1/completions "
                                 "(or restart with --chat)", param=field)
         if len(dialog) > MAX_CHAT_MESSAGES:
             raise ApiError(400, f"{field}: at most {MAX_CHAT_MESSAGES} messages, got {len(dialog)}", param=field)
         self._check_text_size([m.content for m in dialog], field)
-        return await self._off_loop(lambda: self.chat_format.encode_dialog(dialog), field)
+        return await self._off_loop(lambda: self.chat_format.encode_dialog(dialog, tools), field)
 
     def _check_text_size(self, texts: Sequence[str], field: str) -> None:
         chars = sum(len(t) for t in texts)
@@ -78,22 +82,41 @@ class Gate:
             raise ApiError(400, f"{field}: {e}", param=field) from None
 
     # --- the check --------------------------------------------------------------------------------
-    def job(self, prompt_ids: list, params: SamplingParams, prompt_field: str, clip_to_context: bool = True) -> Job:
-        """Check prompt ids and sampling values completely; a 400 names the field at fault. A
-        max_tokens beyond the context is clipped to what fits (as vLLM does), not refused."""
+    def job(self, prompt_ids: list, params: SamplingParams, prompt_field: str, clip_to_context: bool = True,
+            names: dict[str, str] | None = None) -> Job:
+        """Check prompt ids and sampling values completely; a 400 names the field at fault (by
+        API_NAMES, or `names` where an endpoint spells a field its own way). A max_tokens beyond
+        the context is clipped to what fits (as vLLM does), not refused."""
         try:
             checked = check_request(prompt_ids, params, self.max_seq_len, self.vocab_size)
         except PromptTooLong as e:
             raise ApiError(400, str(e), param=prompt_field) from None
         except SamplingError as e:  # its message starts with the field it names: use the API's name
             field, _, rest = str(e).partition(" ")
-            param = API_NAMES.get(field)
+            param = {**API_NAMES, **(names or {})}.get(field)
             raise ApiError(400, f"{param} {rest}" if param else str(e), param=param) from None
         except ValueError as e:  # token ids outside the vocabulary
             raise ApiError(400, f"{prompt_field}: {e}", param=prompt_field) from None
         if clip_to_context:
             checked.max_new_tokens = min(checked.max_new_tokens, self.max_seq_len - len(prompt_ids))
         return Job(list(prompt_ids), checked, self.model_name)
+
+    async def grammar(self, response_format) -> str | None:
+        """response_format -> the grammar the answer must follow (None: free text)."""
+        try:
+            grammar = response_format_grammar(response_format)
+        except GrammarError as e:
+            raise ApiError(400, f"response_format: {e}", param="response_format") from None
+        if grammar is not None:
+            await asyncio.to_thread(self.warm_grammar_tokenizer)
+        return grammar
+
+    def warm_grammar_tokenizer(self) -> None:
+        """Build llguidance's view of the vocabulary here (~1 s for 50k tokens, once), not in the
+        serving loop where it would stall every running answer; the engine finds it cached (same
+        tokenizer, vocabulary size and stop ids as serve's engine.stop_ids)."""
+        stops = self.tokenizer.stop_ids | (self.chat_format.stop_ids if self.chat_format else frozenset())
+        ll_tokenizer(self.tokenizer, self.vocab_size, frozenset(stops))
 
     def page_params(self, temperature, top_p, max_new_tokens, defaults: SamplingDefaults) -> SamplingParams:
         """The chat page's sliders (numbers from the browser, or from gradio_client: anything)."""
@@ -107,4 +130,5 @@ class Gate:
         if tokens != tokens or tokens in (float("inf"), float("-inf")):
             raise ApiError(400, "max_tokens must be a finite number", param="max_tokens")
         return SamplingParams(number(temperature, defaults.temperature), number(top_p, defaults.top_p),
-                              max_new_tokens=int(tokens))
+                              max_new_tokens=int(tokens), top_k=defaults.top_k,
+                              repetition_penalty=defaults.repetition_penalty, repeat_guard=defaults.repeat_guard)

@@ -64,6 +64,7 @@ class EngineClient:
         self.model_name = model_name
         # requests in flight beyond the KV rows wait; beyond this many in flight, refuse (429)
         self.capacity = max_batch_size + max_waiting
+        self.max_batch_size = max_batch_size
         self.health = Health(time.time(), time.monotonic(), 60.0)
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count(1)
@@ -76,17 +77,26 @@ class EngineClient:
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> "Submission":
         """Publish a checked request to every rank now (QueueFull when too many wait, RuntimeError
         when the model is not serving); its events come from the returned Submission."""
+        return self.submit_many([(prompt_ids, params)])[0]
+
+    def submit_many(self, requests: list[tuple[list[int], SamplingParams]]) -> list["Submission"]:
+        """Publish several checked requests (a response's choices: n, a batch of prompts) all or
+        none: QueueFull unless the queue has room for every one of them now."""
         if not self.health.loop_alive:
             raise RuntimeError(f"the model is not serving: {self.health.error}")
-        rid = f"r{next(self._ids)}"
-        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
         with self._lock:
-            if len(self._queues) >= self.capacity:
-                raise QueueFull(f"the server is busy: {len(self._queues)} requests are running or waiting "
-                                f"(limit {self.capacity}); retry shortly")
-            self._queues[rid] = (asyncio.get_running_loop(), queue)
-        self.bus.publish("req", id=rid, prompt_ids=list(prompt_ids), params=asdict(params))
-        return Submission(self, rid, queue)
+            if len(self._queues) + len(requests) > self.capacity:
+                raise QueueFull(f"the server is busy: {len(self._queues)} requests are running or waiting and "
+                                f"this one needs {len(requests)} more (limit {self.capacity}); retry shortly")
+            subs = []
+            for _ in requests:
+                rid, queue = f"r{next(self._ids)}", asyncio.Queue()
+                self._queues[rid] = (loop, queue)
+                subs.append(Submission(self, rid, queue))
+        for sub, (prompt_ids, params) in zip(subs, requests):
+            self.bus.publish("req", id=sub.id, prompt_ids=list(prompt_ids), params=asdict(params))
+        return subs
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
         """submit() and its events; leaving early (a client that disconnects, a stop button)

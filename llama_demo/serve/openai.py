@@ -1,10 +1,12 @@
 """Rank 0's web front: one FastAPI app on one port.
 
 - `GET /health`: 200 while every rank is in step, 503 with the reason otherwise;
+- `GET /metrics`: Prometheus metrics (serve.metrics);
 - `/v1/models`, `/v1/completions`, `/v1/chat/completions`: the OpenAI wire format
   (serve.protocol), streamed as server-sent events when asked; errors in OpenAI's shape
-  (serve.errors), access checked by serve.auth;
+  (serve.errors), access checked by serve.auth; `/tokenize`, `/detokenize` in vLLM's shapes;
 - `/`: the Gradio chat page (serve.ui).
+Browsers on other origins may call the API only when --cors_origins names them.
 
 Every route turns its body into a Job through the gate (serve.gate) and submits it to the
 EngineClient; leaving early (disconnect, Stop button) cancels the request on every rank.
@@ -12,22 +14,29 @@ EngineClient; leaving early (disconnect, Stop button) cancels the request on eve
 from __future__ import annotations
 
 import asyncio
+import codecs
+import dataclasses
 import time
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
-from ..config import API_SAMPLING, RETRY_AFTER_S, ServerConfig
+from ..config import API_SAMPLING, MAX_CHOICES, MAX_SEED, RETRY_AFTER_S, ServerConfig
 from ..engine.engine import TokenEvent
 from ..engine.sampler import SamplingParams
 from ..text.chat_format import ChatFormat, Message
+from ..text.tokenizer import Tokenizer
 from . import protocol as p
 from .auth import require_api_access
 from .errors import ApiError, BodyLimit, install_error_handlers
 from .gate import Gate, Job
 from .loop import EngineClient, QueueFull, Submission
+from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .tools import parse_tool_calls, tool_use
 from .ui import build_ui, mount_ui
 
 T = TypeVar("T")
@@ -39,9 +48,17 @@ def build_app(client: EngineClient, chat_format: ChatFormat | None, cfg: ServerC
     app = FastAPI(title=f"llama_demo: {client.model_name}", docs_url="/v1/docs", openapi_url="/v1/openapi.json")
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=cfg.max_request_bytes)
+    if cfg.cors_origins:  # off by default: a page on another origin may not read the answers
+        app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["*"], allow_credentials="*" not in cfg.cors_origins)
+    app.state.metrics = metrics = Metrics(client)
     app.add_api_route("/health", lambda: health_response(client), methods=["GET"])
-    app.include_router(openai_router(OpenAIApi(client, gate, cfg), require_api_access(cfg.api_key, cfg.auth)))
-    return mount_ui(app, build_ui(client, gate, cfg, system_prompt), cfg)
+    app.add_api_route("/metrics", lambda: Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST), methods=["GET"])
+    api = OpenAIApi(client, gate, cfg, metrics)
+    access = require_api_access(cfg.api_key, cfg.auth)
+    app.include_router(tokenizer_router(api, access))
+    app.include_router(openai_router(api, access))
+    return mount_ui(app, build_ui(client, gate, cfg, system_prompt, metrics), cfg)
 
 
 def health_response(client: EngineClient) -> JSONResponse:
@@ -56,70 +73,181 @@ def health_response(client: EngineClient) -> JSONResponse:
                         status_code=503)
 
 
+@dataclass
+class Choice:
+    """One engine request of a response: n > 1 and batches of prompts make several."""
+    index: int
+    job: Job
+    prompt: int  # which prompt of the request (usage counts each prompt once)
+    echo: str | None = None  # completions' echo: the prompt text the answer follows
+    tool_calls: bool = False  # chat with tools: read tool calls out of the answer
+
+
+@dataclass
+class Answer:
+    """One choice's answer as its events arrive."""
+    text: list[str] = field(default_factory=list)
+    tokens: int = 0
+    finish_reason: str | None = None
+    logprobs: list[tuple[int, float | None, list]] = field(default_factory=list)  # (id, logprob, top)
+    prompt_logprobs: list | None = None
+
+    def add(self, ev: TokenEvent) -> None:
+        self.text.append(ev.text)
+        self.tokens += ev.token_id is not None
+        if ev.prompt_logprobs is not None:
+            self.prompt_logprobs = ev.prompt_logprobs
+        if ev.logprob is not None:
+            self.logprobs.append((ev.token_id, ev.logprob, ev.top_logprobs or [], ev.stop_id))
+        if ev.finished:
+            self.finish_reason = finish_reason(ev)
+
+
 class OpenAIApi:
-    def __init__(self, client: EngineClient, gate: Gate, cfg: ServerConfig):
-        self.client, self.gate, self.cfg = client, gate, cfg
+    def __init__(self, client: EngineClient, gate: Gate, cfg: ServerConfig, metrics: Metrics):
+        self.client, self.gate, self.cfg, self.metrics = client, gate, cfg, metrics
+        self.keepalive_s = cfg.sse_keepalive_s
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.client.tokenizer
 
     def models(self) -> p.ModelList:
         return p.ModelList(data=[p.ModelCard(id=self.client.model_name, max_model_len=self.client.max_seq_len)])
 
-    async def completion_job(self, req: p.CompletionRequest) -> Job:
-        refuse_unsupported(req, echo=req.echo, logprobs=req.logprobs is not None, best_of=(req.best_of or 1) != 1)
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise ApiError(400, f"prompt: batches are not supported (got {len(prompt)} prompts); send one",
-                               param="prompt")
-            prompt = prompt[0]
-        ids = await self.gate.encode(prompt, "prompt") if isinstance(prompt, str) else list(prompt)
+    async def completion_choices(self, req: p.CompletionRequest) -> list[Choice]:
+        refuse_unsupported(req)
+        prompts = _prompts(req.prompt)
+        n = self._choices_per_prompt(req, len(prompts))
         max_tokens = req.max_tokens if req.max_tokens is not None else API_SAMPLING.max_new_tokens
-        return self.gate.job(ids, sampling(req, max_tokens), "prompt")
+        k = req.logprobs
+        params = sampling(req, max_tokens, logprobs=k, prompt_logprobs=k if req.echo and k is not None else None)
+        choices = []
+        for i, prompt in enumerate(prompts):
+            field_name = "prompt" if len(prompts) == 1 else f"prompt.{i}"
+            ids = await self.gate.encode(prompt, field_name) if isinstance(prompt, str) else prompt
+            job = self.gate.job(ids, params, field_name, names={"logprobs": "logprobs", "prompt_logprobs": "logprobs"})
+            echo = (prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)) if req.echo else None
+            choices += [Choice(i * n + j, _nth(job, j), i, echo) for j in range(n)]
+        return choices
 
-    async def chat_job(self, req: p.ChatCompletionRequest) -> Job:
-        refuse_unsupported(req, logprobs=bool(req.logprobs))
-        dialog = [Message(_role(m.role), _content_text(m.content, i, m.role)) for i, m in enumerate(req.messages)]
-        ids = await self.gate.encode_dialog(dialog, "messages")
+    async def chat_choices(self, req: p.ChatCompletionRequest) -> list[Choice]:
+        refuse_unsupported(req)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        n = self._choices_per_prompt(req, 1)
+        tools = tool_use(req.tools, req.tool_choice)
+        if tools.tools and not (self.gate.chat_format and self.gate.chat_format.supports_tools):
+            raise ApiError(400, "tools: this model's chat template has no place for tools", param="tools")
+        dialog = [_message(m, i) for i, m in enumerate(req.messages)]
+        ids = await self.gate.encode_dialog(dialog, "messages", tools=tools.tools)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         # no max_tokens: the server's default, clipped by the gate to what the context has room for
-        return self.gate.job(ids, sampling(req, self.cfg.page.max_new_tokens if max_tokens is None else max_tokens),
-                             "messages")
+        params = sampling(req, self.cfg.page.max_new_tokens if max_tokens is None else max_tokens,
+                          logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+        params.grammar = await self.gate.grammar(req.response_format)
+        if tools.grammar is not None:
+            await asyncio.to_thread(self.gate.warm_grammar_tokenizer)
+            if params.grammar is not None:
+                raise ApiError(400, "tool_choice: a forced tool call and a response_format cannot both shape the "
+                                    "answer", param="tool_choice")
+            params.grammar = tools.grammar
+        job = self.gate.job(ids, params, "messages", names={"logprobs": "top_logprobs"})
+        return [Choice(j, _nth(job, j), 0, tool_calls=tools.parse) for j in range(n)]
 
-    def submit(self, job: Job) -> Submission:
+    def _choices_per_prompt(self, req: p.SamplingRequest, prompts: int) -> int:
+        n = 1 if req.n is None else req.n
+        if n < 1:
+            raise ApiError(400, f"n must be an integer >= 1, got {n}", param="n")
+        total = n * prompts
+        limit = min(MAX_CHOICES, getattr(self.client, "capacity", MAX_CHOICES))
+        if total > limit:
+            raise ApiError(400, f"n: this request asks for {total} answers ({prompts} prompt(s) x n={n}); this server "
+                                f"runs at most {limit} at once: ask for fewer", param="n" if prompts == 1 else "prompt")
+        return n
+
+    def submit(self, choices: list[Choice], endpoint: str) -> list:
+        """Every choice's engine request, all or none (a 429 when the queue cannot take them all);
+        returns each one's events (failures as ApiErrors), counted and timed by the metrics."""
         try:
-            return self.client.submit(job.prompt_ids, job.params)
+            subs = self.client.submit_many([(c.job.prompt_ids, c.job.params) for c in choices])
+            return [Tracked(s, self.metrics.track(s, endpoint, len(c.job.prompt_ids))) for s, c in zip(subs, choices)]
         except QueueFull as e:
             raise ApiError(429, str(e), type="rate_limit_error", code="server_busy",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except RuntimeError as e:  # the model stopped serving
             raise ApiError(503, str(e), type="server_error") from None
 
-    async def run(self, sub: Submission) -> tuple[str, str, int]:
-        """The whole answer: (text, finish_reason, completion tokens)."""
-        parts, n, reason = [], 0, "stop"
-        async for ev in events(sub):
-            parts.append(ev.text)
-            n += ev.token_id is not None
-            if ev.finished:
-                reason = finish_reason(ev)
-        return "".join(parts), reason, n
+    async def collect(self, subs: list["Tracked"]) -> list[Answer]:
+        """Every choice's whole answer; the first failure cancels the others."""
+        async def one(sub: Submission) -> Answer:
+            answer = Answer()
+            async for ev in events(sub):
+                answer.add(ev)
+            return answer
 
-    def usage(self, job: Job, n: int) -> p.UsageInfo:
-        k = len(job.prompt_ids)
-        return p.UsageInfo(prompt_tokens=k, completion_tokens=n, total_tokens=k + n)
+        tasks = [asyncio.ensure_future(one(s)) for s in subs]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    def usage(self, choices: list[Choice], answers: list[Answer] | None = None, tokens: int = 0) -> p.UsageInfo:
+        prompt = sum(len(c.job.prompt_ids) for c in {c.prompt: c for c in choices}.values())
+        done = sum(a.tokens for a in answers) if answers is not None else tokens
+        return p.UsageInfo(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done)
 
 
-def sampling(req: p.SamplingRequest, max_tokens: int) -> SamplingParams:
-    """The request's sampling fields, OpenAI's defaults for those it leaves out (the gate checks them)."""
+def _prompts(prompt) -> list:
+    """OpenAI's four prompt shapes -> a list of prompts, each a text or a list of token ids."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(t, int) for t in prompt):
+        return [list(prompt)]
+    if not prompt:
+        raise ApiError(400, "prompt: empty: send a text, a list of texts, token ids, or lists of token ids",
+                       param="prompt")
+    return [x if isinstance(x, str) else list(x) for x in prompt]
+
+
+def _nth(job: Job, j: int) -> Job:
+    """Choice j of n: its own request; with a seed, choice j draws from seed + j, so the n answers
+    differ and each is reproducible (choice 0 is what the same request with n=1 answers)."""
+    if j == 0 or job.params.seed is None:
+        return job if j == 0 else dataclasses.replace(job, params=dataclasses.replace(job.params))
+    return dataclasses.replace(job, params=dataclasses.replace(job.params, seed=(job.params.seed + j) % MAX_SEED))
+
+
+def sampling(req: p.SamplingRequest, max_tokens: int, logprobs: int | None = None,
+             prompt_logprobs: int | None = None) -> SamplingParams:
+    """The request's sampling fields, OpenAI's defaults for those it leaves out or sends as null
+    (the gate checks them)."""
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     return SamplingParams(
         temperature=API_SAMPLING.temperature if req.temperature is None else req.temperature,
         top_p=API_SAMPLING.top_p if req.top_p is None else req.top_p,
         top_k=req.top_k or 0,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-        max_new_tokens=max_tokens, stop=stop, seed=req.seed)
+        max_new_tokens=max_tokens, stop=stop, seed=req.seed,
+        presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+        min_p=req.min_p or 0.0, logit_bias=req.logit_bias or [], logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
-async def events(sub: Submission) -> AsyncIterator[TokenEvent]:
+class Tracked:
+    """A submission and its events as the metrics see them."""
+
+    def __init__(self, sub: Submission, tracked: AsyncIterator[TokenEvent]):
+        self.sub, self.tracked = sub, tracked
+
+    def __aiter__(self):
+        return self.tracked
+
+    def close(self) -> None:
+        self.sub.close()
+
+
+async def events(sub: "Tracked | Submission") -> AsyncIterator[TokenEvent]:
     """A submission's events with its failures as API errors (a request that failed inside the
     engine, the model gone); closing it early cancels the request now, not at collection."""
     try:
@@ -131,10 +259,68 @@ async def events(sub: Submission) -> AsyncIterator[TokenEvent]:
         raise ApiError(503, str(e), type="server_error") from None
     finally:
         sub.close()
+        if isinstance(sub, Tracked):
+            await sub.tracked.aclose()  # counts a request left midway now, not when collected
+
+
+# --- logprobs in OpenAI's two shapes -------------------------------------------------------------
+
+
+class CompletionLogprobWriter:
+    """/v1/completions' parallel lists, written a few tokens at a time (a stream's chunks continue
+    the text offsets of the ones before)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok, self.offset = tokenizer, 0
+        self._chars = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def write(self, entries) -> p.CompletionLogprobs:
+        out = p.CompletionLogprobs()
+        for tid, lp, top, *_ in entries:
+            text = self.tok.token_text(tid)
+            out.tokens.append(text)
+            out.token_logprobs.append(lp)
+            top_dict = None
+            if lp is not None:  # as vLLM: the chosen token is among them (up to logprobs + 1 entries)
+                top_dict = {self.tok.token_text(t): v for t, v in top}
+                top_dict.setdefault(text, lp)
+            out.top_logprobs.append(top_dict)
+            out.text_offset.append(self.offset)
+            if tid not in self.tok.special_ids:  # the answer's text does not spell special tokens
+                self.offset += len(self._chars.decode(self.tok.token_bytes(tid)))
+        return out
+
+
+def chat_logprobs(tokenizer: Tokenizer, entries) -> p.ChatLogprobs:
+    """/v1/chat/completions' logprobs.content; the end-of-turn token is not content and is left out."""
+    def one(tid: int, lp: float) -> dict:
+        return {"token": tokenizer.token_text(tid), "logprob": lp, "bytes": list(tokenizer.token_bytes(tid))}
+
+    return p.ChatLogprobs(content=[p.ChatTokenLogprob(**one(tid, lp), top_logprobs=[p.TopLogprob(**one(t, v)) for t, v in top])
+                                   for tid, lp, top, stop_id in entries if not stop_id])
+
+
+def completion_choice(tokenizer: Tokenizer, c: Choice, a: Answer, logprobs: bool) -> p.CompletionResponseChoice:
+    lp = None
+    if logprobs:
+        lp = CompletionLogprobWriter(tokenizer).write((a.prompt_logprobs or []) + a.logprobs)
+    return p.CompletionResponseChoice(index=c.index, text=(c.echo or "") + "".join(a.text), logprobs=lp,
+                                      finish_reason=a.finish_reason)
+
+
+def chat_message(a: Answer, tool_calls: bool) -> tuple[p.ResponseMessage, str]:
+    """The assistant's message and finish_reason: tool calls when the answer is one (and tools were
+    offered), else its text."""
+    text = "".join(a.text)
+    calls = parse_tool_calls(text) if tool_calls and a.finish_reason == "stop" else None
+    if calls:
+        return p.ResponseMessage(content=None, tool_calls=calls), "tool_calls"
+    return p.ResponseMessage(content=text), a.finish_reason
 
 
 def openai_router(api: OpenAIApi, dependencies: list) -> APIRouter:
     router = APIRouter(prefix="/v1", dependencies=dependencies)
+    tok = api.tokenizer
 
     @router.get("/models")
     async def models() -> p.ModelList:
@@ -142,42 +328,111 @@ def openai_router(api: OpenAIApi, dependencies: list) -> APIRouter:
 
     @router.post("/completions")
     async def completions(req: p.CompletionRequest, request: Request):
-        job = await api.completion_job(req)
-        sub = api.submit(job)
+        choices = await api.completion_choices(req)
+        subs = api.submit(choices, "/v1/completions")
+        want_logprobs = req.logprobs is not None
+        model = choices[0].job.model
         if req.stream:
-            def chunk(text: str, reason: str | None, cid: str) -> p.CompletionStreamResponse:
-                return p.CompletionStreamResponse(id=cid, model=job.model, choices=[
-                    p.CompletionResponseChoice(text=text, finish_reason=reason)])
-            return stream(api, job, sub, req, request, p.CompletionStreamResponse, chunk)
+            writers = [CompletionLogprobWriter(tok) for _ in choices]
+
+            def chunk(i: int, ev: TokenEvent, first: bool) -> p.CompletionStreamResponse | None:
+                c = choices[i]
+                text = (c.echo or "") + ev.text if first else ev.text
+                lp = None
+                if want_logprobs and ev.token_id is not None:
+                    lp = writers[i].write((ev.prompt_logprobs or []) +
+                                          ([(ev.token_id, ev.logprob, ev.top_logprobs or [])] if ev.logprob is not None else []))
+                if not text and not ev.finished and lp is None:
+                    return None
+                return p.CompletionStreamResponse(model=model, choices=[p.CompletionResponseChoice(
+                    index=c.index, text=text, logprobs=lp, finish_reason=finish_reason(ev) if ev.finished else None)])
+            return stream(api, choices, subs, req, request, p.CompletionStreamResponse, chunk)
         try:
-            text, reason, n = await until_disconnect(request, api.run(sub))
+            answers = await until_disconnect(request, api.collect(subs))
         finally:
-            sub.close()
-        return p.CompletionResponse(model=job.model, usage=api.usage(job, n),
-                                    choices=[p.CompletionResponseChoice(text=text, finish_reason=reason)])
+            for s in subs:
+                s.close()
+        return p.CompletionResponse(model=model, usage=api.usage(choices, answers), choices=[
+            completion_choice(tok, c, a, want_logprobs) for c, a in zip(choices, answers)])
 
     @router.post("/chat/completions")
     async def chat_completions(req: p.ChatCompletionRequest, request: Request):
-        job = await api.chat_job(req)
-        sub = api.submit(job)
+        choices = await api.chat_choices(req)
+        subs = api.submit(choices, "/v1/chat/completions")
+        model = choices[0].job.model
         if req.stream:
-            def chunk(text: str, reason: str | None, cid: str) -> p.ChatCompletionStreamResponse:
-                delta = p.DeltaMessage(content=text) if text or reason is None else p.DeltaMessage()
-                return p.ChatCompletionStreamResponse(id=cid, model=job.model, choices=[
-                    p.ChatCompletionStreamChoice(delta=delta, finish_reason=reason)])
-            return stream(api, job, sub, req, request, p.ChatCompletionStreamResponse, chunk,
-                          first=p.DeltaMessage(role="assistant", content=""))
+            held: list[list[TokenEvent]] = [[] for _ in choices]  # with tools: each answer, until it is whole
+
+            def chunk(i: int, ev: TokenEvent, first: bool) -> p.ChatCompletionStreamResponse | None:
+                if choices[i].tool_calls:  # a tool call is known only once the answer is complete
+                    held[i].append(ev)
+                    if not ev.finished:
+                        return None
+                    whole = Answer()
+                    for e in held[i]:
+                        whole.add(e)
+                    msg, reason = chat_message(whole, True)
+                    lp = chat_logprobs(tok, whole.logprobs) if req.logprobs else None
+                    calls = [{"index": k, **c} for k, c in enumerate(msg.tool_calls or [])] or None
+                    return p.ChatCompletionStreamResponse(model=model, choices=[p.ChatCompletionStreamChoice(
+                        index=choices[i].index, delta=p.DeltaMessage(content=msg.content, tool_calls=calls),
+                        logprobs=lp, finish_reason=reason)])
+                lp = None
+                if req.logprobs and ev.logprob is not None and not ev.stop_id:
+                    lp = chat_logprobs(tok, [(ev.token_id, ev.logprob, ev.top_logprobs or [], False)])
+                if not ev.text and not ev.finished and lp is None:
+                    return None
+                delta = p.DeltaMessage(content=ev.text) if ev.text or lp is not None else p.DeltaMessage()
+                return p.ChatCompletionStreamResponse(model=model, choices=[p.ChatCompletionStreamChoice(
+                    index=choices[i].index, delta=delta, logprobs=lp,
+                    finish_reason=finish_reason(ev) if ev.finished else None)])
+            opening = [p.ChatCompletionStreamResponse(model=model, choices=[p.ChatCompletionStreamChoice(
+                index=c.index, delta=p.DeltaMessage(role="assistant", content=""))]) for c in choices]
+            return stream(api, choices, subs, req, request, p.ChatCompletionStreamResponse, chunk, opening)
         try:
-            text, reason, n = await until_disconnect(request, api.run(sub))
+            answers = await until_disconnect(request, api.collect(subs))
         finally:
-            sub.close()
-        return p.ChatCompletionResponse(model=job.model, usage=api.usage(job, n), choices=[
-            p.ChatCompletionResponseChoice(message=p.ResponseMessage(content=text), finish_reason=reason)])
+            for s in subs:
+                s.close()
+        replies = [chat_message(a, c.tool_calls) for c, a in zip(choices, answers)]
+        return p.ChatCompletionResponse(model=model, usage=api.usage(choices, answers), choices=[
+            p.ChatCompletionResponseChoice(index=c.index, message=msg, finish_reason=reason,
+                                           logprobs=chat_logprobs(tok, a.logprobs) if req.logprobs else None)
+            for c, a, (msg, reason) in zip(choices, answers, replies)])
 
     @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     async def unknown(path: str, request: Request):
         raise ApiError(404, f"{request.method} /v1/{path}: no such endpoint on this server (it serves /v1/models, "
                             "/v1/completions and /v1/chat/completions)", type="not_found_error", code="not_found")
+
+    return router
+
+
+def tokenizer_router(api: OpenAIApi, dependencies: list) -> APIRouter:
+    """vLLM's /tokenize and /detokenize: what the model sees of a prompt (or a dialog), and back."""
+    router = APIRouter(dependencies=dependencies)
+
+    @router.post("/tokenize")
+    async def tokenize(req: p.TokenizeRequest) -> p.TokenizeResponse:
+        if (req.prompt is None) == (req.messages is None):
+            raise ApiError(400, "send either prompt (a text) or messages (a dialog)", param="prompt")
+        if req.add_generation_prompt is False:
+            raise ApiError(400, "add_generation_prompt: false is not supported (the chat format always opens "
+                                "the answer)", param="add_generation_prompt")
+        if req.prompt is not None:
+            ids = await api.gate.encode(req.prompt, "prompt", bos=None if req.add_special_tokens is None
+                                        else req.add_special_tokens and api.tokenizer.bos_id is not None)
+        else:
+            ids = await api.gate.encode_dialog([_message(m, i) for i, m in enumerate(req.messages)], "messages")
+        return p.TokenizeResponse(tokens=ids, count=len(ids), max_model_len=api.client.max_seq_len)
+
+    @router.post("/detokenize")
+    async def detokenize(req: p.DetokenizeRequest) -> p.DetokenizeResponse:
+        bad = [t for t in req.tokens if not 0 <= t < api.client.vocab_size]
+        if bad:
+            raise ApiError(400, f"tokens: id {bad[0]} is outside the vocabulary (0..{api.client.vocab_size - 1})",
+                           param="tokens")
+        return p.DetokenizeResponse(prompt=api.tokenizer.decode(req.tokens))
 
     return router
 
@@ -200,40 +455,63 @@ class EventStream(StreamingResponse):
             self.on_close()
 
 
-def stream(api: OpenAIApi, job: Job, sub: Submission, req: p.SamplingRequest, request: Request, kind: type,
-           chunk: Callable, first: p.DeltaMessage | None = None) -> "EventStream":
-    """The answer as server-sent events. The request is checked and published already, so the
-    response starts at once; a failure mid-answer is an error event, then [DONE]."""
-    cid = kind(model=job.model, choices=[]).id  # every chunk of one answer carries the same id
+def stream(api: OpenAIApi, choices: list[Choice], subs: list[Submission], req: p.SamplingRequest, request: Request,
+           kind: type, chunk: Callable, opening: list[BaseModel] = ()) -> "EventStream":
+    """The answers as server-sent events, every choice's chunks as they come (each names its
+    index). The requests are checked and published already, so the response starts at once; a
+    keep-alive comment goes out while nothing arrives (a request waiting for a KV row); a failure
+    mid-answer is an error event, then [DONE]."""
+    cid = kind(model="", choices=[]).id  # every chunk of one response carries the same id
     created = int(time.time())  # and the same creation time
 
     def sse(obj: BaseModel) -> str:
+        if hasattr(obj, "created"):
+            obj.id, obj.created = cid, created
         return f"data: {obj.model_dump_json()}\n\n"
 
     async def body() -> AsyncIterator[str]:
-        n = 0
-        answer = events(sub)
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, sub: Submission) -> None:
+            try:
+                async for ev in events(sub):
+                    queue.put_nowait((i, ev))
+            except ApiError as e:
+                queue.put_nowait((i, e))
+
+        pumps = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(subs)]
+        tokens, left, started = 0, len(subs), [False] * len(subs)
         try:
-            if first is not None:  # OpenAI's chat stream opens with the assistant's role
-                yield sse(kind(id=cid, created=created, model=job.model,
-                               choices=[p.ChatCompletionStreamChoice(delta=first)]))
-            async for ev in answer:
-                n += ev.token_id is not None
-                if ev.text or ev.finished:
-                    out = chunk(ev.text, finish_reason(ev) if ev.finished else None, cid)
-                    out.created = created
-                    yield sse(out)
-                if ev.finished or await request.is_disconnected():
+            for o in opening:  # OpenAI's chat stream opens each choice with the assistant's role
+                yield sse(o)
+            while left:
+                try:
+                    i, ev = await asyncio.wait_for(queue.get(), api.keepalive_s)
+                except asyncio.TimeoutError:
+                    yield ": keep-alive\n\n"
+                    continue
+                if isinstance(ev, ApiError):  # the request failed mid-answer: the status is sent already
+                    yield sse(p.ErrorResponse(error=ev.info))
                     break
-            if req.stream_options and req.stream_options.include_usage:
-                yield sse(kind(id=cid, created=created, model=job.model, choices=[], usage=api.usage(job, n)))
-        except ApiError as e:  # the request failed mid-answer: the status is sent already
-            yield sse(p.ErrorResponse(error=e.info))
+                tokens += ev.token_id is not None
+                out = chunk(i, ev, not started[i])
+                started[i] = True
+                if out is not None:
+                    yield sse(out)
+                left -= ev.finished
+                if await request.is_disconnected():
+                    break
+            else:
+                if req.stream_options and req.stream_options.include_usage:
+                    yield sse(kind(model=choices[0].job.model, choices=[], usage=api.usage(choices, tokens=tokens)))
         finally:
-            await answer.aclose()
+            for t in pumps:
+                t.cancel()
+            for s in subs:
+                s.close()
         yield "data: [DONE]\n\n"
 
-    return EventStream(body(), sub.close)
+    return EventStream(body(), lambda: [s.close() for s in subs])
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -259,14 +537,34 @@ def finish_reason(ev: TokenEvent) -> str:
     return "length" if ev.finish_reason == "length" else "stop"
 
 
-def refuse_unsupported(req: p.SamplingRequest, **used: bool) -> None:
+HINTS = {
+    "functions": ": use tools", "function_call": ": use tool_choice",
+    "suffix": ": insertion (fill-in-the-middle) is not implemented",
+    "best_of": " (only best_of = n): every choice is returned",
+    "store": " (only false): this server stores nothing",
+    "modalities": " (only [\"text\"])", "service_tier": " (only \"auto\" or \"default\")",
+}
+
+
+def refuse_unsupported(req: p.SamplingRequest) -> None:
     """A 400 naming a field we cannot honour, rather than quietly answering something else."""
-    used.update(n=req.n != 1, presence_penalty=bool(req.presence_penalty),
-                frequency_penalty=bool(req.frequency_penalty))
-    for name, is_used in used.items():
-        if is_used:
-            hint = " (only n=1)" if name == "n" else " (use repetition_penalty)" if "penalty" in name else ""
-            raise ApiError(400, f"{name} is not supported by this server{hint}", param=name)
+    if req.stream_options is not None and not req.stream:
+        raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
+    for name, neutral in p.REFUSED.items():
+        if name not in type(req).model_fields:
+            continue
+        v = getattr(req, name)
+        if v is None or any(type(v) is type(x) and v == x for x in neutral):
+            continue
+        if name == "best_of" and type(v) is int and v == (req.n or 1):
+            continue
+        raise ApiError(400, f"{name} is not supported by this server{HINTS.get(name, '')}", param=name)
+
+
+def _message(m: p.ChatMessage, i: int) -> Message:
+    """An API message as the chat format takes it; the format refuses what it cannot write."""
+    return Message(_role(m.role), _content_text(m.content, i, m.role), name=m.name, tool_calls=m.tool_calls,
+                   tool_call_id=m.tool_call_id)
 
 
 def _role(role: str) -> str:

@@ -1,15 +1,17 @@
 """The OpenAI wire format for /v1: pydantic models of requests, responses and stream chunks.
 
 Shaped after FastChat's openai_api_protocol.py: ids and timestamps come from default factories,
-so a handler only fills in what it computed. Requests ignore fields we do not know (clients send
-`user`, `stream_options`, `logit_bias`, ...); fields we know but cannot honour are refused by the
-web layer with a 400 naming them, never silently ignored.
+so a handler only fills in what it computed. A request field is honoured or refused, never
+ignored: unknown fields are a 400 (extra="forbid"); OpenAI's fields that we cannot honour are
+declared here as REFUSED, and the web layer answers a 400 naming them unless they hold their
+neutral value (`"store": false`, `"tool_choice": "none"`, ...). Every optional field takes an
+explicit null, meaning its default, as OpenAI's API does.
 """
 from __future__ import annotations
 
 import secrets
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
@@ -62,7 +64,24 @@ class UsageInfo(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: bool | None = False
+    include_obfuscation: bool | None = None  # OpenAI's padding against length side channels: we send none
+
+
+# Fields that only label a request for the client's own records: they cannot change an answer, so
+# they are accepted and honoured by doing nothing.
+LABELS = ("user", "safety_identifier", "metadata", "prompt_cache_key")
+
+# OpenAI fields this server does not honour, with the values that ask for nothing (accepted);
+# any other value is a 400 naming the field. Checked by serve.openai.refuse_unsupported.
+REFUSED: dict[str, tuple] = {
+    "suffix": ("",), "best_of": (1,),  # best_of: also accepted when it equals n
+    "functions": ([],), "function_call": ("none", "auto"),  # OpenAI's deprecated spelling of tools
+    "parallel_tool_calls": (True, False),  # several calls may come back either way: we never split them
+    "audio": (), "modalities": (["text"],), "prediction": (),
+    "reasoning_effort": (), "verbosity": (), "web_search_options": (), "store": (False,),
+    "service_tier": ("auto", "default"), "moderation": (), "prompt_cache_retention": (), "prompt_cache_options": (),
+}
 
 
 class SamplingRequest(BaseModel):
@@ -70,38 +89,60 @@ class SamplingRequest(BaseModel):
     endpoint adds its own input and the fields whose type or default differ between them
     (max_tokens, logprobs). None = the endpoint's default."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     temperature: float | None = None
     top_p: float | None = None
-    n: int = 1
-    stream: bool = False
+    n: int | None = None  # None: 1
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as JSON's string key) -> bias in [-100, 100]
     # extensions that vLLM accepts too; they map straight onto SamplingParams
     top_k: int | None = None
+    min_p: float | None = None
     repetition_penalty: float | None = None
+    # labels (LABELS) and refused fields (REFUSED): accepted by the parser, judged by the web layer
+    user: Any = None
+    safety_identifier: Any = None
+    metadata: Any = None
+    prompt_cache_key: Any = None
+    store: Any = None
+    service_tier: Any = None
+    prompt_cache_retention: Any = None
+    prompt_cache_options: Any = None
+    moderation: Any = None
 
 
 # --- /v1/completions ------------------------------------------------------------------------------
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int]
-    max_tokens: int | None = 16
-    echo: bool = False
-    logprobs: int | None = None
+    # a text, a batch of texts, token ids, or a batch of token id lists (lm-evaluation-harness)
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = None  # None: 16, OpenAI's default
+    echo: bool | None = None
+    logprobs: int | None = None  # the chosen token's logprob and this many alternatives (0..5, or up to 20)
     best_of: int | None = None
+    suffix: Any = None
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: parallel lists, one entry per token (echoed prompt tokens first)."""
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
 
 
 class CompletionResponseChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -138,24 +179,57 @@ class ChatMessage(BaseModel):
 
     role: str  # checked by the chat format, whose message names the allowed roles
     content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict] | None = None  # an assistant's earlier tool calls, for templates that render them
+    tool_call_id: str | None = None  # a tool message's answer to one of them
 
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
     max_tokens: int | None = None  # None: as much as fits, up to the server's default
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
-    logprobs: bool = False
+    logprobs: bool | None = None
+    top_logprobs: int | None = None  # alternatives per token (0..20), with logprobs: true
+    # refused (REFUSED) unless neutral
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
+    response_format: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+    refusal: list[ChatTokenLogprob] | None = None
 
 
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[dict] | None = None
 
 
 class ChatCompletionResponseChoice(BaseModel):
     index: int = 0
     message: ResponseMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -171,6 +245,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict] | None = None
 
     @model_serializer(mode="wrap")
     def _without_nones(self, handler):  # OpenAI's deltas omit what they do not carry
@@ -180,7 +255,7 @@ class DeltaMessage(BaseModel):
 class ChatCompletionStreamChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -191,3 +266,33 @@ class ChatCompletionStreamResponse(BaseModel):
     model: str
     choices: list[ChatCompletionStreamChoice]
     usage: UsageInfo | None = None
+
+
+# --- /tokenize, /detokenize (vLLM's shapes) --------------------------------------------------------
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None  # a dialog, rendered by the chat format as for a chat request
+    add_special_tokens: bool | None = None  # plain prompts: BOS as the tokenizer says (None/true) or not (false)
+    add_generation_prompt: bool | None = None  # accepted for vLLM's clients: the chat format always opens the answer
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

@@ -16,6 +16,7 @@ from ..text.chat_format import Message
 from .errors import ApiError
 from .gate import Gate
 from .loop import EngineClient, QueueFull
+from .metrics import Metrics
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 WARNING = "⚠️"  # starts every problem report the page writes into the chat
@@ -65,7 +66,7 @@ class Rate:
         rate = self.tokens / secs if secs > 0 else 0.0
         reused = f" · {ev.reused} prompt tokens reused" if ev.reused else ""
         return f"{self.tokens} tokens in {secs:.1f} s · **{rate:.1f} tokens/s**{reused}" + (
-            f" · {ev.finish_reason}" if ev.finished else "")
+            f" · {ev.note or ev.finish_reason}" if ev.finished else "")
 
 
 def load_examples() -> list[str]:
@@ -73,7 +74,8 @@ def load_examples() -> list[str]:
     return [str(e) for e in json.loads(path.read_text(encoding="utf-8"))] if path.is_file() else []
 
 
-def build_ui(client: EngineClient, gate: Gate, cfg: ServerConfig, system_prompt: str = "") -> gr.Blocks:
+def build_ui(client: EngineClient, gate: Gate, cfg: ServerConfig, system_prompt: str = "",
+             metrics: Metrics | None = None) -> gr.Blocks:
     max_len = max(1, min(client.max_seq_len - 1, 4096))
     chat_mode = gate.chat_format is not None
 
@@ -102,7 +104,8 @@ def build_ui(client: EngineClient, gate: Gate, cfg: ServerConfig, system_prompt:
             return
         text, rate = "", Rate()
         try:
-            async for ev in sub:  # Stop cancels this task, and so the request (finally: close)
+            answer_events = metrics.track(sub, "page", len(job.prompt_ids)) if metrics else sub
+            async for ev in answer_events:  # Stop cancels this task, and so the request (finally: close)
                 text += ev.text if ev.finish_reason != "error" else f"{WARNING} {ev.error}"
                 yield text, rate.line(ev)
         except RuntimeError as e:  # the model stopped serving

@@ -6,10 +6,17 @@
 - JinjaChatFormat: a model's own chat_template, rendered as transformers' apply_chat_template does.
 
 chat_format_for() picks one for a model folder; is_chat_model() guesses the server's --chat default.
+
+Which dialogs are allowed is the format's to say: Meta's Llama 2 code requires an optional system
+message, then strictly alternating user/assistant turns ending with the user (validate_dialog);
+Meta's Llama 3 layout writes any sequence of headed messages (a tool result as Llama 3.1's
+"ipython" role); a model's own template decides for itself (it may raise_exception), given the
+roles it knows: "tool" only where the template mentions it.
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -18,6 +25,7 @@ from typing import Sequence
 from .tokenizer import HFTokenizer, SentencePieceTokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer_config
 
 ROLES = ("system", "user", "assistant")
+TOOL_ROLE = "tool"  # OpenAI's role for a tool's result
 
 # Llama 2 chat tags (meta-llama/llama llama/generation.py)
 B_INST, E_INST = "[INST]", "[/INST]"
@@ -37,22 +45,36 @@ class ChatFormatError(ValueError):
 
 @dataclass
 class Message:
-    role: str  # "system" | "user" | "assistant"
+    role: str  # "system" | "user" | "assistant" (| "tool" where the format has it)
     content: str
+    name: str | None = None  # the speaker's name, for templates that render it
+    tool_calls: list[dict] | None = None  # an assistant's tool calls (OpenAI's shape), for templates that render them
+    tool_call_id: str | None = None  # which call a tool message answers (an identifier: never changes the prompt)
 
 
 Dialog = list[Message]
 
 
-def validate_dialog(dialog: Sequence[Message]) -> None:
-    """Raise ChatFormatError unless: optional system first, then user/assistant alternating, user last."""
+def check_messages(dialog: Sequence[Message], roles: Sequence[str] = ROLES, extras: Sequence[str] = (),
+                   why: str = "") -> None:
+    """The shape every format needs: at least one message, known roles, text content, and only
+    the optional fields (name, tool_calls) the format renders."""
     if not dialog:
         raise ChatFormatError("empty dialog: send at least one user message")
     for i, m in enumerate(dialog):
-        if m.role not in ROLES:
-            raise ChatFormatError(f"message {i}: unknown role {m.role!r}; expected one of {', '.join(ROLES)}")
+        if m.role not in roles:
+            raise ChatFormatError(f"message {i}: unknown role {m.role!r}; expected one of {', '.join(roles)}{why}")
         if not isinstance(m.content, str):
             raise ChatFormatError(f"message {i}: content must be a string, got {type(m.content).__name__}")
+        for extra in ("name", "tool_calls"):
+            if getattr(m, extra) is not None and extra not in extras:
+                raise ChatFormatError(f"message {i}: this model's chat format does not render {extra}")
+
+
+def validate_dialog(dialog: Sequence[Message]) -> None:
+    """Raise ChatFormatError unless: optional system first, then user/assistant alternating, user
+    last (Meta's Llama 2 rules)."""
+    check_messages(dialog)
     start = 1 if dialog[0].role == "system" else 0
     for i in range(start, len(dialog)):
         expected = "user" if (i - start) % 2 == 0 else "assistant"
@@ -73,10 +95,19 @@ class ChatFormat:
     def stop_ids(self) -> frozenset[int]:
         return self.tokenizer.stop_ids
 
-    def encode_dialog(self, dialog: Sequence[Message]) -> list[int]:
-        """Prompt ids for `dialog`, ending where the assistant's answer begins."""
+    supports_tools = False  # whether the format can show the model a list of tools
+
+    def encode_dialog(self, dialog: Sequence[Message], tools: list[dict] | None = None) -> list[int]:
+        """Prompt ids for `dialog` (and the tools the model may call, OpenAI's shape), ending where
+        the assistant's answer begins."""
+        self.check(dialog)
+        if tools and not self.supports_tools:
+            raise ChatFormatError("this model's chat format has no place for tools")
+        return self._encode(dialog, tools) if tools else self._encode(dialog)
+
+    def check(self, dialog: Sequence[Message]) -> None:
+        """Raise ChatFormatError for a dialog this format cannot write (default: Llama 2's rules)."""
         validate_dialog(dialog)
-        return self._encode(dialog)
 
     def _encode(self, dialog: Sequence[Message]) -> list[int]:
         raise NotImplementedError
@@ -117,6 +148,10 @@ class Llama3ChatFormat(ChatFormat):
     def stop_ids(self) -> frozenset[int]:
         return self.tokenizer.stop_ids | {self._eot}  # the answer ends with <|eot_id|>, whatever the backend
 
+    def check(self, dialog: Sequence[Message]) -> None:
+        # any sequence of headed messages: Meta's layout has no turn-order rule of its own
+        check_messages(dialog, ROLES + (TOOL_ROLE,))
+
     def _header(self, role: str) -> list[int]:
         enc = self.tokenizer.encode
         return [self._start, *enc(role, bos=False), self._end, *enc("\n\n", bos=False)]
@@ -124,7 +159,8 @@ class Llama3ChatFormat(ChatFormat):
     def _encode(self, dialog: Sequence[Message]) -> list[int]:
         ids = [self._bot]
         for m in dialog:
-            ids += self._header(m.role) + self.tokenizer.encode(m.content.strip(), bos=False) + [self._eot]
+            role = "ipython" if m.role == TOOL_ROLE else m.role  # Llama 3.1's role for tool results
+            ids += self._header(role) + self.tokenizer.encode(m.content.strip(), bos=False) + [self._eot]
         return ids + self._header("assistant")  # open the assistant's turn for the model to complete
 
 
@@ -147,23 +183,35 @@ class JinjaChatFormat(ChatFormat):
             "bos_token": bos_token if bos_token is not None else tokenizer.bos_token,
             "eos_token": eos_token if eos_token is not None else tokenizer.eos_token,
         }
+        # what the template knows beyond role and content, read from its source
+        self.roles = ROLES + ((TOOL_ROLE,) if re.search(r"""['"]tool['"]""", template) else ())
+        self.supports_tools = bool(re.search(r"\btools\b", template))
+        self.extras = tuple(x for x, pattern in (("tool_calls", r"tool_calls"), ("name", r"""(\.name\b|\[['"]name['"]\])"""))
+                            if re.search(pattern, template))
 
-    def render(self, dialog: Sequence[Message]) -> str:
+    def check(self, dialog: Sequence[Message]) -> None:
+        # the template decides the order of turns (it may raise_exception); we check the shape
+        check_messages(dialog, self.roles, self.extras,
+                       "" if TOOL_ROLE in self.roles else " (this model's chat template has no tool role)")
+
+    def render(self, dialog: Sequence[Message], tools: list[dict] | None = None) -> str:
         """The prompt text, ready for the assistant's answer (add_generation_prompt=True)."""
         import jinja2
 
-        validate_dialog(dialog)
-        messages = [{"role": m.role, "content": m.content} for m in dialog]
+        self.check(dialog)
+        messages = [{"role": m.role, "content": m.content,
+                     **{k: v for k in ("name", "tool_calls", "tool_call_id") if (v := getattr(m, k)) is not None}}
+                    for m in dialog]
         try:
             return self._template.render(
-                messages=messages, tools=None, documents=None, add_generation_prompt=True, **self._variables
+                messages=messages, tools=tools or None, documents=None, add_generation_prompt=True, **self._variables
             )
         except jinja2.TemplateError as e:  # raise_exception(...) in the template lands here too
             raise ChatFormatError(f"the model's chat template rejected the dialog: {e}") from e
 
-    def _encode(self, dialog: Sequence[Message]) -> list[int]:
+    def _encode(self, dialog: Sequence[Message], tools: list[dict] | None = None) -> list[int]:
         # The template writes BOS itself if the model wants it; special-token strings become ids.
-        return self.tokenizer.encode_with_special_tokens(self.render(dialog))
+        return self.tokenizer.encode_with_special_tokens(self.render(dialog, tools))
 
 
 def _compile_template(template: str):

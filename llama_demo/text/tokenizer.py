@@ -84,6 +84,21 @@ class Tokenizer:
         """Id of the single token spelled `piece` (e.g. "<|eot_id|>"), None if the vocabulary lacks it."""
         return self._special_tokens().get(piece)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The UTF-8 bytes one token stands for (a special token: its spelling), for logprobs' `bytes`;
+        a token may hold part of a character. Backends that know their pieces override this."""
+        specials = {i: t for t, i in self._special_tokens().items()}
+        return specials[token_id].encode() if token_id in specials else self.decode([token_id]).encode()
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text for logprobs (OpenAI's `token`): a token that is part of a character
+        is spelled by its bytes, "bytes:\\xe6", as OpenAI does."""
+        data = self.token_bytes(token_id)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
     def _encode_text(self, text: str) -> list[int]:
         raise NotImplementedError
 
@@ -147,6 +162,12 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode(self._in_vocab(ids))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self._sp.id_to_piece(token_id) if 0 <= token_id < self.vocab_size else ""
+        if self._sp.is_byte(token_id):  # byte fallback pieces are spelled <0xE6>
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode()
 
     def token_id(self, piece: str) -> int | None:
         i = self._sp.piece_to_id(piece)
@@ -259,6 +280,11 @@ class TiktokenTokenizer(Tokenizer):
         n = self._n_base
         data = self._enc.decode_bytes([int(i) for i in ids if 0 <= i < n])
         return data.decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if token_id >= self._n_base:
+            return super().token_bytes(token_id)
+        return self._enc.decode_single_token_bytes(token_id)
 
     def token_id(self, piece: str) -> int | None:
         piece = LLAMA31_TOKEN_ALIASES.get(piece, piece)
@@ -389,8 +415,36 @@ class HFTokenizer(Tokenizer):
     def token_id(self, piece: str) -> int | None:
         return self._tok.token_to_id(piece)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self._tok.id_to_token(token_id)
+        if piece is None or token_id in self.special_ids or not self._byte_level:
+            return super().token_bytes(token_id)
+        try:  # byte-level BPE spells each byte as one printable character (GPT-2's table)
+            return bytes(_BYTE_LEVEL_DECODE[c] for c in piece)
+        except KeyError:  # an added token spelled as plain text
+            return piece.encode()
+
+    @cached_property
+    def _byte_level(self) -> bool:
+        return '"ByteLevel"' in json.dumps(json.loads(self._tok.to_str()).get("decoder"))
+
     def _special_tokens(self) -> dict[str, int]:
         return self._specials
+
+
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's bytes_to_unicode, inverted: printable character -> the byte it spells."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), 256))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTE_LEVEL_DECODE = _byte_level_table()
 
 
 # --- loading --------------------------------------------------------------------------------------

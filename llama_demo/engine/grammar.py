@@ -1,0 +1,121 @@
+"""Structured output: a grammar (from a JSON schema) constrains which tokens rank 0 may sample.
+
+llguidance (Microsoft's Rust engine behind Guidance, also used by vLLM and llama.cpp) compiles the
+grammar and computes each step's allowed-token mask in well under a millisecond for a small
+vocabulary; it was chosen over xgrammar, which pulls triton and a TVM runtime onto CPU hosts, and
+outlines-core, whose index is built per schema over the whole vocabulary up front. The grammar
+text travels with the request's params (every rank sees it); only rank 0 builds a matcher.
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+import torch
+
+from ..text.tokenizer import Tokenizer
+
+# Compact JSON: a grammar that allows any whitespace lets a small model pad an answer with
+# newlines until it runs out of tokens.
+JSON_OPTIONS = {"whitespace_flexible": False}
+
+
+class GrammarError(ValueError):
+    """A response_format that cannot be compiled; the message says why."""
+
+
+def json_schema_grammar(schema: dict) -> str:
+    """The llguidance grammar for answers that are JSON documents valid under `schema`."""
+    import llguidance
+
+    if not isinstance(schema, dict):
+        raise GrammarError("the JSON schema must be an object")
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+    except ValueError as e:
+        raise GrammarError(f"not a usable JSON schema: {e}") from None
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    if is_error:
+        raise GrammarError(f"the JSON schema cannot be enforced: {messages[0]}")
+    return grammar
+
+
+class _Wrapper:
+    """Our Tokenizer as llguidance's TokenizerWrapper wants it: every id's bytes (special tokens
+    marked with a leading 0xFF, as llguidance expects) and an encoder."""
+
+    def __init__(self, tok: Tokenizer, n_vocab: int, eos: int):
+        self.eos_token_id, self.bos_token_id = eos, tok.bos_id
+        self.special_token_ids = sorted(tok.special_ids)
+        specials = set(self.special_token_ids)
+        self.tokens = [(b"\xff" + tok.token_bytes(i)) if i in specials else tok.token_bytes(i)
+                       for i in range(min(n_vocab, tok.vocab_size))]
+        self.tokens += [b""] * (n_vocab - len(self.tokens))  # ids the output layer has beyond the tokenizer
+        self._tok = tok
+        self.is_tokenizer_wrapper = True
+
+    def __call__(self, text) -> list[int]:
+        text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
+        return self._tok.encode(text, bos=False)
+
+
+@lru_cache(maxsize=4)
+def ll_tokenizer(tok: Tokenizer, n_vocab: int, stop_ids: frozenset[int]):
+    """llguidance's view of the vocabulary (built once per tokenizer: ~0.1 s for 50k tokens)."""
+    import llguidance
+
+    stops = sorted(stop_ids) or [tok.eos_id or 0]
+    return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Wrapper(tok, n_vocab, stops[0])), n_vocab=n_vocab,
+                                  eos_token=stops)
+
+
+class Matcher:
+    """One answer's grammar state on rank 0."""
+
+    def __init__(self, grammar: str, tok: Tokenizer, n_vocab: int, stop_ids: frozenset[int]):
+        import llguidance
+
+        self.n_vocab = n_vocab
+        self._m = llguidance.LLMatcher(ll_tokenizer(tok, n_vocab, frozenset(stop_ids)), grammar, log_level=0)
+        self._check()
+
+    def _check(self) -> None:
+        if self._m.is_error():
+            raise GrammarError(self._m.get_error())
+
+    def allowed(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(V,) bool: the tokens the grammar allows next (the stop ids once the answer is complete)."""
+        words = torch.frombuffer(bytearray(self._m.compute_bitmask()), dtype=torch.int32)
+        self._check()
+        bits = (words[:, None] >> torch.arange(32, dtype=torch.int32)) & 1
+        return bits.flatten()[: self.n_vocab].bool().to(device)
+
+    @property
+    def done(self) -> bool:
+        return self._m.is_stopped()
+
+    def consume(self, token_id: int) -> None:
+        self._m.consume_token(token_id)
+        self._check()
+
+
+def response_format_grammar(response_format: dict | None) -> str | None:
+    """OpenAI's response_format -> a grammar (None for plain text); GrammarError if unusable."""
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict):
+        raise GrammarError("must be an object such as {\"type\": \"json_object\"}")
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_schema_grammar({"type": "object"})
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise GrammarError("json_schema needs {\"name\": ..., \"schema\": {...}}")
+        return json_schema_grammar(spec.get("schema") or {})
+    raise GrammarError(f"type {kind!r} is not supported: use \"text\", \"json_object\" or \"json_schema\"")
+
+
+__all__ = ["GrammarError", "Matcher", "json", "response_format_grammar"]

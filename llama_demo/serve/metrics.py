@@ -1,0 +1,72 @@
+"""Prometheus metrics for rank 0's web front (`GET /metrics`, text exposition format).
+
+Every answer the API or the chat page streams passes through Metrics.track, which counts its
+outcome and tokens and times its first token and the gaps between tokens; refusals (4xx, 429)
+are counted where the error response is made. Gauges read the serving loop's health at scrape
+time. One registry per app, so several apps (tests) never share counters.
+"""
+from __future__ import annotations
+
+import time
+from typing import AsyncIterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from ..engine.engine import TokenEvent
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+# Seconds: from tens of milliseconds (a small model on a GPU) to minutes (a long queue on a CPU).
+TTFT_BUCKETS = (0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+ITL_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    def __init__(self, client):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("llama_demo_requests", "Engine requests by endpoint and outcome "
+                                "(stop, length, error, cancelled); refused requests by status (400, 429, ...)",
+                                ["endpoint", "outcome"], registry=r)
+        self.prompt_tokens = Counter("llama_demo_prompt_tokens", "Prompt tokens of the requests run", registry=r)
+        self.generation_tokens = Counter("llama_demo_generation_tokens", "Tokens generated", registry=r)
+        self.ttft = Histogram("llama_demo_time_to_first_token_seconds", "From submission to the first token",
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("llama_demo_inter_token_latency_seconds", "Between successive tokens of one answer",
+                             buckets=ITL_BUCKETS, registry=r)
+        health = client.health
+        Gauge("llama_demo_requests_running", "Requests holding a KV-cache row (KV rows in use)",
+              registry=r).set_function(lambda: health.running)
+        Gauge("llama_demo_requests_waiting", "Requests admitted and waiting for a KV row (the queue)",
+              registry=r).set_function(lambda: health.waiting)
+        Gauge("llama_demo_kv_rows", "KV-cache rows (--max_batch_size)",
+              registry=r).set_function(lambda: getattr(client, "max_batch_size", 0))
+        Gauge("llama_demo_in_flight", "Requests submitted and not finished (running + waiting + being published)",
+              registry=r).set_function(lambda: client.in_flight)
+
+    def refused(self, endpoint: str, status: int) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+
+    async def track(self, events: AsyncIterator[TokenEvent], endpoint: str, prompt_tokens: int,
+                    started: float | None = None) -> AsyncIterator[TokenEvent]:
+        """Pass a request's events through, counting and timing them."""
+        started = time.monotonic() if started is None else started
+        last, outcome = None, "cancelled"  # an answer abandoned midway (client gone, Stop) was cancelled
+        self.prompt_tokens.inc(prompt_tokens)
+        try:
+            async for ev in events:
+                if ev.token_id is not None:
+                    now = time.monotonic()
+                    (self.ttft.observe(now - started) if last is None else self.itl.observe(now - last))
+                    last = now
+                    self.generation_tokens.inc()
+                if ev.finished:
+                    outcome = ev.finish_reason or "stop"
+                yield ev
+        except Exception:
+            outcome = "error"
+            raise
+        finally:
+            self.requests.labels(endpoint, outcome).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
