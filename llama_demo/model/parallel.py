@@ -12,6 +12,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..config import DEFAULT_DIST_TIMEOUT
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -31,7 +33,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(timeout_s: float = 1800.0, device: str | None = None) -> DistInfo:
+def init_distributed(timeout_s: float = DEFAULT_DIST_TIMEOUT, device: str | None = None) -> DistInfo:
     """Join torchrun's process group (or make a one-rank group for a plain process) and set up
     fairscale's model-parallel group over all ranks. NCCL on GPUs, gloo on CPUs."""
     from fairscale.nn.model_parallel.initialize import initialize_model_parallel, model_parallel_is_initialized
