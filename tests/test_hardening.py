@@ -13,7 +13,8 @@ import pytest
 
 import threading
 
-from test_server import N_NEW, PROMPTS, Server, reference  # noqa: F401  (the reference fixture)
+from test_server import N_NEW, PROMPTS, Server
+from test_server import reference  # noqa: F401  (a fixture the tests below take by name)
 
 HUGE = 2**64
 

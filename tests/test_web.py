@@ -16,7 +16,6 @@ from llama_demo.text.chat_format import Message
 from llama_demo.config import ServerConfig
 from llama_demo.model.parallel import free_port
 from llama_demo.text.tokenizer import load_tokenizer
-from llama_demo.config import PAGE_SAMPLING
 from llama_demo.serve.errors import ApiError
 from llama_demo.serve.openai import build_app
 from llama_demo.serve.ui import WARNING, ShareError, open_share_tunnel, page_dialog
@@ -314,8 +313,7 @@ def test_gradio_client_chat_returns_the_streamed_answer(chat, tok):
     assert empty.startswith(WARNING) and "empty" in empty
 
 
-def test_ui_history_becomes_the_dialog_skipping_failed_turns(tok):
-    fmt = chat_format(tok)
+def test_ui_history_becomes_the_dialog_skipping_failed_turns():
     history = [
         {"role": "user", "content": [{"type": "text", "text": "first"}]},  # Gradio 6 content parts
         {"role": "assistant", "content": [{"type": "text", "text": "answer one"}]},

@@ -21,6 +21,7 @@ from fairscale.nn.model_parallel.layers import ColumnParallelLinear, ParallelEmb
 from torch import nn
 
 from ..config import ModelArgs
+from ..config import rope_frequencies as config_rope_frequencies
 from .parallel import all_gather_last, all_reduce_sum, cpu_threads
 
 
@@ -205,18 +206,10 @@ class RMSNorm(nn.Module):
 
 
 def rope_frequencies(args: ModelArgs, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Inverse frequencies of Meta's rotary embedding, with Llama 3.1 scaling when asked."""
-    hd = args.head_dim
-    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device=device)[: hd // 2] / hd))
-    if args.use_scaled_rope:  # Llama 3.1: stretch low frequencies for long context
-        scale, low_ff, high_ff, old_len = 8.0, 1.0, 4.0, 8192
-        low_wl, high_wl = old_len / low_ff, old_len / high_ff
-        wavelen = 2 * math.pi / freqs
-        smooth = (old_len / wavelen - low_ff) / (high_ff - low_ff)
-        scaled = torch.where(wavelen > low_wl, freqs / scale, freqs)
-        mid = (wavelen <= low_wl) & (wavelen >= high_wl)
-        freqs = torch.where(mid, (1 - smooth) * freqs / scale + smooth * freqs, scaled)
-    return freqs.float()
+    """Inverse frequencies of Meta's rotary embedding, with Llama 3's scaling (and its factor) as
+    params.json asks: config.rope_frequencies is their one home."""
+    freqs = config_rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
+    return torch.tensor(freqs, dtype=torch.float64, device=device).float()
 
 
 def rope_table(args: ModelArgs, length: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -7,9 +7,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import ShardedCheckpoint, is_quantized_weight, iter_rank_state, open_checkpoint
-from ..config import LLAMA3_ROPE_SCALING, ConfigError, ModelArgs, rope_frequencies
+from ..config import ConfigError
 from ..model.parallel import DistInfo, default_dtype
-from ..model import transformer
 from ..model.transformer import Transformer, fuse_linears, pack_for_cpu, skip_fairscale_init
 
 
@@ -25,7 +24,6 @@ def load_model(ckpt_dir: str | Path, dist_info: DistInfo, dtype: torch.dtype | N
     layers' weights in place or hooks them one by one (GPTQ)."""
     ckpt = open_checkpoint(ckpt_dir, dist_info.world_size)
     args = ckpt.args
-    check_rope(args, str(ckpt.paths[0].parent / "params.json"))
     dtype = dtype or default_dtype(dist_info.device, _checkpoint_dtype(ckpt))
     if ckpt.quant and quantize and quantize != ckpt.quant.method:
         raise ConfigError(f"{ckpt_dir} is already {ckpt.quant.method}-quantized; drop --quantize {quantize} "
@@ -66,22 +64,6 @@ def load_model(ckpt_dir: str | Path, dist_info: DistInfo, dtype: torch.dtype | N
         if dist_info.device.type == "cpu" and dtype == torch.float32:
             pack_for_cpu(model)  # oneDNN's blocked weights for batched steps, when memory allows
     return model.eval()
-
-
-def check_rope(args: ModelArgs, source: str) -> None:
-    """The model's rotary table must be the one params.json describes (config.rope_frequencies).
-    A Llama 3 scaling factor other than 3.1's 8 (Llama 3.2 1B/3B: 32) is only right if the model's
-    rotary code reads it: refuse rather than serve subtly wrong long-context attention."""
-    got = transformer.rope_frequencies(args).double()
-    want = torch.tensor(rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling), dtype=torch.float64)
-    if torch.allclose(got, want, rtol=1e-6, atol=0):
-        return
-    if args.rope_scaling_factor not in (None, LLAMA3_ROPE_SCALING["factor"]):
-        raise ConfigError(f"{source}: rope_scaling_factor {args.rope_scaling_factor} is not applied by this build's "
-                          f"rotary code (model/transformer.py rope_frequencies); remove the key to run with Llama 3.1's "
-                          f"factor {LLAMA3_ROPE_SCALING['factor']:g}, as Meta's reference code does")
-    raise ConfigError(f"{source}: the model's rotary frequencies differ from those of rope_theta={args.rope_theta}, "
-                      f"use_scaled_rope={args.use_scaled_rope} (model/transformer.py vs config.rope_frequencies)")
 
 
 def _checkpoint_dtype(ckpt: ShardedCheckpoint) -> torch.dtype:

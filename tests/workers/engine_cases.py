@@ -6,7 +6,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 
 from llama_demo.engine.engine import Engine, Request
 from llama_demo.engine.sampler import SamplingParams
