@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.parallel import broadcast_from_first
-from ..model.transformer import Transformer
+from ..model.transformer import Part, Transformer, slot_runs
 from ..text.detok import TextStream
 from ..text.tokenizer import Tokenizer
 from .sampler import (apply_logit_bias, apply_penalties, apply_repetition_penalty, repeats_itself, sample,
@@ -159,38 +159,50 @@ class Engine:
                 f"({str(e).splitlines()[0] if str(e) else 'out of memory'})") from None
         if not seqs:
             return []
-        ids, codes = self._decide(torch.cat(logits), seqs)
+        ids, codes = self._decide(logits, seqs)
         return self._advance(seqs, ids, codes)
 
     def _forward_step(self, decoding: list[Sequence], plan: list[tuple[Sequence, int]]):
-        """Run the planned forwards; returns the sequences that get a token and their logits."""
-        seqs, logits = [], []
-        if decoding:
-            tokens = torch.tensor([[s.out_ids[-1]] for s in decoding])
-            pos = torch.tensor([[s.pos] for s in decoding])
-            logits.append(self._forward(tokens, pos, [s.row for s in decoding], kv_len=max(s.pos for s in decoding) + 1))
-            seqs += decoding
+        """The step's one forward: decode rows and prefill chunks side by side in one ragged batch,
+        so each weight is read once per step; logits only at the positions that are sampled (and,
+        for a request scoring its prompt, at its chunk's every position). Returns the sequences
+        that get a token and their logits, in the same order."""
+        dev = self.device
+        tokens, pos, parts, at = [], [], [], []
+        seqs, picks = [], []  # sequences sampled this step, and their rows of the logits
+        done = 0
+        for rows in slot_runs([s.row for s in decoding]):  # consecutive cache rows attend as one view
+            run, done = decoding[done: done + rows.stop - rows.start], done + rows.stop - rows.start
+            parts.append(Part.of(len(tokens), rows, torch.tensor([[s.pos] for s in run], device=dev)))
+            tokens += [s.out_ids[-1] for s in run]
+            pos += [s.pos for s in run]
+            picks += range(len(at), len(at) + len(run))
+            at += range(len(tokens) - len(run), len(tokens))
+            seqs += run
+        scored = []  # (sequence, first row of its logits, chunk length): prompt logprobs (echo)
         for s, n in plan:
-            out = self._prefill(s, n)
-            s.prefilled += n
-            if s.prompt_left == 0:
-                logits.append(out)
+            start = s.prefilled
+            p = torch.arange(start, start + n, device=dev)[None]
+            parts.append(Part.of(len(tokens), slice(s.row, s.row + 1), p))
+            first = len(tokens)
+            tokens += s.req.prompt_ids[start: start + n]
+            pos += range(start, start + n)
+            if s.req.params.prompt_logprobs is not None:  # on every rank: the same forward and gathers
+                scored.append((s, len(at), n))
+                at += range(first, first + n)
+            elif start + n == len(s.req.prompt_ids):
+                at.append(first + n - 1)
+            if start + n == len(s.req.prompt_ids):  # the prompt is in: its last position is sampled
+                picks.append(len(at) - 1)
                 seqs.append(s)
-        return seqs, logits
-
-    def _prefill(self, s: Sequence, n: int) -> torch.Tensor:
-        """Feed s's next n prompt tokens; returns the logits (1, V) at the last one. A request that
-        asks for prompt logprobs (echo) gets the logits of every position of the chunk instead, on
-        every rank alike (its params travel to all ranks, so the forwards and collectives still
-        match); rank 0 alone keeps their logprobs."""
-        chunk = torch.tensor([s.req.prompt_ids[s.prefilled: s.prefilled + n]])
-        if s.req.params.prompt_logprobs is None:
-            return self._forward(chunk, s.prefilled, [s.row], logits_at=n - 1)
-        pos = torch.arange(s.prefilled, s.prefilled + n)[None]
-        every = self.model(chunk.to(self.device), pos.to(self.device), [s.row], s.prefilled + n)  # (1, n, V)
-        if self.rank == 0:
-            self._note_prompt_logprobs(s, every[0])
-        return every[:, -1]
+        logits = self.model.step(torch.tensor(tokens, device=dev), torch.tensor(pos, dtype=torch.long, device=dev), parts,
+                                 torch.tensor(at, dtype=torch.long, device=dev))
+        for s, row, n in scored:
+            if self.rank == 0:
+                self._note_prompt_logprobs(s, logits[row: row + n])
+        for s, n in plan:
+            s.prefilled += n
+        return seqs, logits[picks] if picks else logits[:0]
 
     def _note_prompt_logprobs(self, s: Sequence, logits: torch.Tensor) -> None:
         """Rank 0: logprobs of the prompt tokens this chunk's logits (n, V) predict. Position j's
@@ -207,17 +219,6 @@ class Engine:
                                    zip(targets, chosen.tolist(), top_ids.tolist(), top.tolist())]
         except Exception as e:  # ends this request at its first token (see _judge)
             st.error = st.error or f"prompt logprobs failed: {e}"
-
-    def _forward(self, tokens: torch.Tensor, pos, rows: list[int], logits_at: int | None = None,
-                 kv_len: int | None = None) -> torch.Tensor:
-        dev = self.device
-        B, T = tokens.shape
-        if isinstance(pos, int):  # one sequence, a run of consecutive positions
-            kv_len = pos + T
-            pos = torch.arange(pos, pos + T)[None]
-        at = None if logits_at is None else torch.full((B,), logits_at, device=dev)
-        out = self.model(tokens.to(dev), pos.to(dev), rows, kv_len, logits_at=at)
-        return out[:, -1] if at is None else out  # (B, V)
 
     def _decide(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[int]]:
         """Rank 0 samples each sequence's next id and decides whether it ends (finish code); ids

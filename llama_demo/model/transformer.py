@@ -10,6 +10,7 @@ lengths decode together, each at its own position. That is what continuous batch
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 import math
 
 import numpy as np
@@ -263,27 +264,45 @@ class Attention(nn.Module):
         self.cache_k: torch.Tensor | None = None
         self.cache_v: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
-                runs: list[slice], pos: torch.Tensor, kv_len: int) -> torch.Tensor:
-        B, T, _ = x.shape
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, parts: list["Part"]) -> torch.Tensor:
+        """x: (1, N, dim), the step's tokens side by side, so each weight is read once per step;
+        rope: (1, N, head_dim/2); each part's tokens write their keys and values into its cache
+        rows and attend to them."""
+        _, N, _ = x.shape
+        h, kvh, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
         q, k, v = self.qkv(x) if self.qkv is not None else (self.wq(x), self.wk(x), self.wv(x))
-        q = q.view(B, T, self.n_local_heads, self.head_dim)
-        k = k.view(B, T, self.n_local_kv_heads, self.head_dim)
-        v = v.view(B, T, self.n_local_kv_heads, self.head_dim)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
-        outs, row = [], 0
-        for run in runs:  # each run of consecutive cache rows is a view of the cache: no copies
-            n = run.stop - run.start
-            rows = slice(row, row + n)
-            where = pos[rows, None, :, None].expand_as(k[rows])
-            self.cache_k[run].scatter_(2, where, k[rows])
-            self.cache_v[run].scatter_(2, where, v[rows])
-            keys, values = self.cache_k[run, :, :kv_len], self.cache_v[run, :, :kv_len]
-            outs.append(attention(q[rows], keys, values, None if mask is None else mask[rows]))
-            row += n
+        q, k = apply_rope(q.view(1, N, h, hd), rope)[0], apply_rope(k.view(1, N, kvh, hd), rope)[0]
+        v = v.view(N, kvh, hd)
+        outs = []
+        for p in parts:
+            B, T = p.pos.shape
+            qp, kp, vp = (t[p.tokens].view(B, T, -1, hd).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
+            where = p.pos[:, None, :, None].expand_as(kp)
+            self.cache_k[p.rows].scatter_(2, where, kp)  # a run of consecutive rows is a view: no copies
+            self.cache_v[p.rows].scatter_(2, where, vp)
+            keys, values = self.cache_k[p.rows, :, :p.kv_len], self.cache_v[p.rows, :, :p.kv_len]
+            outs.append(attention(qp, keys, values, p.mask).transpose(1, 2).reshape(B * T, h * hd))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        return self.wo(out[None])
+
+
+@dataclass
+class Part:
+    """Tokens of a step that attend alike: `pos.shape[0]` consecutive cache rows (`rows`), each
+    with `pos.shape[1]` new tokens at positions `pos`; they are `tokens` of the step's flat order."""
+    tokens: slice
+    rows: slice
+    pos: torch.Tensor  # (B, T) absolute positions
+    kv_len: int  # keys to attend to: the largest position + 1
+    mask: torch.Tensor | None  # (B, 1, T, kv_len): each query sees keys at or before its position
+
+    @classmethod
+    def of(cls, first_token: int, rows: slice, pos: torch.Tensor) -> "Part":
+        B, T = pos.shape
+        kv_len = int(pos.max()) + 1
+        # one token of one row sees its whole cache row (kv_len = position + 1): no mask needed
+        mask = None if B * T == 1 else (torch.arange(kv_len, device=pos.device)[None, None, :] <= pos[:, :, None])[:, None]
+        return cls(slice(first_token, first_token + B * T), rows, pos, kv_len, mask)
 
 
 def slot_runs(slots: slice | list[int] | torch.Tensor) -> list[slice]:
@@ -320,8 +339,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, rope, mask, runs, pos, kv_len):
-        h = x + self.attention(self.attention_norm(x), rope, mask, runs, pos, kv_len)
+    def forward(self, x, rope, parts):
+        h = x + self.attention(self.attention_norm(x), rope, parts)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -355,21 +374,30 @@ class Transformer(nn.Module):
         the B sequences; kv_len: keys to attend to (max position + 1). Returns float32 logits at
         `logits_at` (B,) indices into T, or at every position when None."""
         B, T = tokens.shape
-        if tokens.device.type == "cpu":
-            set_cpu_threads(self.single_row_openblas and B * T == 1)
-        h = self.tok_embeddings(tokens)
-        rope = self.rope[pos]  # (B, T, head_dim/2) complex
-        if T == 1 and B == 1:
-            mask = None  # one token of one sequence sees its whole cache row (kv_len = position + 1)
-        else:
-            # each query sees the keys at or before its own position; the mask is
-            # (B, 1, T, kv_len) because rows sit at different positions of their cache rows
-            mask = (torch.arange(kv_len, device=tokens.device)[None, None, :] <= pos[:, :, None])[:, None]
-        runs = slot_runs(slots)
-        for layer in self.layers:
-            h = layer(h, rope, mask, runs, pos, kv_len)
-        if logits_at is not None:
-            h = h[torch.arange(B, device=h.device), logits_at][:, None]  # (B, 1, dim)
-        logits = self.output(self.norm(h)).float()
-        return logits[:, 0] if logits_at is not None else logits
+        parts, row = [], 0
+        for run in slot_runs(slots):  # each run of consecutive cache rows is one view of the cache
+            n = run.stop - run.start
+            parts.append(Part.of(row * T, run, pos[row:row + n]))
+            row += n
+        flat_at = None if logits_at is None else torch.arange(B, device=tokens.device) * T + logits_at
+        logits = self.step(tokens.reshape(-1), pos.reshape(-1), parts, flat_at)
+        return logits if logits_at is not None else logits.view(B, T, -1)
 
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, pos: torch.Tensor, parts: list[Part],
+             logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """One forward over a ragged batch: tokens, pos (N,) of every part side by side (decode rows
+        and prefill chunks alike), so each weight is read once. Returns float32 logits (M, V) at
+        the `logits_at` (M,) indices only (the output layer and its vocabulary gather run for
+        those alone), or (N, V) when None."""
+        N = tokens.shape[0]
+        if tokens.device.type == "cpu":
+            set_cpu_threads(self.single_row_openblas and N == 1)
+        h = self.tok_embeddings(tokens[None])  # (1, N, dim)
+        rope = self.rope[pos][None]  # (1, N, head_dim/2) complex
+        for layer in self.layers:
+            h = layer(h, rope, parts)
+        if logits_at is not None and logits_at.numel() == 0:  # a step of prompt chunks only: no output
+            return h.new_zeros(0, self.args.vocab_size, dtype=torch.float32)  # layer (every rank alike)
+        h = h[0] if logits_at is None else h[0, logits_at]
+        return self.output(self.norm(h)).float()
