@@ -4,6 +4,8 @@ generate_until) and the official openai client's logprobs and n, checked against
 log-softmax on the same random weights."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -88,3 +90,23 @@ def test_openai_client_logprobs_top_logprobs_and_n(served):
     single = c.completions.create(model="x", prompt=prompt, max_tokens=5, temperature=1.0, seed=12)
     assert single.choices[0].text == many.choices[1].text  # choice j draws from seed + j
     assert many.usage.completion_tokens == 15
+
+
+def test_prompt_and_answer_logprobs_over_a_chunked_prefill_on_two_ranks(ckpts, tmp_path):
+    """Rank 0 alone carries logprobs (followers' events have none); every prompt position's
+    logprob equals transformers' log-softmax, across prefill chunks of 3 tokens."""
+    from conftest import torchrun
+
+    prompt = [1, 17, 250, 33, 8, 120, 64, 5, 9, 10, 11]
+    torchrun(2, ["tests/workers/logprobs.py", str(ckpts["gqa-2"]), str(tmp_path), json.dumps(prompt)])
+    rank0, rank1 = (json.loads((tmp_path / f"logprobs{r}.json").read_text()) for r in range(2))
+    assert rank1["ids"] == rank0["ids"] and rank1["prompt"] is None and rank1["logprobs"] == [None] * 4
+    full = prompt + rank0["ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(hf_model(ckpts["gqa-2"])(torch.tensor([full])).logits[0].float(), -1)
+    assert [p[0] for p in rank0["prompt"]] == prompt and rank0["prompt"][0][1] is None
+    got = [p[1] for p in rank0["prompt"][1:]] + rank0["logprobs"]
+    want = [logp[j - 1, full[j]].item() for j in range(1, len(full))]
+    assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4
+    for j, (_, _, top) in enumerate(rank0["prompt"][1:], start=1):
+        assert [t for t, _ in top] == logp[j - 1].topk(2).indices.tolist()

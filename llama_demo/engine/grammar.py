@@ -8,7 +8,6 @@ text travels with the request's params (every rank sees it); only rank 0 builds 
 """
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 
 import torch
@@ -116,6 +115,3 @@ def response_format_grammar(response_format: dict | None) -> str | None:
             raise GrammarError("json_schema needs {\"name\": ..., \"schema\": {...}}")
         return json_schema_grammar(spec.get("schema") or {})
     raise GrammarError(f"type {kind!r} is not supported: use \"text\", \"json_object\" or \"json_schema\"")
-
-
-__all__ = ["GrammarError", "Matcher", "json", "response_format_grammar"]

@@ -14,7 +14,6 @@ EngineClient; leaving early (disconnect, Stop button) cancels the request on eve
 from __future__ import annotations
 
 import asyncio
-import codecs
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from .errors import ApiError, BodyLimit, install_error_handlers
 from .gate import Gate, Job
 from .loop import EngineClient, QueueFull, Submission
 from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .logprobs import CompletionLogprobWriter, chat_logprobs
 from .tools import parse_tool_calls, tool_use
 from .ui import build_ui, mount_ui
 
@@ -263,43 +263,6 @@ async def events(sub: "Tracked | Submission") -> AsyncIterator[TokenEvent]:
             await sub.tracked.aclose()  # counts a request left midway now, not when collected
 
 
-# --- logprobs in OpenAI's two shapes -------------------------------------------------------------
-
-
-class CompletionLogprobWriter:
-    """/v1/completions' parallel lists, written a few tokens at a time (a stream's chunks continue
-    the text offsets of the ones before)."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tok, self.offset = tokenizer, 0
-        self._chars = codecs.getincrementaldecoder("utf-8")("replace")
-
-    def write(self, entries) -> p.CompletionLogprobs:
-        out = p.CompletionLogprobs()
-        for tid, lp, top, *_ in entries:
-            text = self.tok.token_text(tid)
-            out.tokens.append(text)
-            out.token_logprobs.append(lp)
-            top_dict = None
-            if lp is not None:  # as vLLM: the chosen token is among them (up to logprobs + 1 entries)
-                top_dict = {self.tok.token_text(t): v for t, v in top}
-                top_dict.setdefault(text, lp)
-            out.top_logprobs.append(top_dict)
-            out.text_offset.append(self.offset)
-            if tid not in self.tok.special_ids:  # the answer's text does not spell special tokens
-                self.offset += len(self._chars.decode(self.tok.token_bytes(tid)))
-        return out
-
-
-def chat_logprobs(tokenizer: Tokenizer, entries) -> p.ChatLogprobs:
-    """/v1/chat/completions' logprobs.content; the end-of-turn token is not content and is left out."""
-    def one(tid: int, lp: float) -> dict:
-        return {"token": tokenizer.token_text(tid), "logprob": lp, "bytes": list(tokenizer.token_bytes(tid))}
-
-    return p.ChatLogprobs(content=[p.ChatTokenLogprob(**one(tid, lp), top_logprobs=[p.TopLogprob(**one(t, v)) for t, v in top])
-                                   for tid, lp, top, stop_id in entries if not stop_id])
-
-
 def completion_choice(tokenizer: Tokenizer, c: Choice, a: Answer, logprobs: bool) -> p.CompletionResponseChoice:
     lp = None
     if logprobs:
@@ -478,6 +441,8 @@ def stream(api: OpenAIApi, choices: list[Choice], subs: list[Submission], req: p
                     queue.put_nowait((i, ev))
             except ApiError as e:
                 queue.put_nowait((i, e))
+            except Exception as e:  # a bug of ours: end the stream with it rather than wait forever
+                queue.put_nowait((i, ApiError(500, f"the answer could not be streamed: {e}", type="server_error")))
 
         pumps = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(subs)]
         tokens, left, started = 0, len(subs), [False] * len(subs)
