@@ -70,7 +70,8 @@ def test_exposure_warnings():
 def test_a_busy_server_says_so_on_the_page_and_in_the_api(tok):
     from gradio_client import Client
 
-    client = FakeClient(tok, capacity=0)  # every submit is refused: the queue is full
+    client = FakeClient(tok, capacity=1)
+    client.in_flight = 1  # one request holds the only place: the queue is full
     with ServerThread(build_app(client, chat_format(tok), ServerConfig()), free_port()) as s:
         r = httpx.post(f"{s.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 429 and r.headers["retry-after"].isdigit()

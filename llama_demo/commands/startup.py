@@ -43,6 +43,9 @@ def add_model_args(p: argparse.ArgumentParser, ckpt_help: str | None = None) -> 
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--prefill_chunk", type=int, default=None,
                    help="prompt tokens prefilled per step while other requests decode (default: 512 on GPU, 128 on CPU)")
+    p.add_argument("--prefill_while_decoding", type=int, default=0,
+                   help="prompt tokens prefilled per step while other requests decode (default 0: measured at "
+                        "start-up so that decoding keeps ~70%% of its rate; --prefill_chunk when nothing decodes)")
     p.add_argument("--no_prefix_cache", action="store_true",
                    help="prefill every prompt in full (default: reuse the longest prefix a free KV row still holds)")
     add_quantize_arg(p)
@@ -72,6 +75,10 @@ def build_engine(a: argparse.Namespace, dist_timeout: float = DEFAULT_DIST_TIMEO
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}: wrong tokenizer for {a.ckpt_dir}?")
     engine = Engine(model, tokenizer, info.rank, info.world_size, info.device, seed=getattr(a, "seed", None),
                     prefill_chunk=a.prefill_chunk, prefix_cache=not a.no_prefix_cache)
+    if getattr(a, "prefill_while_decoding", None):
+        engine.prefill_while_decoding = min(a.prefill_while_decoding, engine.prefill_chunk)
+    elif getattr(a, "prefill_while_decoding", None) == 0:
+        engine.calibrate()
     return engine, tokenizer
 
 

@@ -15,10 +15,12 @@ not stalled for long by a long prompt; every step decodes one token for every ru
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 
+from ..config import DECODE_SHARE_WHILE_PREFILLING
 from ..model.parallel import broadcast_from_first
 from ..model.transformer import Part, Transformer, slot_runs
 from ..text.detok import TextStream
@@ -91,6 +93,9 @@ class Engine:
         self.prefill_chunk = prefill_chunk if prefill_chunk is not None else 512 if self.device.type == "cuda" else 128
         if self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
+        # Prompt tokens per step while other sequences decode: what keeps their token rate up while
+        # a long prompt comes in (calibrate() measures it); the whole chunk when nothing decodes.
+        self.prefill_while_decoding = self.prefill_chunk
         self.scheduler = Scheduler(model.args.max_batch_size, self.max_seq_len, prefix_cache)
         self.steps = 0
         if rank == 0:
@@ -138,6 +143,35 @@ class Engine:
             except Exception as e:  # ends this request at its first token, on every rank (see _decide)
                 seq.rank0 = _Rank0State(TextStream(self.tokenizer), None, error=f"could not start the request: {e}")
 
+    def calibrate(self, decode_share: float = DECODE_SHARE_WHILE_PREFILLING, probe_tokens: int = 64) -> int:
+        """Set prefill_while_decoding so that running decodes keep about `decode_share` of their
+        token rate while a prompt is prefilled beside them: a start-up probe times a one-token
+        step and a `probe_tokens` prefill on this machine, rank 0's figure is broadcast (every
+        rank must plan the same steps). Uses KV row 0 before any request has."""
+        assert self.idle and not self.scheduler.cached, "calibrate before serving"
+        dev = self.device
+        times = []
+        for n in (1, probe_tokens, 1, probe_tokens):  # twice: the first pass warms caches and kernels up
+            pos = torch.arange(n, device=dev)
+            part = Part.of(0, slice(0, 1), pos[None])
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            self.model.step(torch.zeros(n, dtype=torch.long, device=dev), pos, [part],
+                            torch.tensor([n - 1], device=dev))
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            times.append(time.perf_counter() - t0)
+        one, many = times[2], times[3]
+        per_token = max(many - one, 1e-9) / (probe_tokens - 1)
+        # a step with k prompt tokens takes one + k * per_token; decodes keep one / that of their rate
+        budget = int((1 / decode_share - 1) * one / per_token)
+        out = torch.tensor([max(1, min(budget, self.prefill_chunk))], device=dev)
+        if self.world_size > 1:
+            broadcast_from_first(out, None)
+        self.prefill_while_decoding = int(out.item())
+        return self.prefill_while_decoding
+
     # ----------------------------------------------------------------- the step
     def step(self) -> list[TokenEvent]:
         """One lock-step iteration: prefill (a chunk of) waiting prompts, decode one token for
@@ -147,7 +181,7 @@ class Engine:
             return []
         self.steps += 1
         decoding = self.scheduler.decoding()
-        plan = self.scheduler.prefill_plan(self.prefill_chunk)
+        plan = self.scheduler.prefill_plan(self.prefill_while_decoding if decoding else self.prefill_chunk)
         try:
             seqs, logits = self._forward_step(decoding, plan)
         except torch.OutOfMemoryError as e:
