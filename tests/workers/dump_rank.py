@@ -15,7 +15,7 @@ from llama_demo.text.tokenizer import load_tokenizer
 ckpt, out, prompts_json, n_new = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 prompts = json.loads(prompts_json)  # lists of token ids
 info = init_distributed()
-model = load_model(ckpt, info, max_seq_len=256, max_batch_size=8)
+model = load_model(ckpt, info, dtype=torch.float32, max_seq_len=256, max_batch_size=8)
 ids = torch.tensor([prompts[0]])
 logits = model(ids, torch.arange(ids.shape[1])[None], slice(0, 1), ids.shape[1], logits_at=torch.tensor([ids.shape[1] - 1]))
 engine = Engine(model, load_tokenizer(ckpt), info.rank, info.world_size, info.device)
@@ -40,7 +40,7 @@ while not engine.idle:
     if len(churn["a"]) == 8:
         engine.add(Request("d", prompts[1], params))
 out.mkdir(parents=True, exist_ok=True)
-torch.save(logits[0].clone(), out / f"logits{info.rank}.pt")
+torch.save(logits[0].cpu().clone(), out / f"logits{info.rank}.pt")
 (out / f"tokens{info.rank}.json").write_text(json.dumps({
     "batch": [batch[i][0] for i in range(len(prompts))], "sampled": sampled[0][0], "churn": churn,
     "chunked": [chunked[i][0] for i in range(len(prompts))], "penalized": penalized[0][0],

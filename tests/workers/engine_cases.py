@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 
 from llama_demo.engine.engine import Engine, Request
 from llama_demo.engine.sampler import SamplingParams
@@ -15,7 +16,7 @@ from llama_demo.weights.loading import load_model
 
 ckpt, out, prompts, n_new = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
 info = init_distributed()
-model = load_model(ckpt, info, max_seq_len=128, max_batch_size=2)  # two KV rows: requests must wait
+model = load_model(ckpt, info, dtype=torch.float32, max_seq_len=128, max_batch_size=2)  # two KV rows: requests must wait
 tok = load_tokenizer(ckpt)
 greedy = SamplingParams(temperature=0.0, max_new_tokens=n_new)
 

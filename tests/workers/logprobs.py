@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from llama_demo.engine.engine import Engine, Request
 from llama_demo.engine.sampler import SamplingParams
 from llama_demo.model.parallel import init_distributed, shutdown_distributed
@@ -12,7 +14,7 @@ from llama_demo.weights.loading import load_model
 
 ckpt, out, prompt = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
 info = init_distributed()
-model = load_model(ckpt, info, max_seq_len=128, max_batch_size=4)
+model = load_model(ckpt, info, dtype=torch.float32, max_seq_len=128, max_batch_size=4)
 engine = Engine(model, load_tokenizer(ckpt), info.rank, info.world_size, info.device, prefill_chunk=3)
 events = []
 engine.generate([Request("other", prompt[:4], SamplingParams(temperature=0.0, max_new_tokens=12)),

@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from llama_demo.engine.engine import Engine, Request
 from llama_demo.engine.grammar import response_format_grammar
 from llama_demo.engine.sampler import SamplingParams
@@ -13,7 +15,7 @@ from llama_demo.weights.loading import load_model
 
 ckpt, out, schema = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
 info = init_distributed()
-model = load_model(ckpt, info, max_seq_len=256, max_batch_size=4)
+model = load_model(ckpt, info, dtype=torch.float32, max_seq_len=256, max_batch_size=4)
 engine = Engine(model, load_tokenizer(ckpt), info.rank, info.world_size, info.device, seed=0)
 grammar = response_format_grammar({"type": "json_schema", "json_schema": {"name": "t", "schema": schema}})
 any_object = response_format_grammar({"type": "json_object"})
