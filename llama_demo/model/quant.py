@@ -331,6 +331,44 @@ class _Int4:
         return matmul_t(x, w, openblas=False)
 
 
+class FusedQuantColumns:
+    """Quantized column-parallel layers that read the same input (wq wk wv; w1 w3) as one native
+    product: the input is quantized once and the C kernel is called once instead of 2-3 times.
+    As model.FusedColumns: the layers' buffers become row blocks (views) of the fused ones, so
+    memory and state dicts are unchanged."""
+
+    def __init__(self, layers: list[nn.Module]):
+        self.sizes = [m.weight.shape[0] for m in layers]
+        self.int4 = isinstance(layers[0], _Int4)
+        self.group_size = layers[0].group_size if self.int4 else 0
+        for name in ("weight", "scales", "zeros") if self.int4 else ("weight", "scales"):
+            fused = torch.cat([getattr(m, name) for m in layers])
+            setattr(self, name, fused)
+            for m, part in zip(layers, fused.split(self.sizes)):
+                setattr(m, name, part)  # the layers keep working (and saving) on their own rows
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.int4:
+            y = cpu_kernels.native_int4_linear(x, self.weight, self.scales, self.zeros, self.group_size)
+        else:
+            y = cpu_kernels.native_int8_linear(x, self.weight, self.scales)
+        return y.split(self.sizes, dim=-1)
+
+
+def fuse_quantized(model: nn.Module) -> None:
+    """Fuse each block's wq/wk/wv and w1/w3 when they run the native kernel (after prepare_quantized)."""
+    def fusable(layers) -> bool:
+        return (all(getattr(m, "kernel", None) == "native" for m in layers) and len({type(m) for m in layers}) == 1
+                and len({getattr(m, "group_size", 0) for m in layers}) == 1)
+
+    for block in model.layers:
+        att, ffn = block.attention, block.feed_forward
+        if fusable((att.wq, att.wk, att.wv)):
+            att.qkv = FusedQuantColumns([att.wq, att.wk, att.wv])
+        if fusable((ffn.w1, ffn.w3)):
+            ffn.w13 = FusedQuantColumns([ffn.w1, ffn.w3])
+
+
 class Int8ColumnLinear(_Int8, ColumnLinear):
     def __init__(self, in_features: int, out_features: int, gather_output: bool = False):
         ColumnLinear.__init__(self, in_features, out_features, gather_output)

@@ -59,6 +59,10 @@ def load_model(ckpt_dir: str | Path, dist_info: DistInfo, dtype: torch.dtype | N
 
         prepare_quantized(model, dtype)  # scales to the compute dtype; CUDA kernels' packing
     model.setup_cache(max_batch_size, max_seq_len, dist_info.device, dtype)
+    if optimize and (ckpt.quant or on_the_fly):
+        from ..model.quant import fuse_quantized
+
+        fuse_quantized(model)  # wq/wk/wv and w1/w3 as one native product each, where they run one
     if optimize and not (ckpt.quant or on_the_fly):
         fuse_linears(model)  # wq/wk/wv and w1/w3 as one product each
         if dist_info.device.type == "cpu" and dtype == torch.float32:
