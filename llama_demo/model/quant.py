@@ -347,12 +347,14 @@ class FusedQuantColumns:
             for m, part in zip(layers, fused.split(self.sizes)):
                 setattr(m, name, part)  # the layers keep working (and saving) on their own rows
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def whole(self, x: torch.Tensor) -> torch.Tensor:
+        """The layers' outputs side by side, unsplit."""
         if self.int4:
-            y = cpu_kernels.native_int4_linear(x, self.weight, self.scales, self.zeros, self.group_size)
-        else:
-            y = cpu_kernels.native_int8_linear(x, self.weight, self.scales)
-        return y.split(self.sizes, dim=-1)
+            return cpu_kernels.native_int4_linear(x, self.weight, self.scales, self.zeros, self.group_size)
+        return cpu_kernels.native_int8_linear(x, self.weight, self.scales)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.whole(x).split(self.sizes, dim=-1)
 
 
 def fuse_quantized(model: nn.Module) -> None:
