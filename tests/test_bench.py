@@ -41,3 +41,16 @@ def test_bench_compares_rank_counts_and_quantized(tmp_path):
 def test_bench_refuses_bad_values(tmp_path):
     proc = python_module(["llama_demo.bench", "--shape", "tiny", "--new_tokens", "1"])
     assert proc.returncode == 2 and "--new_tokens must be >= 2" in proc.stderr
+
+
+def test_bench_puts_float_int8_and_int4_side_by_side(tmp_path):
+    proc = _run(["llama_demo.bench", "--shape", "tiny", "--prompt_len", "8", "--new_tokens", "6", "--concurrency", "1,3",
+                 "--repeats", "2", "--weights", "float32,int8,int4", "--json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])["weights"]
+    assert [w["dtype"] for w in rows] == ["float32", "float32+int8", "float32+int4"]
+    for w in rows:
+        for key in ("ttft_s", "decode_tok_s_c1", "decode_tok_s_c3"):
+            lo, hi = w[key + "_range"]
+            assert 0 < lo <= w[key] <= hi, (w["label"], key)
+    assert rows[0]["weight_mb"] > 3 * rows[1]["weight_mb"] and rows[1]["weight_mb"] > 1.2 * rows[2]["weight_mb"] > 0

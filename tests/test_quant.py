@@ -15,6 +15,7 @@ from llama_demo.config import ModelArgs
 from llama_demo.model.quant import (QuantError, dequantize_int4, dequantize_int8, gptq_int4, pack_int4, quantize_int4_rtn,
                               quantize_int8, spec_for, unpack_int4)
 from llama_demo.weights.quantize import quantize_checkpoint
+from llama_demo.model import cpu_kernels
 
 # dim 256 and FFN 768 give int4 groups of 64 that survive a split over 2 ranks (wo: 128 inputs
 # per rank, w2: 384); one KV head is replicated on 2 ranks, with its scales and zeros.
@@ -222,3 +223,109 @@ def test_quantized_checkpoint_with_float_embedding_still_loads(tmp_path):
     assert not torch.equal(lg["old"], lg["new"])  # the embedding really was float in one of them
     held = json.loads((out / "bytes.0.json").read_text())
     assert held["new"][0] < held["old"][0] < held["float"][0]
+
+
+# --------------------------------------------------------------------------------------------
+# The CPU products (model/cpu_kernels.py) against the float product of the dequantized weights
+
+
+def _act_rounding_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Largest error the native kernels may make on x @ w.T (w: the dequantized weights): they
+    round x to int8 in blocks of 32 with scale max|block| / 127, so each x_i moves by at most
+    half a step; the error of an output is then at most sum_i |w_i| * step_i / 2. The integer
+    products and float sums add float32 rounding: 1e-5 of sum |w_i x_i| covers it."""
+    step = x.abs().view(x.shape[0], -1, 32).amax(-1).repeat_interleave(32, dim=1) / 127
+    return (w.abs() @ (step / 2).T).T * 1.001 + 1e-5 * (x.abs() @ w.abs().T)
+
+
+NATIVE = pytest.mark.skipif(not cpu_kernels.native(), reason="no C compiler here: the native kernels are not built")
+
+
+@NATIVE
+@pytest.mark.parametrize("rows,cols", [(37, 96), (64, 288), (16, 320), (50, 1536)])
+def test_native_int8_product_is_within_activation_rounding(rows, cols):
+    # cols: 3 blocks of 32 (odd), 9 (8 + 1), 10, 48; rows not all multiples of the 16-row thread runs
+    g = torch.Generator().manual_seed(rows)
+    q, scales = quantize_int8(torch.randn(rows, cols, generator=g) * 0.05)
+    w = dequantize_int8(q, scales).double()
+    for batch in (1, 3, 70):  # 70: more activation rows than one 64-row sweep
+        x = torch.randn(batch, cols, generator=g)
+        x[0, :32] = 0  # an all-zero block: scale 0, no NaN
+        got = cpu_kernels.native_int8_linear(x, q, scales).double()
+        ref = x.double() @ w.T
+        assert torch.all((got - ref).abs() <= _act_rounding_bound(x.double(), w)), (rows, cols, batch)
+
+
+@NATIVE
+@pytest.mark.parametrize("rows,cols,group", [(37, 96, 32), (64, 288, 32), (16, 320, 32), (50, 1536, 32),
+                                             (20, 256, 64), (24, 384, 128), (12, 192, 96)])
+def test_native_int4_product_is_within_activation_rounding(rows, cols, group):
+    # group 32 runs the vectorised-scale path (8 blocks at a time, then pairs, then one block);
+    # other multiples of 32 the general one
+    g = torch.Generator().manual_seed(cols + group)
+    packed, scales, zeros = quantize_int4_rtn(torch.randn(rows, cols, generator=g) * 0.05 + 0.01, group)
+    w = dequantize_int4(packed, scales, zeros, group).double()
+    for batch in (1, 2, 5, 67):
+        x = torch.randn(batch, cols, generator=g)
+        got = cpu_kernels.native_int4_linear(x, packed, scales, zeros, group).double()
+        ref = x.double() @ w.T
+        assert torch.all((got - ref).abs() <= _act_rounding_bound(x.double(), w)), (rows, cols, group, batch)
+
+
+@pytest.mark.skipif(not cpu_kernels.fbgemm_available(), reason="this torch has no fbgemm")
+def test_fbgemm_int8_product_matches_the_float_product():
+    g = torch.Generator().manual_seed(5)
+    q, scales = quantize_int8(torch.randn(40, 256, generator=g) * 0.05)
+    w = dequantize_int8(q, scales)
+    packed = cpu_kernels.fbgemm_int8_pack(q, scales)
+    for batch in (1, 9):
+        x = torch.randn(batch, 256, generator=g)
+        ref = x @ w.T
+        # fbgemm rounds the whole activation tensor to one uint8 scale over [min, max] (with 0 in
+        # the range), on x86 with a 7-bit range (reduce_range): each x_i moves by about half of
+        # (max - min) / 127 (measured: up to 1.02 such half-steps for 9 rows); allow a whole step
+        step = (x.max().clamp(min=0) - x.min().clamp(max=0)) / 127
+        bound = w.abs().sum(1) * step * 1.001 + 1e-5 * (x.abs() @ w.abs().T)
+        assert torch.all((cpu_kernels.fbgemm_int8_linear(x, packed) - ref).abs() <= bound)
+
+
+def test_quantized_greedy_tokens_equal_the_dequantized_float_model_on_1_and_2_ranks(tmp_path):
+    """int8 and int4 (group 32) models running this machine's products make the greedy choices of
+    a float model holding their dequantized weights, step by step on the same tokens, on 1 and 2
+    ranks; the workers say which product ran (native where the C kernels build, else a fallback).
+    The native kernels round activations to int8, which moves a random model's logits by a few
+    hundredths of their spread (measured: the lead of the top token changes by up to 0.1 std), so
+    steps where the float model's own lead is under 0.15 std are near-ties and not compared."""
+    src = _float_checkpoint(tmp_path / "float")
+    specs = []
+    for method, group in (("int8", 0), ("int4", 32)):
+        qdir = tmp_path / method
+        quantize_checkpoint(src, qdir, method, group_size=group or None, algorithm="rtn")
+        deq = tmp_path / f"{method}-dequantized"
+        full = torch.load(qdir / "consolidated.00.pth", weights_only=True)  # one shard: whole tensors
+        deq_state = {}
+        for name, t in full.items():
+            if name.endswith((".scales", ".zeros")):
+                continue
+            base = name[: -len(".weight")]
+            if base + ".scales" in full:
+                t = (dequantize_int8(t, full[base + ".scales"]) if method == "int8" else
+                     dequantize_int4(t, full[base + ".scales"], full[base + ".zeros"], group))
+            deq_state[name] = t.float()
+        deq.mkdir()
+        make_tokenizer(deq, WIDE["vocab_size"])
+        save_sharded(deq_state, ModelArgs(**WIDE), deq, 1)
+        specs += [f"{method}={qdir}", f"{method}-deq={deq}"]
+    for world in (1, 2):
+        out = tmp_path / f"g{world}"
+        out.mkdir()
+        torchrun(world, ["tests/workers/quant_greedy.py", str(out), *specs])
+        got = json.loads((out / "greedy.0.json").read_text())
+        for method in ("int8", "int4"):
+            ref, q = got[f"{method}-deq"], got[method]
+            clear = [i for i, m in enumerate(ref["margins"]) if m >= 0.15]
+            assert len(clear) >= 12, ref["margins"]  # at least 12 of the 32 steps are compared
+            assert [q["tokens"][i] for i in clear] == [ref["tokens"][i] for i in clear], (world, method, got)
+            if cpu_kernels.native():
+                assert set(got[method]["kernels"]) == {"native"}, got[method]["kernels"]
+

@@ -3,10 +3,15 @@
     python -m llama_demo.bench --shape 110M --vs-hf
     torchrun --nproc_per_node 2 -m llama_demo.bench --shape 110M
     python -m llama_demo.bench --ckpt_dir models/7B --dtype bfloat16
+    python -m llama_demo.bench --ckpt_dir DIR --weights float32,int8,int4,gptq=QUANTIZED_DIR
 
 Reports time to first token, batch-1 decode tokens/s, aggregate tokens/s with 1, 4 and 16
 concurrent requests (continuous batching), and peak memory. A named shape gets random weights,
 written once as a Meta checkpoint into the cache so that every peer reads the same weights.
+`--weights` loads several precisions of the same model side by side in one process (float32, int8
+and int4 quantized at load, or `label=folder` for a checkpoint written by llama_demo.quantize) and
+measures them in turns, round after round, so that a noisy machine disturbs them alike; beside
+each: its weight memory and, for a checkpoint with a tokenizer, its perplexity on --text.
 """
 from __future__ import annotations
 
@@ -184,10 +189,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="best of N runs per figure")
     p.add_argument("--ranks", default=None, help="e.g. 1,2: run under torchrun with each rank count, side by side")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--weights", default=None,
+                   help="e.g. float32,int8,int4[,label=quantized_dir]: measure these side by side (one rank)")
+    p.add_argument("--text", default="assets/pride_and_prejudice.txt", help="perplexity text for --weights")
+    p.add_argument("--ppl_tokens", type=int, default=2048, help="first N tokens of --text, one window (0: no perplexity)")
     a = p.parse_args(argv)
     conc = [int(c) for c in a.concurrency.split(",")]
     if a.new_tokens < 2 or a.prompt_len < 1 or min(conc) < 1:
         p.error("--new_tokens must be >= 2, --prompt_len and every --concurrency >= 1")
+    if a.weights:
+        if a.ranks or a.quantize or a.vs_hf:
+            p.error("--weights compares precisions on one rank: drop --ranks, --quantize and --vs-hf")
+        try:
+            weights = parse_weights(a.weights)
+        except ValueError as e:
+            p.error(str(e))
+        return run_command(lambda: _bench_weights(a, conc, weights))
     if a.ranks:
         return compare_rank_counts(argv if argv is not None else sys.argv[1:], [int(r) for r in a.ranks.split(",")], conc)
     return run_command(lambda: _bench(a, conc))
@@ -222,6 +239,101 @@ def _bench(a: argparse.Namespace, conc: list[int]) -> int:
         else:
             _print(result, conc)
     return 0
+
+
+def parse_weights(spec: str) -> list[tuple[str, str | None, str | None]]:
+    """"float32,int8,int4,gptq=DIR" -> [(label, quantize at load, folder or None for --ckpt_dir)]."""
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        label, _, folder = item.partition("=")
+        if folder:
+            out.append((label, None, folder))
+        elif label in ("float32", "int8", "int4"):
+            out.append((label, None if label == "float32" else label, None))
+        else:
+            raise ValueError(f"--weights: {item!r} is not float32, int8, int4 or label=folder")
+    if not out:
+        raise ValueError("--weights needs at least one entry")
+    return out
+
+
+def _bench_weights(a: argparse.Namespace, conc: list[int], weights: list[tuple[str, str | None, str | None]]) -> int:
+    """Several precisions of one model side by side: loaded together, measured in turns."""
+    from ..model.quant import weight_bytes
+    from .eval import perplexity
+
+    info = init_distributed(device=a.device)
+    if info.world_size != 1:
+        raise ValueError("--weights runs on one rank")
+    base = Path(a.ckpt_dir) if a.ckpt_dir else random_checkpoint(a.shape)
+    ids = None
+    if a.ckpt_dir and a.ppl_tokens > 0:
+        from ..text.tokenizer import load_tokenizer
+        from .generate import find_tokenizer
+
+        ids = load_tokenizer(find_tokenizer(base, None)).encode(Path(a.text).read_text(encoding="utf-8"), bos=False)
+        ids = ids[: a.ppl_tokens]
+    max_len = max(a.prompt_len + a.new_tokens + 8, len(ids or []))
+    runs = []
+    for label, quantize, folder in weights:
+        model = load_model(folder or base, info, parse_dtype(a.dtype), max_len, max(conc), progress=False,
+                           quantize=quantize)
+        held, _ = weight_bytes(model)
+        held += sum(p.packed.numel() * p.packed.element_size() for p in model.products()
+                    if getattr(p, "packed", None) is not None)  # oneDNN's blocked copies (pack_for_cpu)
+        engine = Engine(model, _NoTextTokenizer(), info.rank, info.world_size, info.device, seed=0)
+        row = {"label": label, "dtype": weights_label(model), "weight_mb": held / 2**20}
+        if ids:
+            row["perplexity"] = perplexity(model, ids, len(ids), info.device)
+        runs.append((engine, row))
+    for _ in range(a.repeats):  # rounds of one run each, so every precision meets the same disturbances
+        for engine, row in runs:
+            figures = bench_engine(engine, a.prompt_len, a.new_tokens, conc, repeats=1)
+            for key, value in figures.items():
+                row.setdefault(key, []).append(value)
+    rows = []
+    for _, row in runs:
+        out = dict(row)
+        for key in ("ttft_s", *(f"decode_tok_s_c{n}" for n in conc)):
+            vals = row[key]
+            best = min(vals) if key == "ttft_s" else max(vals)
+            out[key], out[key + "_range"] = best, [min(vals), max(vals)]
+        out.pop("peak_mem_mb", None)
+        rows.append(out)
+    result = {"model": str(base), "ranks": 1, "device": str(info.device), "threads": cpu_threads(),
+              "repeats": a.repeats, "weights": rows}
+    if a.json:
+        print(json.dumps(result))
+    else:
+        _print_weights(result, conc)
+    return 0
+
+
+def _print_weights(r: dict, conc: list[int]) -> None:
+    rows = r["weights"]
+    print(f"model {r['model']}  device {r['device']}  threads {r['threads']}  best of {r['repeats']} rounds "
+          f"(range in brackets)")
+    print(f"{'':24}" + "".join(f"{w['label']:>20}" for w in rows))
+    print(f"{'weights':24}" + "".join(f"{w['dtype']:>20}" for w in rows))
+
+    def line(name: str, key: str, fmt: str) -> None:
+        cells = []
+        for w in rows:
+            lo, hi = w[key + "_range"]
+            cells.append(f"{format(w[key], fmt)} [{format(lo, fmt)}-{format(hi, fmt)}]")
+        print(f"{name:24}" + "".join(f"{c:>20}" for c in cells))
+
+    line("time to first token s", "ttft_s", ".3f")
+    for n in conc:
+        line(f"decode tok/s, {n} req", f"decode_tok_s_c{n}", ".1f")
+    first = rows[0]
+    for n in conc:
+        key = f"decode_tok_s_c{n}"
+        print(f"{'  vs ' + first['label'] + f', {n} req':24}" + "".join(f"{w[key] / first[key]:>19.2f}x" for w in rows))
+    print(f"{'weight memory MB':24}" + "".join(f"{w['weight_mb']:>20.1f}" for w in rows))
+    if all("perplexity" in w for w in rows):
+        print(f"{'perplexity':24}" + "".join(f"{w['perplexity']:>20.3f}" for w in rows))
+        print(f"{'  vs ' + first['label']:24}" + "".join(f"{100 * (w['perplexity'] / first['perplexity'] - 1):>+19.2f}%" for w in rows))
 
 
 def compare_rank_counts(argv: list[str], ranks: list[int], conc: list[int]) -> int:

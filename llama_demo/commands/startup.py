@@ -86,9 +86,9 @@ def free_memory(device: torch.device) -> int:
     """Bytes this rank can still allocate on its device (0: unknown)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    from ..model.transformer import _available_memory
+    from ..model.cpu_kernels import available_memory
 
-    return _available_memory()
+    return available_memory()
 
 
 def check_kv_cache_fits(a: argparse.Namespace, info: DistInfo, dtype: torch.dtype | None) -> None:

@@ -24,11 +24,13 @@ to read 4x / 8x fewer weight bytes per token, which is what batch-1 decoding is 
   load uses round-to-nearest.
 
 Quantized layers subclass model.ColumnLinear / RowLinear and override only `_mm`: gather and
-all-reduce stay fairscale's, unchanged. Their matrix product dequantizes inside the product:
-int8 as gpt-fast does (`F.linear(x, q.to(x.dtype)) * scales`), int4 group-wise then a float
-product. On CPU that costs speed (FORMATS.md: no fast int kernels here) and saves memory, which is
-the goal there; on CUDA `prepare_quantized` switches to torch's int8 / int4 weight-only kernels
-when they exist and agree with the dequantized product on a probe.
+all-reduce stay fairscale's, unchanged. `prepare_quantized` picks each layer's product for the
+machine (the first kernel that exists there and agrees with the dequantized product on a probe):
+on CPU in float32 the C kernels of cpu_kernels.py (llama.cpp's scheme: activations quantized to
+int8 in blocks of 32, integer dot products; they read 4x / 6.4x fewer bytes than float32 and run
+faster by about that), for int8 else fbgemm's dynamic linear; on CUDA torch's int8 / int4
+weight-only kernels. The fallback dequantizes inside the product: int8 as gpt-fast does
+(`F.linear(x, q.to(x.dtype)) * scales`), int4 group-wise then a float product.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ from torch import nn
 
 from ..weights.checkpoint import QUANT_METHODS, QuantSpec, pow2_divisor, split_dim
 from ..config import ConfigError, ModelArgs
+from . import cpu_kernels
 from .parallel import all_gather_last
 from .transformer import ColumnLinear, Embedding, RowLinear, matmul_t, skip_fairscale_init
 
@@ -212,7 +215,7 @@ def _probe_agrees(fast: Callable[[torch.Tensor], torch.Tensor], slow: Callable[[
     x = torch.randn(3, in_features, dtype=dtype, device=device, generator=torch.Generator(device).manual_seed(0))
     try:
         a, b = fast(x).float(), slow(x).float()
-    except (RuntimeError, NotImplementedError, AttributeError):
+    except (RuntimeError, NotImplementedError, AttributeError, MemoryError, OSError):
         return False
     return a.shape == b.shape and bool(((a - b).abs().max() <= 2e-2 * b.abs().max() + 1e-3).item())
 
@@ -226,18 +229,45 @@ class _Int8:
         self.register_buffer("scales", torch.empty(rows, dtype=torch.float32, device="meta"))
         self.kernel = "dequant"
 
-    def prepare(self, dtype: torch.dtype) -> None:
-        """torch's int8 weight-only kernel where it exists and agrees with the dequantized
-        product: on CUDA for every product; on CPU for single rows only (measured on 2 cores,
-        SmolLM2-135M shapes: 1.7x the dequantizing product for one row, 10x slower for 16)."""
-        self.scales = self.scales.to(dtype)
-        if hasattr(torch, "_weight_int8pack_mm"):
-            fast = lambda x: torch._weight_int8pack_mm(x, self.weight, self.scales)  # noqa: E731
-            slow = lambda x: F.linear(x, self.weight.to(x.dtype)) * self.scales  # noqa: E731
-            if _probe_agrees(fast, slow, self.weight.shape[1], dtype, self.weight.device):
-                self.kernel = "int8pack" if self.weight.device.type == "cuda" else "int8pack-1row"
+    def prepare(self, dtype: torch.dtype, kernels: tuple[str, ...] | None = None) -> None:
+        """Choose the product for this machine, the first of `kernels` (default: the order below)
+        that exists here and agrees with the dequantized product on a probe:
+        - CPU, float32: "native" (cpu_kernels' C kernel built for this CPU: reads the int8 weights
+          at memory speed, 3-4x float32 at batch 1 here), "fbgemm" (torch's dynamic int8 linear),
+          "int8pack-1row" (torch's weight-only kernel for single rows: 3x slower than float32
+          here, still faster than dequantizing), else "dequant";
+        - CUDA: "int8pack" (torch's weight-only kernel for every product), else "dequant"."""
+        self.scales = self.scales.to(dtype).contiguous()
+        rows, cols = self.weight.shape
+        slow = lambda x: F.linear(x, self.weight.to(x.dtype)) * self.scales  # noqa: E731
+        cpu = self.weight.device.type == "cpu"
+        if kernels is None:
+            kernels = ("native", "fbgemm", "int8pack-1row") if cpu and dtype == torch.float32 else ("int8pack",)
+        self.kernel = "dequant"
+        for name in kernels:
+            if name == "native" and cpu and dtype == torch.float32 and cols % cpu_kernels.QK == 0 and cpu_kernels.native():
+                fast = lambda x: cpu_kernels.native_int8_linear(x, self.weight, self.scales)  # noqa: E731
+            elif name == "fbgemm" and cpu and dtype == torch.float32 and cpu_kernels.fbgemm_available():
+                try:
+                    self.fbgemm_packed = cpu_kernels.fbgemm_int8_pack(self.weight, self.scales)
+                except (RuntimeError, NotImplementedError, AttributeError):
+                    continue
+                fast = lambda x: cpu_kernels.fbgemm_int8_linear(x, self.fbgemm_packed)  # noqa: E731
+            elif name in ("int8pack", "int8pack-1row") and hasattr(torch, "_weight_int8pack_mm") and (name == "int8pack") != cpu:
+                fast = lambda x: torch._weight_int8pack_mm(x, self.weight, self.scales)  # noqa: E731
+            else:
+                continue
+            if _probe_agrees(fast, slow, cols, dtype, self.weight.device):
+                self.kernel = name
+                break
+        if self.kernel != "fbgemm":
+            self.fbgemm_packed = None
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "native":
+            return cpu_kernels.native_int8_linear(x, self.weight, self.scales)
+        if self.kernel == "fbgemm":
+            return cpu_kernels.fbgemm_int8_linear(x, self.fbgemm_packed)
         if self.kernel == "int8pack" or (self.kernel == "int8pack-1row" and x.numel() == x.shape[-1]):
             return torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scales).view(*x.shape[:-1], -1)
         # the int8 -> float conversion is the dequantization; the scale applies to whole output rows
@@ -257,12 +287,25 @@ class _Int4:
         self.register_buffer("zeros", torch.empty(rows, groups, dtype=INT4_SCALE_DTYPE, device="meta"))
         self.kernel = "dequant"
 
-    def prepare(self, dtype: torch.dtype) -> None:
-        """On CUDA in bfloat16, repack for torch's tinygemm int4 kernel (gpt-fast's path) when it
-        takes this shape; afterwards `weight` holds the kernel's int32 tiles, no longer the
-        checkpoint layout. Elsewhere scales and zeros stay float16 and each product dequantizes."""
+    def prepare(self, dtype: torch.dtype, kernels: tuple[str, ...] | None = None) -> None:
+        """On CPU in float32, "native": cpu_kernels' C kernel for this CPU (group sizes that are
+        multiples of 32), which reads the stored layout as it is. On CUDA in bfloat16, "int4pack":
+        torch's tinygemm int4 kernel (gpt-fast's path) when it takes this shape; afterwards `weight`
+        holds the kernel's int32 tiles, no longer the checkpoint layout. Otherwise (or when a probe
+        disagrees) scales and zeros stay float16 and each product dequantizes ("dequant")."""
         rows, cols = self.weight.shape[0], self.weight.shape[1] * 2
-        if not (self.weight.device.type == "cuda" and dtype == torch.bfloat16 and rows % 8 == 0
+        slow = lambda x: F.linear(x, dequantize_int4(self.weight, self.scales, self.zeros, self.group_size, x.dtype))  # noqa: E731
+        self.kernel = "dequant"
+        if kernels is None:
+            kernels = ("native",) if self.weight.device.type == "cpu" else ("int4pack",)
+        if ("native" in kernels and self.weight.device.type == "cpu" and dtype == torch.float32
+                and self.group_size % cpu_kernels.QK == 0 and cpu_kernels.native()):
+            self.scales, self.zeros = self.scales.contiguous(), self.zeros.contiguous()
+            fast = lambda x: cpu_kernels.native_int4_linear(x, self.weight, self.scales, self.zeros, self.group_size)  # noqa: E731
+            if _probe_agrees(fast, slow, cols, dtype, self.weight.device):
+                self.kernel = "native"
+            return
+        if not ("int4pack" in kernels and self.weight.device.type == "cuda" and dtype == torch.bfloat16 and rows % 8 == 0
                 and self.group_size in (32, 64, 128, 256) and cols % 32 == 0):
             return
         tiles = 8 if cols % 128 == 0 else 4 if cols % 64 == 0 else 2
@@ -272,19 +315,60 @@ class _Int4:
             return
         sz = torch.stack((self.scales, self.zeros), dim=-1).to(dtype).transpose(0, 1).contiguous()  # (groups, rows, 2)
         fast = lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, self.group_size, sz)  # noqa: E731
-        slow = lambda x: F.linear(x, dequantize_int4(self.weight, self.scales, self.zeros, self.group_size, x.dtype))  # noqa: E731
         if _probe_agrees(fast, slow, cols, dtype, self.weight.device):
             del self.scales, self.zeros
             self.weight, self.kernel, self.out_local = packed, "int4pack", rows
             self.register_buffer("scales_and_zeros", sz, persistent=False)
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "native":
+            return cpu_kernels.native_int4_linear(x, self.weight, self.scales, self.zeros, self.group_size)
         if self.kernel == "int4pack":
             y = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.group_size,
                                                    self.scales_and_zeros)
             return y.view(*x.shape[:-1], self.out_local)
         w = dequantize_int4(self.weight, self.scales, self.zeros, self.group_size, x.dtype)
         return matmul_t(x, w, openblas=False)
+
+
+class FusedQuantColumns:
+    """Quantized column-parallel layers that read the same input (wq wk wv; w1 w3) as one native
+    product: the input is quantized once and the C kernel is called once instead of 2-3 times.
+    As model.FusedColumns: the layers' buffers become row blocks (views) of the fused ones, so
+    memory and state dicts are unchanged."""
+
+    def __init__(self, layers: list[nn.Module]):
+        self.sizes = [m.weight.shape[0] for m in layers]
+        self.int4 = isinstance(layers[0], _Int4)
+        self.group_size = layers[0].group_size if self.int4 else 0
+        for name in ("weight", "scales", "zeros") if self.int4 else ("weight", "scales"):
+            fused = torch.cat([getattr(m, name) for m in layers])
+            setattr(self, name, fused)
+            for m, part in zip(layers, fused.split(self.sizes)):
+                setattr(m, name, part)  # the layers keep working (and saving) on their own rows
+
+    def whole(self, x: torch.Tensor) -> torch.Tensor:
+        """The layers' outputs side by side, unsplit."""
+        if self.int4:
+            return cpu_kernels.native_int4_linear(x, self.weight, self.scales, self.zeros, self.group_size)
+        return cpu_kernels.native_int8_linear(x, self.weight, self.scales)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.whole(x).split(self.sizes, dim=-1)
+
+
+def fuse_quantized(model: nn.Module) -> None:
+    """Fuse each block's wq/wk/wv and w1/w3 when they run the native kernel (after prepare_quantized)."""
+    def fusable(layers) -> bool:
+        return (all(getattr(m, "kernel", None) == "native" for m in layers) and len({type(m) for m in layers}) == 1
+                and len({getattr(m, "group_size", 0) for m in layers}) == 1)
+
+    for block in model.layers:
+        att, ffn = block.attention, block.feed_forward
+        if fusable((att.wq, att.wk, att.wv)):
+            att.qkv = FusedQuantColumns([att.wq, att.wk, att.wv])
+        if fusable((ffn.w1, ffn.w3)):
+            ffn.w13 = FusedQuantColumns([ffn.w1, ffn.w3])
 
 
 class Int8ColumnLinear(_Int8, ColumnLinear):

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel.initialize import get_model_parallel_group, get_model_parallel_world_size
@@ -23,7 +21,9 @@ from torch import nn
 
 from ..config import ModelArgs
 from ..config import rope_frequencies as config_rope_frequencies
-from .parallel import all_gather_last, all_reduce_sum, cpu_threads
+from . import cpu_kernels
+from .cpu_kernels import matmul_t
+from .parallel import all_gather_last, all_reduce_sum
 
 
 def _keep(x: torch.Tensor) -> torch.Tensor:
@@ -43,28 +43,6 @@ def skip_fairscale_init():
         fairscale_layers._initialize_affine_weight = saved
 
 
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def matmul_t(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None = None, openblas: bool = True) -> torch.Tensor:
-    """x @ w.T. On CPU in float32 the library decides the speed (FORMATS.md): for one row,
-    numpy's OpenBLAS reads the weights about 1.5x faster than torch's MKL on the AMD machines we
-    measured; for several rows (batched decode, prefill) oneDNN's GEMM is 1.4-2x OpenBLAS, and
-    1.5x more on `packed`, its blocked copy of w (pack_for_cpu). numpy reads w in place (a
-    zero-copy view); batched steps get torch's thread pool (set_cpu_threads). `openblas=False`
-    keeps single rows in torch too, for callers whose step runs in torch's threads."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32 and not torch.is_grad_enabled():
-        x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] > 1 and _ONEDNN:
-            out = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), w if packed is None else packed, None, "none", [], "")
-        elif openblas:
-            out = torch.from_numpy(np.matmul(x2.numpy(), w.detach().numpy().T))
-        else:
-            out = F.linear(x2, w)
-        return out.view(*x.shape[:-1], w.shape[0])
-    return F.linear(x, w)
-
-
 class FusedColumns:
     """Column-parallel layers that read the same input (wq wk wv; w1 w3) as one matrix product.
     Their weights become row blocks (views) of one matrix, so memory is unchanged, and a
@@ -80,8 +58,12 @@ class FusedColumns:
             m.packed = None
         self.packed: torch.Tensor | None = None
 
+    def whole(self, x: torch.Tensor) -> torch.Tensor:
+        """The layers' outputs side by side, unsplit."""
+        return matmul_t(x, self.weight, self.packed)
+
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return matmul_t(x, self.weight, self.packed).split(self.sizes, dim=-1)
+        return self.whole(x).split(self.sizes, dim=-1)
 
 
 def fuse_linears(model: nn.Module) -> None:
@@ -92,61 +74,6 @@ def fuse_linears(model: nn.Module) -> None:
             att.qkv = FusedColumns([att.wq, att.wk, att.wv])
         if all(type(m) is ColumnLinear for m in (ffn.w1, ffn.w3)):
             ffn.w13 = FusedColumns([ffn.w1, ffn.w3])
-
-
-def pack_for_cpu(model: nn.Module, batch_hint: int = 16) -> int:
-    """Give each float32 matrix product a oneDNN-blocked copy of its weight for batched CPU steps.
-    It costs a second copy of the matrices, so it is done only when at least twice that much memory
-    is free. Returns the bytes added (0 when nothing was packed)."""
-    products = [p for p in _products(model) if type(p) in (ColumnLinear, RowLinear, FusedColumns)
-                and p.weight.device.type == "cpu" and p.weight.dtype == torch.float32]
-    need = sum(p.weight.numel() * 4 for p in products)
-    if not _ONEDNN or not products or need * 2 > _available_memory():
-        return 0
-    for p in products:
-        p.packed = torch.ops.mkldnn._reorder_linear_weight(p.weight.detach(), batch_hint)
-    return need
-
-
-def _products(model: nn.Module):
-    """Every matrix product of the model once: a fused group in place of its layers."""
-    for block in model.layers:
-        att, ffn = block.attention, block.feed_forward
-        yield from (att.qkv,) if att.qkv is not None else (att.wq, att.wk, att.wv)
-        yield att.wo
-        yield from (ffn.w13,) if ffn.w13 is not None else (ffn.w1, ffn.w3)
-        yield ffn.w2
-    yield model.output
-
-
-def _available_memory() -> int:
-    """Bytes this process may still take: the kernel's MemAvailable, capped by a cgroup v2 limit
-    (containers) when there is one. 0 when unknown, which turns packing off."""
-    free = 0
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    free = int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        return 0
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f_max, open("/sys/fs/cgroup/memory.current") as f_cur:
-            limit = f_max.read().strip()
-            if limit != "max":
-                free = min(free, int(limit) - int(f_cur.read()))
-    except (OSError, ValueError):
-        pass
-    return max(free, 0)
-
-
-def set_cpu_threads(openblas_step: bool) -> None:
-    """torch's intra-op thread count for a CPU step: one while OpenBLAS runs a single-row step
-    (two busy thread pools on the same cores slow each other down 20x, measured on 2 cores),
-    cpu_threads() for steps that run in torch (batched steps: oneDNN; quantized models)."""
-    n = 1 if openblas_step else cpu_threads()
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
 
 
 class ColumnLinear(ColumnParallelLinear):
@@ -229,19 +156,10 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """q: (B, heads, T, hd); k, v: (B, kv heads, S, hd); mask: (B, 1, T, S) bool or None.
-    On CUDA, SDPA's fused kernels. On CPU, plain matrix products: torch's CPU flash kernel takes
-    milliseconds per call for a one-token query (measured: 85% of a 110M decode step)."""
-    B, h, T, hd = q.shape
-    kvh = k.shape[1]
-    if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kvh != h)
-    g = h // kvh
-    qg = q.reshape(B, kvh, g * T, hd)  # query heads j*g .. j*g+g-1 share KV head j
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * (1.0 / math.sqrt(hd))  # (B, kvh, g*T, S)
-    if mask is not None:
-        scores = scores.masked_fill(~mask.repeat(1, 1, g, 1), float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).type_as(q)
-    return torch.matmul(probs, v).view(B, h, T, hd)
+    SDPA's fused kernels, except on CPU (cpu_kernels.attention says why)."""
+    if q.device.type == "cpu":
+        return cpu_kernels.attention(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
 class Attention(nn.Module):
@@ -270,9 +188,16 @@ class Attention(nn.Module):
         rows and attend to them."""
         _, N, _ = x.shape
         h, kvh, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
-        q, k, v = self.qkv(x) if self.qkv is not None else (self.wq(x), self.wk(x), self.wv(x))
-        q, k = apply_rope(q.view(1, N, h, hd), rope)[0], apply_rope(k.view(1, N, kvh, hd), rope)[0]
-        v = v.view(N, kvh, hd)
+        if self.qkv is not None:
+            # q, k and v heads side by side: q and k rotate by the same angles, so in one pass
+            # (fewer small ops per layer: they, not the products, are what grows with depth)
+            qkv = self.qkv.whole(x).view(1, N, h + 2 * kvh, hd)
+            qk = apply_rope(qkv[:, :, : h + kvh], rope)[0]
+            q, k, v = qk[:, :h], qk[:, h:], qkv[0, :, h + kvh:]
+        else:
+            q = apply_rope(self.wq(x).view(1, N, h, hd), rope)[0]
+            k = apply_rope(self.wk(x).view(1, N, kvh, hd), rope)[0]
+            v = self.wv(x).view(N, kvh, hd)
         outs = []
         for p in parts:
             B, T = p.pos.shape
@@ -354,8 +279,18 @@ class Transformer(nn.Module):
         self.output = ColumnLinear(args.dim, args.vocab_size, gather_output=True)
         self.rope: torch.Tensor | None = None
         # float32 single-row CPU steps run their products in OpenBLAS (matmul_t); quantized
-        # layers (quant.prepare_quantized) run in torch only
+        # layers (quant.prepare_quantized) run in torch's thread pool only
         self.single_row_openblas = True
+
+    def products(self):
+        """Every matrix product of the model once: a fused group in place of its layers."""
+        for block in self.layers:
+            att, ffn = block.attention, block.feed_forward
+            yield from (att.qkv,) if att.qkv is not None else (att.wq, att.wk, att.wv)
+            yield att.wo
+            yield from (ffn.w13,) if ffn.w13 is not None else (ffn.w1, ffn.w3)
+            yield ffn.w2
+        yield self.output
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int, device: torch.device | str, dtype: torch.dtype) -> None:
         """Allocate the static KV cache and the rotary table (after weights are loaded)."""
@@ -392,7 +327,7 @@ class Transformer(nn.Module):
         those alone), or (N, V) when None."""
         N = tokens.shape[0]
         if tokens.device.type == "cpu":
-            set_cpu_threads(self.single_row_openblas and N == 1)
+            cpu_kernels.set_cpu_threads(self.single_row_openblas and N == 1)
         h = self.tok_embeddings(tokens[None])  # (1, N, dim)
         rope = self.rope[pos][None]  # (1, N, head_dim/2) complex
         for layer in self.layers:

@@ -9,7 +9,8 @@ import torch
 from .checkpoint import ShardedCheckpoint, is_quantized_weight, iter_rank_state, open_checkpoint
 from ..config import ConfigError
 from ..model.parallel import DistInfo, default_dtype
-from ..model.transformer import Transformer, fuse_linears, pack_for_cpu, skip_fairscale_init
+from ..model.cpu_kernels import pack_for_cpu
+from ..model.transformer import Transformer, fuse_linears, skip_fairscale_init
 
 
 def load_model(ckpt_dir: str | Path, dist_info: DistInfo, dtype: torch.dtype | None = None,
@@ -59,6 +60,10 @@ def load_model(ckpt_dir: str | Path, dist_info: DistInfo, dtype: torch.dtype | N
 
         prepare_quantized(model, dtype)  # scales to the compute dtype; CUDA kernels' packing
     model.setup_cache(max_batch_size, max_seq_len, dist_info.device, dtype)
+    if optimize and (ckpt.quant or on_the_fly):
+        from ..model.quant import fuse_quantized
+
+        fuse_quantized(model)  # wq/wk/wv and w1/w3 as one native product each, where they run one
     if optimize and not (ckpt.quant or on_the_fly):
         fuse_linears(model)  # wq/wk/wv and w1/w3 as one product each
         if dist_info.device.type == "cpu" and dtype == torch.float32:

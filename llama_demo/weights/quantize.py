@@ -42,6 +42,7 @@ from .checkpoint import (TOKENIZER_FILES, QuantSpec, atomic_dir, check_out_dir, 
                          save_sharded)
 from ..config import ConfigError
 from ..model.quant import dequantize_int4, gptq_int4, quantize_weight, spec_for
+from ..model.transformer import Part
 
 DEFAULT_CALIB_TEXT = "assets/pride_and_prejudice.txt"
 # The eval figures use the text's first 2048 tokens: calibrating after 4096 keeps them unseen.
@@ -98,12 +99,11 @@ def gptq_quantize(model, tokens: torch.Tensor, spec: QuantSpec, damp: float = 0.
     device = next(model.parameters()).device
     tokens = tokens.to(device)
     pos = torch.arange(T, device=device)[None]
-    rope = model.rope[pos]
-    mask = (torch.arange(T, device=device)[None, None, :] <= pos[:, :, None])[:, None]
+    rope = model.rope[pos]  # (1, T, head_dim/2)
 
     def run(block, h: torch.Tensor) -> torch.Tensor:
-        # one sequence at a time: attention scores of all of them at once would take GBs
-        return torch.cat([block(h[b: b + 1], rope, mask, [slice(b, b + 1)], pos, T) for b in range(n_seq)])
+        # one sequence at a time (cache row b): attention scores of all of them at once would take GBs
+        return torch.cat([block(h[b: b + 1], rope, [Part.of(0, slice(b, b + 1), pos)]) for b in range(n_seq)])
 
     def quantize_layer(name: str, layer: nn.Module, H: torch.Tensor) -> None:
         packed, scales, zeros = gptq_int4(layer.weight, H, spec.group_size, damp=damp, act_order=act_order)

@@ -1,0 +1,225 @@
+"""CPU kernel policy: which library runs each matrix product on a CPU, and with how many threads.
+
+On CPU the library doing the matrix products decides the speed (FORMATS.md), so the choices here
+are per machine:
+- float32, one row (batch-1 decode): numpy's OpenBLAS reads the weights ~1.5x faster than torch's
+  MKL on the AMD machines we measured; torch's own pool then runs at one thread (two busy pools
+  on 2 cores slow each other down 20x).
+- float32, several rows (batched decode, prefill): oneDNN's GEMM, on its blocked copy of each
+  weight when memory allows (pack_for_cpu).
+- int8 / int4 weights (quant.py): a small C library compiled here for this CPU on first use
+  (qkernels.c, cached; llama.cpp's Q8_0 / Q4_1 scheme: activations quantized to int8 in blocks of
+  32, integer dot products), else fbgemm's dynamic int8 linear, else dequantizing products.
+  torch's `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` read weights 2-5x slower than
+  float32 here, so they are not used on CPU.
+Nothing here runs for CUDA tensors: callers check the device, and CUDA stays on torch's ops.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .parallel import cpu_threads
+
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def matmul_t(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None = None, openblas: bool = True) -> torch.Tensor:
+    """x @ w.T. On CPU in float32: one row through numpy's OpenBLAS (w read in place through a
+    zero-copy view), several rows through oneDNN (on `packed`, its blocked copy of w, when there is
+    one). `openblas=False` keeps single rows in torch too, for callers whose step runs in torch's
+    threads. Elsewhere (CUDA, half precision, autograd) F.linear."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32 and not torch.is_grad_enabled():
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] > 1 and ONEDNN:
+            out = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), w if packed is None else packed, None, "none", [], "")
+        elif openblas:
+            out = torch.from_numpy(np.matmul(x2.numpy(), w.detach().numpy().T))
+        else:
+            out = F.linear(x2, w)
+        return out.view(*x.shape[:-1], w.shape[0])
+    return F.linear(x, w)
+
+
+def pack_for_cpu(model, batch_hint: int = 16) -> int:
+    """Give each float32 CPU matrix product of the model (`model.products()`: objects with
+    `weight` and `packed`) a oneDNN-blocked copy of its weight for batched steps: 1.5x over oneDNN on the plain weight, 2.5x over OpenBLAS at
+    16 rows (measured). It costs a second copy of the matrices, so it is done only when at least
+    twice that much memory is free. Returns the bytes added (0 when nothing was packed)."""
+    products = [p for p in model.products() if hasattr(p, "packed") and p.weight.device.type == "cpu"
+                and p.weight.dtype == torch.float32]
+    need = sum(p.weight.numel() * 4 for p in products)
+    if not ONEDNN or not products or need * 2 > available_memory():
+        return 0
+    for p in products:
+        p.packed = torch.ops.mkldnn._reorder_linear_weight(p.weight.detach(), batch_hint)
+    return need
+
+
+def available_memory() -> int:
+    """Bytes this process may still take: the kernel's MemAvailable, capped by a cgroup v2 limit
+    (containers) when there is one. 0 when unknown, which turns packing off."""
+    free = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return 0
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f_max, open("/sys/fs/cgroup/memory.current") as f_cur:
+            limit = f_max.read().strip()
+            if limit != "max":
+                free = min(free, int(limit) - int(f_cur.read()))
+    except (OSError, ValueError):
+        pass
+    return max(free, 0)
+
+
+def set_cpu_threads(openblas_step: bool) -> None:
+    """torch's intra-op thread count for a CPU step: one while OpenBLAS runs a single-row step,
+    cpu_threads() for steps that run in torch's pool (batched steps; quantized models, whose C
+    kernels share torch's OpenMP pool)."""
+    n = 1 if openblas_step else cpu_threads()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention on CPU as plain matrix products: torch's CPU flash kernel takes milliseconds per
+    call for a one-token query (measured: 85% of a 110M decode step). Shapes as model.attention."""
+    B, h, T, hd = q.shape
+    kvh = k.shape[1]
+    g = h // kvh
+    qg = q.reshape(B, kvh, g * T, hd)  # query heads j*g .. j*g+g-1 share KV head j
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * (1.0 / math.sqrt(hd))  # (B, kvh, g*T, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask.repeat(1, 1, g, 1), float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).type_as(q)
+    return torch.matmul(probs, v).view(B, h, T, hd)
+
+
+# ----------------------------------------------------------------------------- quantized products
+# The C kernels (qkernels.c) are compiled once per source, compiler and CPU into the cache folder
+# and loaded with ctypes; with no compiler, or LLAMA_DEMO_NATIVE_KERNELS=0, `native()` is None and
+# quant.py falls back to fbgemm (int8) or dequantizing products.
+
+_SOURCE = Path(__file__).with_name("qkernels.c")
+QK = 32  # the kernels' activation block: input sizes must be multiples of it
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _compile(cc: str, out: Path, march: bool) -> bool:
+    # -march=native: this CPU's vector units (the AVX2 paths need avx2, fma and f16c); -fopenmp
+    # links libgomp.so.1, which resolves to the copy torch already loaded: one thread pool.
+    flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c11"] + (["-march=native"] if march else [])
+    tmp = Path(tempfile.mkstemp(dir=out.parent, suffix=".so")[1])
+    try:
+        proc = subprocess.run([cc, *flags, str(_SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True,
+                              timeout=120)
+        if proc.returncode != 0:
+            return False
+        os.replace(tmp, out)  # atomic: concurrent ranks each build, one file wins, all are whole
+        return True
+    except (OSError, subprocess.SubprocessError):
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@functools.cache
+def native() -> ctypes.CDLL | None:
+    """The quantized-product library for this CPU, compiled on first use; None when it cannot be."""
+    if os.environ.get("LLAMA_DEMO_NATIVE_KERNELS", "1") == "0" or sys.platform != "linux":
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        return None
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + cc.encode() + _cpu_flags().encode() + torch.__version__.encode()).hexdigest()[:16]
+    root = Path(os.environ.get("LLAMA_DEMO_CACHE", Path.home() / ".cache" / "llama_demo")).expanduser() / "kernels"
+    lib_path = root / f"qkernels-{key}.so"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if not lib_path.is_file() and not (_compile(cc, lib_path, True) or _compile(cc, lib_path, False)):
+            return None
+        lib = ctypes.CDLL(str(lib_path))
+    except OSError:
+        return None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.qk_linear_q4.argtypes = [p, i64, p, p, p, i64, i64, i64, p]
+    lib.qk_linear_q8.argtypes = [p, i64, p, p, i64, i64, p]
+    lib.qk_simd.restype = ctypes.c_int
+    return lib
+
+
+def native_simd() -> bool:
+    """Whether the C kernels were built with vector units (else they run portable loops)."""
+    lib = native()
+    return lib is not None and lib.qk_simd() > 0
+
+
+def native_int8_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x @ (w * scales[:, None]).T for int8 w (rows, cols), float32 scales, float32 x (..., cols)."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.empty(x2.shape[0], w.shape[0])
+    if native().qk_linear_q8(x2.data_ptr(), x2.shape[0], w.data_ptr(), scales.data_ptr(), w.shape[0], w.shape[1],
+                             y.data_ptr()):
+        raise MemoryError("no memory for the int8 kernel's scratch")
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
+def native_int4_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                       group_size: int) -> torch.Tensor:
+    """x @ W.T for quant.py's int4 layout: w uint8 (rows, cols/2), float16 scales and zeros."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.empty(x2.shape[0], w.shape[0])
+    if native().qk_linear_q4(x2.data_ptr(), x2.shape[0], w.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+                             w.shape[0], x2.shape[1], group_size, y.data_ptr()):
+        raise MemoryError("no memory for the int4 kernel's scratch")
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
+def fbgemm_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
+
+
+def fbgemm_int8_pack(q: torch.Tensor, scales: torch.Tensor):
+    """fbgemm's packed weight for int8 rows q with per-row scales, for fbgemm_int8_linear.
+    The one place that creates a quantized tensor: PyTorch marks that API deprecated; when it goes,
+    this raises and quant.py falls back (its probe catches the error)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the deprecation notice: handled by the fallback above
+        qt = torch._make_per_channel_quantized_tensor(q, scales.double(), torch.zeros(q.shape[0], dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(qt, None)
+
+
+def fbgemm_int8_linear(x: torch.Tensor, packed) -> torch.Tensor:
+    """fbgemm's dynamic linear: activations quantized per call (per tensor, uint8), int8 GEMM."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    return torch.ops.quantized.linear_dynamic(x2, packed).view(*x.shape[:-1], -1)

@@ -1,0 +1,365 @@
+/* Quantized matrix products for CPUs: y = x @ W^T with W stored as int8 (one scale per row) or
+ * int4 (groups along the row, a float16 scale and zero each), the way llama.cpp's Q8_0 / Q4_1
+ * dot products work: the activations are quantized to int8 in blocks of 32 (a float scale and
+ * the block's float sum each), and each block's dot product is one integer multiply-add of 32
+ * byte pairs (AVX2: vpmaddubsw + vpmaddwd), converted to float once per block.
+ *
+ * Built by cpu_kernels.py with the system C compiler for this CPU (-march=native) and loaded
+ * through ctypes; threads come from the OpenMP runtime torch already loaded (same soname), so
+ * torch.set_num_threads sets them. Without AVX2 the portable loops below run (slower, same
+ * results up to float summation order).
+ *
+ * Layouts (what quant.py stores, unchanged):
+ *   int8: w int8 (rows, cols), scales float32 (rows)
+ *   int4: w uint8 (rows, cols/2), byte j = column 2j in the high nibble, 2j+1 in the low;
+ *         scales, zeros float16 (rows, cols/group); w ~ (q - 8) * scale + zero.
+ * Activations: xq int8 (B, cols) in blocks of 32; for int4 products each block holds its even
+ * columns first, then its odd ones (so the nibbles need no shuffle); xd float (B, cols/32) the block
+ * scales, xs float (B, cols/32) the blocks' float sums (for the int4 zero term).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define QK_AVX2 1
+#endif
+
+#define QK 32
+#define TILE_B 4     /* activation rows per pass over a weight row (the row stays in L1) */
+#define CHUNK_B 64   /* activation rows per sweep over all weights (their int8 copy stays in L2) */
+
+int qk_version(void) { return 3; }
+
+int qk_simd(void) {
+#ifdef QK_AVX2
+    return 2;
+#else
+    return 0;
+#endif
+}
+
+static float f16_to_f32(uint16_t h) {
+#ifdef QK_AVX2
+    return _cvtsh_ss(h);
+#else
+    uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 1023, bits;
+    if (e == 0) {  /* zero or subnormal */
+        float f = ldexpf((float)m, -24);
+        return s ? -f : f;
+    }
+    bits = e == 31 ? s | 0x7f800000u | (m << 13) : s | ((e + 112) << 23) | (m << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+/* Quantize B rows of x (B, cols) to int8 blocks of 32: symmetric, scale max|x|/127; xs gets each
+ * block's sum as quantized (scale * sum of its integers), so the int4 zero term sees the same
+ * rounded activations as the rest of the product (llama.cpp's Q8_1 does the same).
+ * nibble_order (for int4 weights): blocks go in pairs (2j, 2j+1) of 64 bytes: both blocks' even
+ * columns (16 + 16 bytes), then both blocks' odd columns; a last unpaired block holds its even
+ * columns, then its odd ones. That is where one 32-byte load of int4 weights puts them. */
+void qk_quantize_x(const float *x, int64_t B, int64_t cols, int nibble_order, int8_t *xq, float *xd, float *xs) {
+    const int64_t nblk = cols / QK;
+#pragma omp parallel for schedule(static) if (B * cols >= 65536)
+    for (int64_t i = 0; i < B * nblk; i++) {
+        const int64_t b = i / nblk, k = i % nblk;
+        const float *v = x + b * cols + k * QK;
+        int8_t *row = xq + b * cols;
+        float amax = 0.f;
+        for (int j = 0; j < QK; j++) amax = fabsf(v[j]) > amax ? fabsf(v[j]) : amax;
+        const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+        int8_t q[QK];
+        int32_t sum = 0;
+        for (int j = 0; j < QK; j++) {
+            q[j] = (int8_t)lrintf(v[j] * inv);
+            sum += q[j];
+        }
+        if (!nibble_order) {
+            memcpy(row + k * QK, q, QK);
+        } else {
+            const int paired = (k ^ 1) < nblk;
+            int8_t *ev = row + (k & ~1) * QK + (paired ? (k & 1) * (QK / 2) : 0);
+            int8_t *od = ev + (paired ? QK : QK / 2);
+            for (int j = 0; j < QK / 2; j++) {
+                ev[j] = q[2 * j];
+                od[j] = q[2 * j + 1];
+            }
+        }
+        xd[i] = d;
+        xs[i] = d * (float)sum;
+    }
+}
+
+#ifdef QK_AVX2
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* 8 int32 partial sums of 32 products u8 * s8 (u <= 15 or |s8| <= 127 products: no saturation) */
+static inline __m256i dot_u8s8(__m256i u, __m256i s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+#endif
+
+#ifdef QK_AVX2
+/* Two blocks of int4 weights (32 bytes) against their activations (64 bytes, nibble order): 8 float
+ * partial sums, lanes 0-3 for block k, 4-7 for block k+1. (Group sizes other than 32.) */
+static inline __m256 q4_pair(const uint8_t *wp, const int8_t *xp) {
+    const __m256i m15 = _mm256_set1_epi8(15);
+    const __m256i raw = _mm256_loadu_si256((const __m256i *)wp);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m15);  /* even columns */
+    const __m256i lo = _mm256_and_si256(raw, m15);                        /* odd columns */
+    const __m256i x1 = _mm256_loadu_si256((const __m256i *)xp), x2 = _mm256_loadu_si256((const __m256i *)(xp + QK));
+    /* 16-bit sums stay below 2 * 2 * 15 * 127: no saturation */
+    const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(hi, x1), _mm256_maddubs_epi16(lo, x2));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+}
+
+/* Group size 32 (one scale per block): 8 blocks' scales convert and multiply as one vector; the
+ * weights of a pair of blocks are unpacked once for NB activation rows. */
+static inline __attribute__((always_inline)) void q4_row_g32_tile(const uint8_t *wr, const uint16_t *sr, const uint16_t *zr, int64_t cols,
+                                   const int8_t *xq, const float *xd, const float *xs, const int NB, float *y,
+                                   int64_t ldy) {
+    const int64_t nblk = cols / QK, n8 = nblk / 8 * 8;
+    const __m256i idx0 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), two = _mm256_set1_epi32(2);
+    const __m256i m15 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    __m256 acc[TILE_B], zacc[TILE_B];
+    for (int b = 0; b < NB; b++) acc[b] = zacc[b] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k < n8; k += 8) {
+        const __m256 s8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sr + k)));
+        const __m256 m8 = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), s8, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(zr + k))));
+        __m256 d8[TILE_B];
+        for (int b = 0; b < NB; b++) {
+            zacc[b] = _mm256_fmadd_ps(m8, _mm256_loadu_ps(xs + b * nblk + k), zacc[b]);  /* zero term */
+            d8[b] = _mm256_mul_ps(s8, _mm256_loadu_ps(xd + b * nblk + k));
+        }
+        __m256i idx = idx0;
+        for (int p = 0; p < 4; p++, idx = _mm256_add_epi32(idx, two)) {
+            const int64_t kp = k + 2 * p;
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(wr + kp * (QK / 2)));
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m15);  /* even columns */
+            const __m256i lo = _mm256_and_si256(raw, m15);                        /* odd columns */
+            for (int b = 0; b < NB; b++) {
+                const int8_t *xp = xq + b * cols + kp * QK;
+                const __m256i x1 = _mm256_loadu_si256((const __m256i *)xp);
+                const __m256i x2 = _mm256_loadu_si256((const __m256i *)(xp + QK));
+                /* 16-bit sums stay below 2 * 2 * 15 * 127: no saturation */
+                const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(hi, x1), _mm256_maddubs_epi16(lo, x2));
+                acc[b] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(d8[b], idx),
+                                         _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones)), acc[b]);
+            }
+        }
+    }
+    float tail[TILE_B] = {0};
+    for (; k + 1 < nblk; k += 2) {  /* the last pairs of blocks (nblk % 8) */
+        const float sa = _cvtsh_ss(sr[k]), sb = _cvtsh_ss(sr[k + 1]);
+        const float ma = _cvtsh_ss(zr[k]) - 8.f * sa, mb = _cvtsh_ss(zr[k + 1]) - 8.f * sb;
+        const __m256i raw = _mm256_loadu_si256((const __m256i *)(wr + k * (QK / 2)));
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m15), lo = _mm256_and_si256(raw, m15);
+        for (int b = 0; b < NB; b++) {
+            const int8_t *xp = xq + b * cols + k * QK;
+            const float *xdb = xd + b * nblk, *xsb = xs + b * nblk;
+            const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)xp)),
+                                                 _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(xp + QK))));
+            const __m256 d = _mm256_set_m128(_mm_set1_ps(sb * xdb[k + 1]), _mm_set1_ps(sa * xdb[k]));
+            acc[b] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones)), acc[b]);
+            tail[b] += ma * xsb[k] + mb * xsb[k + 1];
+        }
+    }
+    for (int b = 0; b < NB; b++) {
+        const int8_t *xb = xq + b * cols;
+        if (k < nblk) {  /* an unpaired last block */
+            const float s = _cvtsh_ss(sr[k]), m = _cvtsh_ss(zr[k]) - 8.f * s;
+            const uint8_t *wb = wr + k * (QK / 2);
+            const int8_t *ev = xb + k * QK, *od = ev + QK / 2;
+            int32_t dot = 0;
+            for (int i = 0; i < QK / 2; i++) dot += (wb[i] >> 4) * ev[i] + (wb[i] & 15) * od[i];
+            tail[b] += s * xd[b * nblk + k] * (float)dot + m * xs[b * nblk + k];
+        }
+        y[b * ldy] = hsum8(acc[b]) + hsum8(zacc[b]) + tail[b];
+    }
+}
+
+static inline void q4_rows_g32(const uint8_t *w, const uint16_t *sc, const uint16_t *ze, int64_t r0, int64_t r1,
+                               int64_t cols, const int8_t *xq, const float *xd, const float *xs, int nb, float *y,
+                               int64_t ldy) {
+    const int64_t nblk = cols / QK;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *wr = w + r * (cols / 2);
+        const uint16_t *sr = sc + r * nblk, *zr = ze + r * nblk;
+        for (int b = 0; b < nb; b += TILE_B) {
+            const int8_t *xp = xq + b * cols;
+            const float *xdp = xd + b * nblk, *xsp = xs + b * nblk;
+            float *yp = y + b * ldy + r;
+            switch (nb - b < TILE_B ? nb - b : TILE_B) {  /* constant tile sizes: accumulators in registers */
+            case 1: q4_row_g32_tile(wr, sr, zr, cols, xp, xdp, xsp, 1, yp, ldy); break;
+            case 2: q4_row_g32_tile(wr, sr, zr, cols, xp, xdp, xsp, 2, yp, ldy); break;
+            case 3: q4_row_g32_tile(wr, sr, zr, cols, xp, xdp, xsp, 3, yp, ldy); break;
+            default: q4_row_g32_tile(wr, sr, zr, cols, xp, xdp, xsp, 4, yp, ldy); break;
+            }
+        }
+    }
+}
+#endif
+
+/* y[b, r] for rows [r0, r1) of an int4 matrix and nb activation rows (each row of weights stays in L1 while they pass). `tmp`: per-thread
+ * scratch of 6 * nblk floats. */
+static inline void q4_rows(const uint8_t *w, const uint16_t *sc, const uint16_t *ze, int64_t r0, int64_t r1,
+                           int64_t cols, int64_t group, const int8_t *xq, const float *xd, const float *xs,
+                           int nb, float *y, int64_t ldy, float *tmp) {
+    const int64_t nblk = cols / QK, gblk = group / QK, ngrp = cols / group;
+    float *sf = tmp, *mf = tmp + nblk, *d4 = tmp + 2 * nblk;  /* per block: scale, zero term; scale x4 */
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *wr = w + r * (cols / 2);
+        /* this row's group parameters, per block: w = q * s + m with m = zero - 8 s */
+        for (int64_t g = 0; g < ngrp; g++) {
+            const float s = f16_to_f32(sc[r * ngrp + g]), m = f16_to_f32(ze[r * ngrp + g]) - 8.f * s;
+            for (int64_t k = g * gblk; k < (g + 1) * gblk; k++) {
+                sf[k] = s;
+                mf[k] = m;
+            }
+        }
+        for (int b = 0; b < nb; b++) {
+            const int8_t *xb = xq + b * cols;
+            const float *xdb = xd + b * nblk, *xsb = xs + b * nblk;
+            float zsum = 0.f, acc_s = 0.f;
+            for (int64_t k = 0; k < nblk; k++) {
+                zsum += mf[k] * xsb[k];
+                d4[4 * k] = d4[4 * k + 1] = d4[4 * k + 2] = d4[4 * k + 3] = sf[k] * xdb[k];
+            }
+            int64_t k = 0;
+#ifdef QK_AVX2
+            __m256 acc = _mm256_setzero_ps();
+            for (; k + 1 < nblk; k += 2)  /* two blocks: 32 bytes of weights, 64 of activations */
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(d4 + 4 * k), q4_pair(wr + k * (QK / 2), xb + k * QK), acc);
+            acc_s = hsum8(acc);
+#endif
+            for (; k < nblk; k++) {  /* portable loop; with AVX2 only a last unpaired block */
+                const uint8_t *wb = wr + k * (QK / 2);
+                const int paired = (k ^ 1) < nblk;
+                const int8_t *ev = xb + (k & ~1) * QK + (paired ? (k & 1) * (QK / 2) : 0);
+                const int8_t *od = ev + (paired ? QK : QK / 2);
+                int32_t dot = 0;
+                for (int j = 0; j < QK / 2; j++) dot += (wb[j] >> 4) * ev[j] + (wb[j] & 15) * od[j];
+                acc_s += d4[4 * k] * (float)dot;
+            }
+            y[b * ldy + r] = acc_s + zsum;
+        }
+    }
+}
+
+/* y[b, r] for rows [r0, r1) of an int8 matrix with per-row scales. */
+static inline void q8_rows(const int8_t *w, const float *sc, int64_t r0, int64_t r1, int64_t cols,
+                           const int8_t *xq, const float *xd, int nb, float *y, int64_t ldy) {
+    const int64_t nblk = cols / QK;
+    for (int64_t r = r0; r < r1; r++) {
+        const int8_t *wr = w + r * cols;
+        float acc_s[TILE_B] = {0};
+#ifdef QK_AVX2
+        __m256 acc[TILE_B];
+        for (int b = 0; b < nb; b++) acc[b] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < nblk; k++) {
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)(wr + k * QK));
+            const __m256i aw = _mm256_sign_epi8(wv, wv);  /* |w|: vpmaddubsw wants one unsigned side */
+            for (int b = 0; b < nb; b++) {
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * cols + k * QK));
+                const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(aw, _mm256_sign_epi8(xv, wv)));
+                acc[b] = _mm256_fmadd_ps(_mm256_set1_ps(xd[b * nblk + k]), p, acc[b]);
+            }
+        }
+        for (int b = 0; b < nb; b++) acc_s[b] = hsum8(acc[b]);
+#else
+        for (int64_t k = 0; k < nblk; k++) {
+            const int8_t *wb = wr + k * QK;
+            for (int b = 0; b < nb; b++) {
+                const int8_t *xb = xq + b * cols + k * QK;
+                int32_t dot = 0;
+                for (int j = 0; j < QK; j++) dot += wb[j] * xb[j];
+                acc_s[b] += xd[b * nblk + k] * (float)dot;
+            }
+        }
+#endif
+        for (int b = 0; b < nb; b++) y[b * ldy + r] = acc_s[b] * sc[r];
+    }
+}
+
+/* Rows are split between threads in runs of 16 (a thread reads whole cache lines of weights);
+ * activation rows go in chunks of CHUNK_B, so a large prefill re-reads the weights once per
+ * chunk while its int8 activations stay in cache. */
+#define ROW_RUN 16
+
+
+void qk_mm_q4(const uint8_t *w, const uint16_t *sc, const uint16_t *ze, int64_t rows, int64_t cols, int64_t group,
+              const int8_t *xq, const float *xd, const float *xs, int64_t B, float *y) {
+    const int64_t nblk = cols / QK;
+    for (int64_t c0 = 0; c0 < B; c0 += CHUNK_B) {
+        const int64_t c1 = c0 + CHUNK_B < B ? c0 + CHUNK_B : B;
+#pragma omp parallel
+        {
+            float *tmp = malloc(6 * nblk * sizeof(float));
+#pragma omp for schedule(static)
+            for (int64_t r0 = 0; r0 < rows; r0 += ROW_RUN) {
+                const int64_t r1 = r0 + ROW_RUN < rows ? r0 + ROW_RUN : rows;
+#ifdef QK_AVX2
+                if (group == QK)
+                    q4_rows_g32(w, sc, ze, r0, r1, cols, xq + c0 * cols, xd + c0 * nblk, xs + c0 * nblk,
+                                (int)(c1 - c0), y + c0 * rows, rows);
+                else
+#endif
+                if (tmp)
+                    q4_rows(w, sc, ze, r0, r1, cols, group, xq + c0 * cols, xd + c0 * nblk, xs + c0 * nblk,
+                            (int)(c1 - c0), y + c0 * rows, rows, tmp);
+            }
+            free(tmp);
+        }
+    }
+}
+
+void qk_mm_q8(const int8_t *w, const float *sc, int64_t rows, int64_t cols, const int8_t *xq, const float *xd,
+              int64_t B, float *y) {
+    const int64_t nblk = cols / QK;
+    for (int64_t c0 = 0; c0 < B; c0 += CHUNK_B) {
+        const int64_t c1 = c0 + CHUNK_B < B ? c0 + CHUNK_B : B;
+#pragma omp parallel for schedule(static)
+        for (int64_t r0 = 0; r0 < rows; r0 += ROW_RUN) {
+            const int64_t r1 = r0 + ROW_RUN < rows ? r0 + ROW_RUN : rows;
+            for (int64_t b = c0; b < c1; b += TILE_B) {
+                const int nb = (int)(c1 - b < TILE_B ? c1 - b : TILE_B);
+                q8_rows(w, sc, r0, r1, cols, xq + b * cols, xd + b * nblk, nb, y + b * rows, rows);
+            }
+        }
+    }
+}
+
+/* One product with its own activation quantization: y (B, rows) = x (B, cols) @ W^T. Returns
+ * nonzero when scratch memory could not be had. */
+int qk_linear_q4(const float *x, int64_t B, const uint8_t *w, const uint16_t *sc, const uint16_t *ze, int64_t rows,
+                 int64_t cols, int64_t group, float *y) {
+    const int64_t nblk = cols / QK;
+    int8_t *xq = malloc(B * cols + 2 * B * nblk * sizeof(float));
+    if (!xq) return 1;
+    float *xd = (float *)(xq + B * cols), *xs = xd + B * nblk;
+    qk_quantize_x(x, B, cols, 1, xq, xd, xs);
+    qk_mm_q4(w, sc, ze, rows, cols, group, xq, xd, xs, B, y);
+    free(xq);
+    return 0;
+}
+
+int qk_linear_q8(const float *x, int64_t B, const int8_t *w, const float *sc, int64_t rows, int64_t cols, float *y) {
+    const int64_t nblk = cols / QK;
+    int8_t *xq = malloc(B * cols + 2 * B * nblk * sizeof(float));
+    if (!xq) return 1;
+    float *xd = (float *)(xq + B * cols), *xs = xd + B * nblk;
+    qk_quantize_x(x, B, cols, 0, xq, xd, xs);
+    qk_mm_q8(w, sc, rows, cols, xq, xd, B, y);
+    free(xq);
+    return 0;
+}
