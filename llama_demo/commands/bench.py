@@ -193,10 +193,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="e.g. float32,int8,int4[,label=quantized_dir]: measure these side by side (one rank)")
     p.add_argument("--text", default="assets/pride_and_prejudice.txt", help="perplexity text for --weights")
     p.add_argument("--ppl_tokens", type=int, default=2048, help="first N tokens of --text, one window (0: no perplexity)")
+    p.add_argument("--scenario", choices=["chat"], default=None,
+                   help="chat: a multi-turn conversation's time to first token with prefix reuse on and off, and "
+                        "running decodes' rate while a long prompt is prefilled (needs --ckpt_dir of a chat model)")
     a = p.parse_args(argv)
     conc = [int(c) for c in a.concurrency.split(",")]
     if a.new_tokens < 2 or a.prompt_len < 1 or min(conc) < 1:
         p.error("--new_tokens must be >= 2, --prompt_len and every --concurrency >= 1")
+    if a.scenario == "chat":
+        if not a.ckpt_dir or a.ranks or a.weights:
+            p.error("--scenario chat runs a chat model's folder (--ckpt_dir) on this process's ranks")
+        return run_command(lambda: _bench_chat(a))
     if a.weights:
         if a.ranks or a.quantize or a.vs_hf:
             p.error("--weights compares precisions on one rank: drop --ranks, --quantize and --vs-hf")
@@ -238,6 +245,43 @@ def _bench(a: argparse.Namespace, conc: list[int]) -> int:
             print(json.dumps(result))
         else:
             _print(result, conc)
+    return 0
+
+
+def _bench_chat(a: argparse.Namespace) -> int:
+    from ..text.chat_format import chat_format_for
+    from ..text.tokenizer import load_tokenizer
+    from .bench_serving import chat_turns, decode_during_prefill
+    from .startup import find_tokenizer
+
+    info = init_distributed(device=a.device)
+    tok = load_tokenizer(find_tokenizer(a.ckpt_dir, None))
+    model = load_model(a.ckpt_dir, info, parse_dtype(a.dtype), 2048, 5, progress=False, quantize=a.quantize)
+    engine = Engine(model, tok, info.rank, info.world_size, info.device, seed=0)
+    fmt = chat_format_for(a.ckpt_dir, tok)
+    turns = {}
+    for reuse in (True, False):
+        engine.scheduler.prefix_cache = reuse
+        engine.scheduler.cached.clear()
+        turns[reuse] = chat_turns(engine, fmt, new_tokens=100)
+    engine.calibrate()
+    prefill = decode_during_prefill(engine, model.args.vocab_size)
+    if info.rank == 0:
+        result = {"model": str(a.ckpt_dir), "ranks": info.world_size, "device": str(info.device),
+                  "chat_turns": {"reuse": turns[True], "no_reuse": turns[False]}, "decode_during_prefill": prefill}
+        if a.json:
+            print(json.dumps(result))
+            return 0
+        print(f"multi-turn chat, {Path(a.ckpt_dir).name}, 100 new tokens a turn: time to first token (s)")
+        print(f"{'turn':>4} {'prompt':>7} {'reused':>7} {'reuse on':>9} {'reuse off':>10}")
+        for on, off in zip(turns[True], turns[False]):
+            print(f"{on['turn']:>4} {on['prompt_tokens']:>7} {on['reused']:>7} {on['ttft_s']:>9.3f} {off['ttft_s']:>10.3f}")
+        last, first = turns[True][-1]["ttft_s"], turns[True][0]["ttft_s"]
+        print(f"last turn / first turn with reuse: {last / first:.2f}x")
+        print(f"{prefill['running']} running requests while a {prefill['long_prompt']}-token prompt is prefilled "
+              f"({prefill['prefill_tokens_per_step']} prompt tokens a step, {prefill['prefill_steps']} steps): "
+              f"{prefill['decode_tok_s_during_prefill']:.1f} tok/s vs {prefill['decode_tok_s_alone']:.1f} alone "
+              f"({prefill['ratio']:.2f}x)")
     return 0
 
 
