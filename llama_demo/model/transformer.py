@@ -269,6 +269,8 @@ class Transformer(nn.Module):
         # float32 single-row CPU steps run their products in OpenBLAS (matmul_t); quantized
         # layers (quant.prepare_quantized) run in torch's thread pool only
         self.single_row_openblas = True
+        # steps of at most this many rows run torch's pool (and the quantized kernels) at one thread
+        self.one_thread_rows = 0
 
     def products(self):
         """Every matrix product of the model once: a fused group in place of its layers."""
@@ -298,7 +300,7 @@ class Transformer(nn.Module):
         `logits_at` (B,) indices into T, or at every position when None."""
         B, T = tokens.shape
         if tokens.device.type == "cpu":
-            cpu_kernels.set_cpu_threads(self.single_row_openblas and B * T == 1)
+            cpu_kernels.set_cpu_threads((self.single_row_openblas and B * T == 1) or B * T <= self.one_thread_rows)
         h = self.tok_embeddings(tokens)
         rope = self.rope[pos]  # (B, T, head_dim/2) complex
         if T == 1 and B == 1:
