@@ -317,18 +317,21 @@ def _bench_weights(a: argparse.Namespace, conc: list[int], weights: list[tuple[s
 
         ids = load_tokenizer(find_tokenizer(base, None)).encode(Path(a.text).read_text(encoding="utf-8"), bos=False)
         ids = ids[: a.ppl_tokens]
-    max_len = max(a.prompt_len + a.new_tokens + 8, len(ids or []))
+    max_len = a.prompt_len + a.new_tokens + 8
     runs = []
     for label, quantize, folder in weights:
-        model = load_model(folder or base, info, parse_dtype(a.dtype), max_len, max(conc), progress=False,
+        model = load_model(folder or base, info, parse_dtype(a.dtype), max(max_len, len(ids or [])), 1, progress=False,
                            quantize=quantize)
         held, _ = weight_bytes(model)
         held += sum(p.packed.numel() * p.packed.element_size() for p in model.products()
                     if getattr(p, "packed", None) is not None)  # oneDNN's blocked copies (pack_for_cpu)
-        engine = Engine(model, _NoTextTokenizer(), info.rank, info.world_size, info.device, seed=0)
         row = {"label": label, "dtype": weights_label(model), "weight_mb": held / 2**20}
         if ids:
             row["perplexity"] = perplexity(model, ids, len(ids), info.device)
+        print(f"{label}: loaded ({row['dtype']}, {row['weight_mb']:.1f} MB)"
+              + (f", perplexity {row['perplexity']:.3f}" if ids else ""), file=sys.stderr, flush=True)
+        model.setup_cache(max(conc), max_len, info.device, model.norm.weight.dtype)  # the benchmark's cache, not the text's
+        engine = Engine(model, _NoTextTokenizer(), info.rank, info.world_size, info.device, seed=0)
         runs.append((engine, row))
     for _ in range(a.repeats):  # rounds of one run each, so every precision meets the same disturbances
         for engine, row in runs:

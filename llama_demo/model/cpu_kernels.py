@@ -118,6 +118,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 # quant.py falls back to fbgemm (int8) or dequantizing products.
 
 _SOURCE = Path(__file__).with_name("qkernels.c")
+# Decode steps of up to this many rows run the native kernels on one thread. A step makes ~120
+# products, each an OpenMP region ending in a barrier; on the shared 2-core VM we measured, with
+# other jobs running, two threads fell to 0.8 tok/s (a barrier waits for a descheduled thread's
+# next time slice) where one thread kept 34 tok/s for int8. Prefill (more rows) uses every core.
+NATIVE_ONE_THREAD_ROWS = 16
 QK = 32  # the kernels' activation block: input sizes must be multiples of it
 
 

@@ -506,7 +506,9 @@ def prepare_quantized(model: nn.Module, dtype: torch.dtype) -> None:
     for m in model.modules():
         if isinstance(m, (*QUANTIZED, QuantEmbedding)):
             m.prepare(dtype)
-    model.single_row_openblas = False  # quantized products run in torch's threads (model.set_cpu_threads)
+    model.single_row_openblas = False  # quantized products run in torch's threads (cpu_kernels.set_cpu_threads)
+    if any(getattr(m, "kernel", None) == "native" for m in model.modules()):
+        model.one_thread_rows = cpu_kernels.NATIVE_ONE_THREAD_ROWS
 
 
 def weights_label(model: nn.Module) -> str:

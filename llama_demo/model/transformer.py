@@ -281,6 +281,8 @@ class Transformer(nn.Module):
         # float32 single-row CPU steps run their products in OpenBLAS (matmul_t); quantized
         # layers (quant.prepare_quantized) run in torch's thread pool only
         self.single_row_openblas = True
+        # steps of at most this many rows run torch's pool (and the quantized kernels) at one thread
+        self.one_thread_rows = 0
 
     def products(self):
         """Every matrix product of the model once: a fused group in place of its layers."""
@@ -327,7 +329,7 @@ class Transformer(nn.Module):
         those alone), or (N, V) when None."""
         N = tokens.shape[0]
         if tokens.device.type == "cpu":
-            cpu_kernels.set_cpu_threads(self.single_row_openblas and N == 1)
+            cpu_kernels.set_cpu_threads((self.single_row_openblas and N == 1) or N <= self.one_thread_rows)
         h = self.tok_embeddings(tokens[None])  # (1, N, dim)
         rope = self.rope[pos][None]  # (1, N, head_dim/2) complex
         for layer in self.layers:
