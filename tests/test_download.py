@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from llama_demo import download as dl
+from llama_demo.weights import download as dl
 from llama_demo.weights.download import DownloadError, download, parse_checklist
 
 
