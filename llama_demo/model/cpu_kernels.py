@@ -121,8 +121,10 @@ _SOURCE = Path(__file__).with_name("qkernels.c")
 # Decode steps of up to this many rows run the native kernels on one thread. A step makes ~120
 # products, each an OpenMP region ending in a barrier; on the shared 2-core VM we measured, with
 # other jobs running, two threads fell to 0.8 tok/s (a barrier waits for a descheduled thread's
-# next time slice) where one thread kept 34 tok/s for int8. Prefill (more rows) uses every core.
-NATIVE_ONE_THREAD_ROWS = 16
+# next time slice) where one thread kept 34 tok/s for int8. On the same VM with nothing else
+# running, 16-row steps were faster on both cores (int8 112 -> 156 tok/s, int4 127 -> 164, one
+# run each, same bench command), so only single rows keep to one thread.
+NATIVE_ONE_THREAD_ROWS = 1
 QK = 32  # the kernels' activation block: input sizes must be multiples of it
 
 
