@@ -23,7 +23,8 @@ report = {}
 for spec in sys.argv[2:]:
     tag, rest = spec.split("=", 1)
     folder, _, quantize = rest.partition(":")
-    model = load_model(folder, info, max_seq_len=64, max_batch_size=1, progress=False, quantize=quantize or None)
+    model = load_model(folder, info, dtype=torch.float32, max_seq_len=64, max_batch_size=1, progress=False,
+                       quantize=quantize or None)
     ids = torch.tensor([PROMPT])
     logits = model(ids, torch.arange(len(PROMPT))[None], slice(0, 1), len(PROMPT), logits_at=torch.tensor([len(PROMPT) - 1]))
     tokens, margins = [], []
