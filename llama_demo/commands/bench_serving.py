@@ -16,17 +16,13 @@ import torch
 from ..engine.engine import Engine, Request
 from ..engine.sampler import SamplingParams
 from ..text.chat_format import ChatFormat, Message
+from .bench import _sync
 
 USER_TURNS = [
     "Tell me about llamas.", "Where do they live?", "What do they eat?", "How long do they live?",
     "Are they related to camels?", "Can they be kept as pets?", "What is their wool used for?",
     "Summarise what you told me.",
 ]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _first_token_time(engine: Engine, req: Request) -> tuple[float, int, str]:

@@ -76,8 +76,6 @@ def _generate(a: argparse.Namespace) -> int:
     engine, tok = build_engine(a)
     bos = None if a.bos == "auto" else a.bos == "yes"
     reqs = [Request(i, tok.encode(text, bos=bos), params) for i, text in enumerate(a.prompt)]
-    for r in reqs:
-        engine.check(r)  # every prompt checked before any is run: one bad prompt, one clear error
     printer = _StreamPrinter(a.prompt) if rank == 0 and not a.json else None
     results = engine.generate(reqs, on_event=printer)
     if rank == 0:

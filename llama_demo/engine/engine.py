@@ -25,8 +25,8 @@ from ..model.parallel import broadcast_from_first
 from ..model.transformer import Part, Transformer, slot_runs
 from ..text.detok import TextStream
 from ..text.tokenizer import Tokenizer
-from .sampler import (apply_logit_bias, apply_penalties, apply_repetition_penalty, repeats_itself, sample,
-                      top_logprobs)
+from .sampler import (apply_logit_bias, apply_penalties, apply_repetition_penalty, repeat_window, repeats_itself,
+                      sample, top_logprobs)
 from .grammar import Matcher
 from .scheduler import PromptTooLong, Request, Scheduler, Sequence, check_prompt, check_request, request_generator
 
@@ -356,7 +356,7 @@ class Engine:
                     st.pending_text = text + st.text.finish()
                     return GRAMMAR_END
             guard = s.req.params.repeat_guard
-            if guard and repeats_itself(s.out_ids + [tok], guard):
+            if guard and repeats_itself(s.out_ids[-repeat_window(guard):] + [tok], guard):
                 st.pending_text = text + st.text.finish()
                 return REPEATING
             if self.scheduler.length_reached(s, len(s.out_ids) + 1):
@@ -401,9 +401,9 @@ class Engine:
     # ----------------------------------------------------------------- batch convenience
     def generate(self, requests: list[Request], on_event=None) -> dict:
         """Run the given requests to completion. Returns {id: (token ids, text, finish_reason)}
-        (text on rank 0 only)."""
-        for r in requests:
-            self.add(self.check(r))
+        (text on rank 0 only). Every request is checked before any runs: one bad one, one error."""
+        for r in [self.check(r) for r in requests]:
+            self.add(r)
         toks = {r.id: [] for r in requests}
         texts = {r.id: [] for r in requests}
         reasons = {}

@@ -113,6 +113,12 @@ class SamplingParams:
         return self.temperature == 0
 
 
+def repeat_window(min_tokens: int, max_period: int = REPEAT_GUARD_MAX_PERIOD,
+                  min_repeats: int = REPEAT_GUARD_MIN_REPEATS) -> int:
+    """The most trailing tokens repeats_itself looks at: callers pass no more than this."""
+    return max(min_tokens, max_period * min_repeats)
+
+
 def repeats_itself(ids: list[int], min_tokens: int, max_period: int = REPEAT_GUARD_MAX_PERIOD,
                    min_repeats: int = REPEAT_GUARD_MIN_REPEATS) -> bool:
     """Whether `ids` ends with one cycle of p <= max_period tokens repeated at least min_repeats

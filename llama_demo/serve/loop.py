@@ -16,7 +16,6 @@ import logging
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import AsyncIterator
 
 import torch
 
@@ -97,16 +96,6 @@ class EngineClient:
         for sub, (prompt_ids, params) in zip(subs, requests):
             self.bus.publish("req", id=sub.id, prompt_ids=list(prompt_ids), params=asdict(params))
         return subs
-
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
-        """submit() and its events; leaving early (a client that disconnects, a stop button)
-        cancels the request on every rank."""
-        sub = self.submit(prompt_ids, params)
-        try:
-            async for ev in sub:
-                yield ev
-        finally:
-            sub.close()
 
     def _forget(self, rid: str, cancel: bool) -> None:
         with self._lock:
