@@ -41,10 +41,14 @@ def check_request(prompt_ids: list[int], params: SamplingParams, max_seq_len: in
     returns the params reduced to what the engine runs (see SamplingParams.validate)."""
     params = params.validate(vocab_size)
     check_prompt(len(prompt_ids), max_seq_len)
-    for t in prompt_ids:
-        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
-            raise ValueError(f"prompt token id {t!r} is outside the vocabulary (0..{vocab_size - 1})")
+    check_token_ids(prompt_ids, vocab_size, "prompt token id")
     return params
+
+
+def check_token_ids(ids: list[int], vocab_size: int, what: str = "token id") -> None:
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            raise ValueError(f"{what} {t!r} is outside the vocabulary (0..{vocab_size - 1})")
 
 
 @dataclass

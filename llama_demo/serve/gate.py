@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from ..config import MAX_CHAT_MESSAGES, SamplingDefaults
 from ..engine.grammar import GrammarError, ll_tokenizer, response_format_grammar
 from ..engine.sampler import SamplingError, SamplingParams
-from ..engine.scheduler import PromptTooLong, check_request
+from ..engine.scheduler import PromptTooLong, check_request, check_token_ids
 from ..text.chat_format import ChatFormat, Message
 from ..text.tokenizer import Tokenizer
 from .errors import ApiError
@@ -59,6 +59,14 @@ class Gate:
             raise ApiError(400, f"{field}: at most {MAX_CHAT_MESSAGES} messages, got {len(dialog)}", param=field)
         self._check_text_size([m.content for m in dialog], field)
         return await self._off_loop(lambda: self.chat_format.encode_dialog(dialog, tools), field)
+
+    async def decode(self, ids: list[int], field: str) -> str:
+        """Text of token ids (/detokenize): ids checked like a prompt's, decoded off the event loop."""
+        try:
+            check_token_ids(ids, self.vocab_size)
+        except ValueError as e:
+            raise ApiError(400, f"{field}: {e}", param=field) from None
+        return await asyncio.to_thread(self.tokenizer.decode, ids)
 
     def _check_text_size(self, texts: Sequence[str], field: str) -> None:
         chars = sum(len(t) for t in texts)

@@ -391,11 +391,7 @@ def tokenizer_router(api: OpenAIApi, dependencies: list) -> APIRouter:
 
     @router.post("/detokenize")
     async def detokenize(req: p.DetokenizeRequest) -> p.DetokenizeResponse:
-        bad = [t for t in req.tokens if not 0 <= t < api.client.vocab_size]
-        if bad:
-            raise ApiError(400, f"tokens: id {bad[0]} is outside the vocabulary (0..{api.client.vocab_size - 1})",
-                           param="tokens")
-        return p.DetokenizeResponse(prompt=api.tokenizer.decode(req.tokens))
+        return p.DetokenizeResponse(prompt=await api.gate.decode(req.tokens, "tokens"))
 
     return router
 
