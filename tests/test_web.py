@@ -608,6 +608,12 @@ def test_openai_parse_with_a_pydantic_model_gets_the_schemas_grammar(tok):
                                                               "response_format": {"type": "json_schema", "json_schema": {
                                                                   "name": "x", "schema": {"type": "nope"}}}})
         assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+        before = len(client.requests)
+        r = httpx.post(f"{s.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                              "response_format": {"type": "json_schema", "json_schema": {
+                                                                  "name": "x", "schema": {"$ref": "#"}}}})
+        assert r.status_code == 400 and "admits no document" in r.json()["error"]["message"]
+        assert len(client.requests) == before  # refused at the gate, not failed in the engine
 
 
 # --- tools ----------------------------------------------------------------------------------------

@@ -79,8 +79,8 @@ class Matcher:
         self._check()
 
     def _check(self) -> None:
-        if self._m.is_error():
-            raise GrammarError(self._m.get_error())
+        if self._m.is_error():  # llguidance's report continues with a dump of its state: the first line says it
+            raise GrammarError((self._m.get_error().splitlines() or ["grammar error"])[0])
 
     def allowed(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """(V,) bool: the tokens the grammar allows next (the stop ids once the answer is complete)."""

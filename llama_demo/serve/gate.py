@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..config import MAX_CHAT_MESSAGES, SamplingDefaults
-from ..engine.grammar import GrammarError, ll_tokenizer, response_format_grammar
+from ..engine.grammar import GrammarError, Matcher, ll_tokenizer, response_format_grammar
 from ..engine.sampler import SamplingError, SamplingParams
 from ..engine.scheduler import PromptTooLong, check_request, check_token_ids
 from ..text.chat_format import ChatFormat, Message
@@ -116,15 +116,27 @@ class Gate:
         except GrammarError as e:
             raise ApiError(400, f"response_format: {e}", param="response_format") from None
         if grammar is not None:
-            await asyncio.to_thread(self.warm_grammar_tokenizer)
+            try:
+                await asyncio.to_thread(self.check_grammar, grammar)
+            except GrammarError as e:
+                raise ApiError(400, f"response_format: {e}", param="response_format") from None
         return grammar
 
-    def warm_grammar_tokenizer(self) -> None:
+    def check_grammar(self, grammar: str) -> None:
         """Build llguidance's view of the vocabulary here (~1 s for 50k tokens, once), not in the
         serving loop where it would stall every running answer; the engine finds it cached (same
-        tokenizer, vocabulary size and stop ids as serve's engine.stop_ids)."""
-        stops = self.tokenizer.stop_ids | (self.chat_format.stop_ids if self.chat_format else frozenset())
-        ll_tokenizer(self.tokenizer, self.vocab_size, frozenset(stops))
+        tokenizer, vocabulary size and stop ids as serve's engine.stop_ids). Then the grammar's
+        first step: a schema no document satisfies (e.g. {"$ref": "#"}) allows no token at all."""
+        stops = frozenset(self.tokenizer.stop_ids | (self.chat_format.stop_ids if self.chat_format else frozenset()))
+        ll_tokenizer(self.tokenizer, self.vocab_size, stops)
+        try:
+            first = Matcher(grammar, self.tokenizer, self.vocab_size, stops).allowed()
+        except GrammarError as e:
+            first, why = None, f" ({e})"
+        else:
+            why = ""
+        if first is None or not first.any():
+            raise GrammarError(f"the JSON schema admits no document that can be generated{why}")
 
     def page_params(self, temperature, top_p, max_new_tokens, defaults: SamplingDefaults) -> SamplingParams:
         """The chat page's sliders (numbers from the browser, or from gradio_client: anything)."""

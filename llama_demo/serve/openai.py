@@ -26,6 +26,7 @@ from pydantic import BaseModel
 
 from ..config import API_SAMPLING, MAX_CHOICES, MAX_SEED, RETRY_AFTER_S, ServerConfig
 from ..engine.engine import TokenEvent
+from ..engine.grammar import GrammarError
 from ..engine.sampler import SamplingParams
 from ..text.chat_format import ChatFormat, Message
 from ..text.tokenizer import Tokenizer
@@ -147,10 +148,13 @@ class OpenAIApi:
                           logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         params.grammar = await self.gate.grammar(req.response_format)
         if tools.grammar is not None:
-            await asyncio.to_thread(self.gate.warm_grammar_tokenizer)
             if params.grammar is not None:
                 raise ApiError(400, "tool_choice: a forced tool call and a response_format cannot both shape the "
                                     "answer", param="tool_choice")
+            try:
+                await asyncio.to_thread(self.gate.check_grammar, tools.grammar)
+            except GrammarError as e:
+                raise ApiError(400, f"tools: the functions' parameters cannot be enforced: {e}", param="tools") from None
             params.grammar = tools.grammar
         job = self.gate.job(ids, params, "messages", names={"logprobs": "top_logprobs"})
         return [Choice(j, _nth(job, j), 0, tool_calls=tools.parse) for j in range(n)]
