@@ -43,7 +43,9 @@ def matmul_t(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None = Non
     threads. Elsewhere (CUDA, half precision, autograd) F.linear."""
     if x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32 and not torch.is_grad_enabled():
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] > 1 and ONEDNN:
+        if x2.shape[0] == 1 and w.is_contiguous() and native() is not None:
+            out = native_f32_linear(x2, w)
+        elif x2.shape[0] > 1 and ONEDNN:
             out = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), w if packed is None else packed, None, "none", [], "")
         elif openblas:
             out = torch.from_numpy(np.matmul(x2.numpy(), w.detach().numpy().T))
@@ -90,9 +92,13 @@ def available_memory() -> int:
 
 
 def set_cpu_threads(openblas_step: bool) -> None:
-    """torch's intra-op thread count for a CPU step: one while OpenBLAS runs a single-row step,
-    cpu_threads() for steps that run in torch's pool (batched steps; quantized models, whose C
-    kernels share torch's OpenMP pool)."""
+    """torch's intra-op thread count for a CPU step: one while OpenBLAS runs a single-row step
+    (only when the C kernels could not be built), else cpu_threads(): torch's ops and the C kernels
+    share one OpenMP pool. Single-row steps too use every core: on the 2-core VM we measured, with
+    nothing else running, two threads decode 1.3-1.5x faster than one (SmolLM2-135M: float32 19.7 ->
+    28.2 tok/s, int8 49 -> 68.5, int4 63.5 -> 96.4). On a machine shared with other busy processes
+    a barrier can wait for a descheduled thread's next time slice (we once saw 0.8 tok/s on two
+    threads where one kept 34): set LLAMA_DEMO_TORCH_THREADS there (parallel.cpu_threads)."""
     n = 1 if openblas_step else cpu_threads()
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
@@ -118,13 +124,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 # quant.py falls back to fbgemm (int8) or dequantizing products.
 
 _SOURCE = Path(__file__).with_name("qkernels.c")
-# Decode steps of up to this many rows run the native kernels on one thread. A step makes ~120
-# products, each an OpenMP region ending in a barrier; on the shared 2-core VM we measured, with
-# other jobs running, two threads fell to 0.8 tok/s (a barrier waits for a descheduled thread's
-# next time slice) where one thread kept 34 tok/s for int8. On the same VM with nothing else
-# running, 16-row steps were faster on both cores (int8 112 -> 156 tok/s, int4 127 -> 164, one
-# run each, same bench command), so only single rows keep to one thread.
-NATIVE_ONE_THREAD_ROWS = 1
 QK = 32  # the kernels' activation block: input sizes must be multiples of it
 
 
@@ -180,6 +179,11 @@ def native() -> ctypes.CDLL | None:
     lib.qk_linear_q4.argtypes = [p, i64, p, p, p, i64, i64, i64, p]
     lib.qk_linear_q8.argtypes = [p, i64, p, p, i64, i64, p]
     lib.qk_simd.restype = ctypes.c_int
+    lib.qk_linear_f32.argtypes = [p, i64, p, i64, i64, p]
+    lib.qk_rmsnorm.argtypes = [p, p, p, i64, i64, ctypes.c_float, p]
+    f32 = ctypes.c_float
+    lib.qk_decode_attention.argtypes = [p, p, p, f32, i64, i64, p, p, i64, i64, i64, p, p, p, p, p, i64, p]
+    lib.qk_decode_ffn.argtypes = [p, p, p, f32, i64, i64, p, p, p]
     return lib
 
 
@@ -187,6 +191,14 @@ def native_simd() -> bool:
     """Whether the C kernels were built with vector units (else they run portable loops)."""
     lib = native()
     return lib is not None and lib.qk_simd() > 0
+
+
+def native_f32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T for float32 x (..., cols) and w (rows, cols), read at memory speed for few rows of x."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.empty(x2.shape[0], w.shape[0])
+    native().qk_linear_f32(x2.data_ptr(), x2.shape[0], w.data_ptr(), w.shape[0], w.shape[1], y.data_ptr())
+    return y.view(*x.shape[:-1], w.shape[0])
 
 
 def native_int8_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -230,3 +242,49 @@ def fbgemm_int8_linear(x: torch.Tensor, packed) -> torch.Tensor:
     """fbgemm's dynamic linear: activations quantized per call (per tensor, uint8), int8 GEMM."""
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     return torch.ops.quantized.linear_dynamic(x2, packed).view(*x.shape[:-1], -1)
+
+
+# ----------------------------------------------------------------------------- decode steps in C
+# native_decode.py runs a decode step's layers through qkernels.c (it says why); these describe the
+# products to it.
+
+class ProductSpec(ctypes.Structure):
+    """One matrix product for the C decode step (qkernels.c's qk_product): kind 0 float32 weights
+    (rows, cols); 1 int8 rows with float32 scales; 2 quant.py's int4 layout. Holds raw addresses:
+    `tensors` keeps what they point into alive, and native_decode checks them before each use."""
+    _fields_ = [("kind", ctypes.c_int64), ("w", ctypes.c_void_p), ("scales", ctypes.c_void_p),
+                ("zeros", ctypes.c_void_p), ("rows", ctypes.c_int64), ("cols", ctypes.c_int64),
+                ("group", ctypes.c_int64)]
+
+    @classmethod
+    def _of(cls, kind: int, tensors: tuple[torch.Tensor, ...], rows: int, cols: int, group: int = 0):
+        if not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors) or (kind and cols % QK):
+            return None
+        ptrs = [t.data_ptr() for t in tensors] + [None] * (3 - len(tensors))
+        spec = cls(kind, *ptrs, rows, cols, group)
+        spec.tensors = tensors
+        return spec
+
+    @classmethod
+    def float32(cls, w: torch.Tensor) -> "ProductSpec | None":
+        return cls._of(0, (w,), *w.shape) if w.dtype == torch.float32 and w.dim() == 2 else None
+
+    @classmethod
+    def int8(cls, w: torch.Tensor, scales: torch.Tensor) -> "ProductSpec | None":
+        return cls._of(1, (w, scales), *w.shape) if scales.dtype == torch.float32 else None
+
+    @classmethod
+    def int4(cls, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int) -> "ProductSpec | None":
+        return cls._of(2, (w, scales, zeros), w.shape[0], w.shape[1] * 2, group)
+
+    def current(self) -> bool:
+        """Whether the tensors still hold the memory the addresses point into."""
+        return all(t.data_ptr() == getattr(self, f) for t, f in zip(self.tensors, ("w", "scales", "zeros")))
+
+def native_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """F.rms_norm(x) * weight over the last dimension; with `residual`, first residual += x (in
+    place) and normalise the sum."""
+    out = torch.empty_like(x)
+    native().qk_rmsnorm(None if residual is None else residual.data_ptr(), x.data_ptr(), weight.data_ptr(),
+                        x.numel() // x.shape[-1], x.shape[-1], eps, out.data_ptr())
+    return out

@@ -30,7 +30,7 @@
 #define TILE_B 4     /* activation rows per pass over a weight row (the row stays in L1) */
 #define CHUNK_B 64   /* activation rows per sweep over all weights (their int8 copy stays in L2) */
 
-int qk_version(void) { return 3; }
+int qk_version(void) { return 4; }
 
 int qk_simd(void) {
 #ifdef QK_AVX2
@@ -362,4 +362,250 @@ int qk_linear_q8(const float *x, int64_t B, const int8_t *w, const float *sc, in
     qk_mm_q8(w, sc, rows, cols, xq, xd, B, y);
     free(xq);
     return 0;
+}
+
+/* ------------------------------------------------------------------ decode steps' small ops
+ * A decode step (one new token per sequence) of a small model spends more time in the ~40 small
+ * torch ops per layer around the matrix products (norms, rotary, cache writes, attention over the
+ * cache, SiLU) than in the products: each costs microseconds of dispatch for a few hundred
+ * floats. These do the same arithmetic in three calls per layer (model/transformer.py's decode
+ * path); results match torch's up to float summation order. */
+
+#ifdef QK_AVX2
+/* e^x for 8 floats: Cephes' expf polynomial (relative error ~1e-7), as in avx_mathfun */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3365478515625f)), _mm256_set1_ps(88.3762626647949f));
+    __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#endif
+
+static float dot_f32(const float *a, const float *b, int64_t n) {
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* out = x / sqrt(mean(x^2) + eps) * w for B rows of dim; with `h` non-null, first h += x and the
+ * norm is of the new h (a residual add and the next norm in one pass). */
+void qk_rmsnorm(float *h, const float *x, const float *w, int64_t B, int64_t dim, float eps, float *out) {
+    for (int64_t b = 0; b < B; b++) {
+        const float *xb = x + b * dim;
+        float *src = (float *)xb;
+        if (h) {
+            src = h + b * dim;
+#pragma omp simd
+            for (int64_t i = 0; i < dim; i++) src[i] += xb[i];
+        }
+        const float r = 1.f / sqrtf(dot_f32(src, src, dim) / (float)dim + eps);
+        float *ob = out + b * dim;
+#pragma omp simd
+        for (int64_t i = 0; i < dim; i++) ob[i] = src[i] * r * w[i];
+    }
+}
+
+/* out (B, hidden) = silu(gu[:, :hidden]) * gu[:, hidden:], gu (B, 2 * hidden): w1 and w3 side by side */
+void qk_silu_mul(const float *gu, int64_t B, int64_t hidden, float *out) {
+    for (int64_t b = 0; b < B; b++) {
+        const float *g = gu + b * 2 * hidden, *u = g + hidden;
+        float *o = out + b * hidden;
+        int64_t i = 0;
+#ifdef QK_AVX2
+        for (; i + 8 <= hidden; i += 8) {
+            const __m256 gv = _mm256_loadu_ps(g + i);
+            const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+        }
+#endif
+        for (; i < hidden; i++) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+    }
+}
+
+/* Rotate n_heads heads of hd floats in place by the complex angles rope (hd/2 (cos, sin) pairs):
+ * interleaved pairs (x0, x1), as Meta's apply_rotary_emb. */
+static void rope_heads(float *x, int64_t n_heads, int64_t hd, const float *rope) {
+    for (int64_t j = 0; j < n_heads; j++) {
+        float *v = x + j * hd;
+        for (int64_t i = 0; i < hd / 2; i++) {
+            const float c = rope[2 * i], s = rope[2 * i + 1], a = v[2 * i], b = v[2 * i + 1];
+            v[2 * i] = a * c - b * s;
+            v[2 * i + 1] = a * s + b * c;
+        }
+    }
+}
+
+/* One new token for each of B cache rows. qkv (B, (h + 2 kvh) hd): the fused q, k, v product of
+ * the tokens, rotated here in place; rows[b], pos[b]: the token's cache row and position; rope
+ * (max_seq, hd/2, 2): cos, sin per position; cache_k, cache_v (slots, kvh, max_seq, hd). Writes the
+ * token's k and v at pos, then out[b] (h hd) = softmax(q k^T / sqrt(hd)) v over positions 0..pos,
+ * query head i reading KV head i / (h / kvh). Returns nonzero when scratch memory could not be had. */
+int qk_attend_decode(float *qkv, int64_t B, int64_t h, int64_t kvh, int64_t hd, const int64_t *rows,
+                     const int64_t *pos, const float *rope, float *cache_k, float *cache_v, int64_t max_seq,
+                     float *out) {
+    const int64_t width = (h + 2 * kvh) * hd, g = h / kvh;
+    int64_t longest = 0;
+    for (int64_t b = 0; b < B; b++) {
+        float *t = qkv + b * width;
+        rope_heads(t, h + kvh, hd, rope + pos[b] * hd);  /* q heads, then k heads: same angles */
+        for (int64_t j = 0; j < kvh; j++) {
+            const int64_t at = ((rows[b] * kvh + j) * max_seq + pos[b]) * hd;
+            memcpy(cache_k + at, t + (h + j) * hd, hd * sizeof(float));
+            memcpy(cache_v + at, t + (h + kvh + j) * hd, hd * sizeof(float));
+        }
+        longest = pos[b] + 1 > longest ? pos[b] + 1 : longest;
+    }
+    int failed = 0;
+    const float scale = 1.f / sqrtf((float)hd);
+#pragma omp parallel if (B * h * longest * hd >= (1 << 15)) reduction(| : failed)
+    {
+        float *p = malloc(longest * sizeof(float));
+        if (!p) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < B * h; i++) {
+            if (!p) continue;
+            const int64_t b = i / h, head = i % h, n = pos[b] + 1;
+            const float *q = qkv + b * width + head * hd;
+            const int64_t base = (rows[b] * kvh + head / g) * max_seq * hd;
+            const float *k = cache_k + base, *v = cache_v + base;
+            float m = -INFINITY, sum = 0.f;
+            for (int64_t t = 0; t < n; t++) {
+                p[t] = dot_f32(q, k + t * hd, hd) * scale;
+                m = p[t] > m ? p[t] : m;
+            }
+            int64_t t = 0;
+#ifdef QK_AVX2
+            __m256 acc = _mm256_setzero_ps();
+            for (; t + 8 <= n; t += 8) {
+                const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + t), _mm256_set1_ps(m)));
+                _mm256_storeu_ps(p + t, e);
+                acc = _mm256_add_ps(acc, e);
+            }
+            sum = hsum8(acc);
+#endif
+            for (; t < n; t++) {
+                p[t] = expf(p[t] - m);
+                sum += p[t];
+            }
+            float *o = out + b * h * hd + head * hd;
+            memset(o, 0, hd * sizeof(float));
+            for (t = 0; t < n; t++) {
+                const float *vt = v + t * hd, pt = p[t];
+#pragma omp simd
+                for (int64_t d = 0; d < hd; d++) o[d] += pt * vt[d];
+            }
+            const float inv = 1.f / sum;
+#pragma omp simd
+            for (int64_t d = 0; d < hd; d++) o[d] *= inv;
+        }
+        free(p);
+    }
+    return failed;
+}
+
+/* ------------------------------------------------------------------ float32 products of few rows
+ * y (B, rows) = x (B, cols) @ W^T for float32 W and a few activation rows (decode steps). Reading
+ * W is the whole cost: each pass streams four weight rows at once, each with its own accumulator,
+ * so the loads keep the memory bus busy instead of waiting on one FMA chain; on the AVX2 machine
+ * we measured, OpenBLAS's gemv read W at ~12 GB/s on two threads where this reads ~20. */
+#define F32_ROWS 4
+
+static inline void f32_rows(const float *w, int64_t r0, int64_t r1, int64_t cols, const float *x, int nb, float *y,
+                            int64_t ldy) {
+    for (int64_t r = r0; r < r1; r++) {
+        const float *wr = w + r * cols;
+        int64_t c = 0;
+#ifdef QK_AVX2
+        if (nb == 1) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (; c + 32 <= cols; c += 32) {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + c), _mm256_loadu_ps(x + c), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + c + 8), _mm256_loadu_ps(x + c + 8), a1);
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + c + 16), _mm256_loadu_ps(x + c + 16), a2);
+                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + c + 24), _mm256_loadu_ps(x + c + 24), a3);
+            }
+            float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+            for (; c < cols; c++) s += wr[c] * x[c];
+            y[r] = s;
+            continue;
+        }
+#endif
+        for (int b = 0; b < nb; b++) y[b * ldy + r] = dot_f32(wr, x + b * cols, cols);
+    }
+}
+
+void qk_linear_f32(const float *x, int64_t B, const float *w, int64_t rows, int64_t cols, float *y) {
+    for (int64_t c0 = 0; c0 < B; c0 += TILE_B) {  /* TILE_B activation rows per sweep over W */
+        const int nb = (int)(B - c0 < TILE_B ? B - c0 : TILE_B);
+#pragma omp parallel for schedule(static) if (rows * cols >= 65536)
+        for (int64_t r0 = 0; r0 < rows; r0 += ROW_RUN) {
+            const int64_t r1 = r0 + ROW_RUN < rows ? r0 + ROW_RUN : rows;
+            f32_rows(w, r0, r1, cols, x + c0 * cols, nb, y + c0 * rows, rows);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ a decode layer in two calls
+ * The products of a layer described once (model/native_decode.py builds these from the model's
+ * layers), so that a decode step crosses from Python into C twice per layer, at the points where
+ * model-parallel ranks must all-reduce (after wo and after w2), instead of ~10 times. */
+typedef struct {
+    int64_t kind;  /* 0 float32 (w), 1 int8 (w, scales), 2 int4 (w, scales, zeros, group) */
+    const void *w, *scales, *zeros;
+    int64_t rows, cols, group;
+} qk_product;
+
+static int product(const qk_product *p, const float *x, int64_t B, float *y) {
+    switch (p->kind) {
+    case 0: qk_linear_f32(x, B, p->w, p->rows, p->cols, y); return 0;
+    case 1: return qk_linear_q8(x, B, p->w, p->scales, p->rows, p->cols, y);
+    case 2: return qk_linear_q4(x, B, p->w, p->scales, p->zeros, p->rows, p->cols, p->group, y);
+    }
+    return 1;
+}
+
+/* h (B, dim) += delta (if non-null: the last layer's all-reduced FFN output); then
+ * out (B, dim) = wo(attention(qkv(rmsnorm(h)))) for this rank's heads, before the all-reduce. */
+int qk_decode_attention(float *h, const float *delta, const float *norm_w, float eps, int64_t B, int64_t dim,
+                        const qk_product *qkv, const qk_product *wo, int64_t heads, int64_t kv_heads, int64_t hd,
+                        const int64_t *rows, const int64_t *pos, const float *rope, float *cache_k, float *cache_v,
+                        int64_t max_seq, float *out) {
+    float *x = malloc(B * (dim + qkv->rows + heads * hd) * sizeof(float));
+    if (!x) return 1;
+    float *t = x + B * dim, *a = t + B * qkv->rows;
+    qk_rmsnorm(delta ? h : NULL, delta ? delta : h, norm_w, B, dim, eps, x);
+    int err = product(qkv, x, B, t);
+    if (!err) err = qk_attend_decode(t, B, heads, kv_heads, hd, rows, pos, rope, cache_k, cache_v, max_seq, a);
+    if (!err) err = product(wo, a, B, out);
+    free(x);
+    return err;
+}
+
+/* h (B, dim) += attn (the all-reduced attention output); out (B, dim) = w2(silu(w1 x) * w3 x) with
+ * x = rmsnorm(h), before the all-reduce. w13: w1 and w3 as one product. */
+int qk_decode_ffn(float *h, const float *attn, const float *norm_w, float eps, int64_t B, int64_t dim,
+                  const qk_product *w13, const qk_product *w2, float *out) {
+    const int64_t hidden = w13->rows / 2;
+    float *x = malloc(B * (dim + 3 * hidden) * sizeof(float));
+    if (!x) return 1;
+    float *gu = x + B * dim, *act = gu + B * 2 * hidden;
+    qk_rmsnorm(h, attn, norm_w, B, dim, eps, x);
+    int err = product(w13, x, B, gu);
+    if (!err) {
+        qk_silu_mul(gu, B, hidden, act);
+        err = product(w2, act, B, out);
+    }
+    free(x);
+    return err;
 }

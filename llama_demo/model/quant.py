@@ -263,6 +263,10 @@ class _Int8:
         if self.kernel != "fbgemm":
             self.fbgemm_packed = None
 
+    def native_spec(self) -> cpu_kernels.ProductSpec | None:
+        """This product for the C decode step (native_decode.py), when it runs the native kernel."""
+        return cpu_kernels.ProductSpec.int8(self.weight, self.scales) if self.kernel == "native" else None
+
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "native":
             return cpu_kernels.native_int8_linear(x, self.weight, self.scales)
@@ -320,6 +324,11 @@ class _Int4:
             self.weight, self.kernel, self.out_local = packed, "int4pack", rows
             self.register_buffer("scales_and_zeros", sz, persistent=False)
 
+    def native_spec(self) -> cpu_kernels.ProductSpec | None:
+        if self.kernel != "native":
+            return None
+        return cpu_kernels.ProductSpec.int4(self.weight, self.scales, self.zeros, self.group_size)
+
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "native":
             return cpu_kernels.native_int4_linear(x, self.weight, self.scales, self.zeros, self.group_size)
@@ -355,6 +364,11 @@ class FusedQuantColumns:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.whole(x).split(self.sizes, dim=-1)
+
+    def native_spec(self) -> cpu_kernels.ProductSpec:
+        if self.int4:
+            return cpu_kernels.ProductSpec.int4(self.weight, self.scales, self.zeros, self.group_size)
+        return cpu_kernels.ProductSpec.int8(self.weight, self.scales)
 
 
 def fuse_quantized(model: nn.Module) -> None:
@@ -507,8 +521,6 @@ def prepare_quantized(model: nn.Module, dtype: torch.dtype) -> None:
         if isinstance(m, (*QUANTIZED, QuantEmbedding)):
             m.prepare(dtype)
     model.single_row_openblas = False  # quantized products run in torch's threads (cpu_kernels.set_cpu_threads)
-    if any(getattr(m, "kernel", None) == "native" for m in model.modules()):
-        model.one_thread_rows = cpu_kernels.NATIVE_ONE_THREAD_ROWS
 
 
 def weights_label(model: nn.Module) -> str:

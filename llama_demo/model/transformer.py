@@ -21,7 +21,7 @@ from torch import nn
 
 from ..config import ModelArgs
 from ..config import rope_frequencies as config_rope_frequencies
-from . import cpu_kernels
+from . import cpu_kernels, native_decode
 from .cpu_kernels import matmul_t
 from .parallel import all_gather_last, all_reduce_sum
 
@@ -65,6 +65,9 @@ class FusedColumns:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.whole(x).split(self.sizes, dim=-1)
 
+    def native_spec(self) -> cpu_kernels.ProductSpec | None:
+        return cpu_kernels.ProductSpec.float32(self.weight)
+
 
 def fuse_linears(model: nn.Module) -> None:
     """Fuse each block's wq/wk/wv and w1/w3 (float layers only; quantized ones keep their own)."""
@@ -85,8 +88,12 @@ class ColumnLinear(ColumnParallelLinear):
         super().__init__(in_features, out_features, bias=False, gather_output=gather_output, init_method=_keep)
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's matrix product; quantized layers (quant.py) override only this."""
+        """This rank's matrix product; quantized layers (quant.py) override only this and native_spec."""
         return matmul_t(x, self.weight, self.packed)
+
+    def native_spec(self) -> cpu_kernels.ProductSpec | None:
+        """This product for the C decode step (native_decode.py), or None when it cannot run there."""
+        return cpu_kernels.ProductSpec.float32(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # copy_to_model_parallel_region is the identity in the forward pass: skip it
@@ -104,6 +111,8 @@ class RowLinear(RowParallelLinear):
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         return matmul_t(x, self.weight, self.packed)
+
+    native_spec = ColumnLinear.native_spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(self._mm(x), get_model_parallel_group())
@@ -278,11 +287,10 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = ColumnLinear(args.dim, args.vocab_size, gather_output=True)
         self.rope: torch.Tensor | None = None
-        # float32 single-row CPU steps run their products in OpenBLAS (matmul_t); quantized
-        # layers (quant.prepare_quantized) run in torch's thread pool only
+        # float32 single-row CPU steps run their products in OpenBLAS (matmul_t) when the C
+        # kernels are not built; quantized layers (quant.prepare_quantized) run in torch's pool only
         self.single_row_openblas = True
-        # steps of at most this many rows run torch's pool (and the quantized kernels) at one thread
-        self.one_thread_rows = 0
+        self._decode_plan: native_decode.DecodePlan | None | bool = None  # built on the first decode step
 
     def products(self):
         """Every matrix product of the model once: a fused group in place of its layers."""
@@ -329,8 +337,15 @@ class Transformer(nn.Module):
         those alone), or (N, V) when None."""
         N = tokens.shape[0]
         if tokens.device.type == "cpu":
-            cpu_kernels.set_cpu_threads((self.single_row_openblas and N == 1) or N <= self.one_thread_rows)
+            openblas = self.single_row_openblas and N == 1 and cpu_kernels.native() is None
+            cpu_kernels.set_cpu_threads(openblas)
         h = self.tok_embeddings(tokens[None])  # (1, N, dim)
+        if h.device.type == "cpu" and all(p.pos.shape[1] == 1 for p in parts) and N > 0:
+            plan = self._decode_plan
+            if plan is None or (plan and not plan.current(self)):  # False: this model cannot
+                plan = self._decode_plan = native_decode.DecodePlan.for_model(self) or False
+            if plan:  # a decode step of a CPU float32 model: its layers in C
+                return native_decode.decode_step(self, plan, h[0], pos, parts, logits_at)
         rope = self.rope[pos][None]  # (1, N, head_dim/2) complex
         for layer in self.layers:
             h = layer(h, rope, parts)

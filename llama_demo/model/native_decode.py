@@ -1,0 +1,97 @@
+"""A decode step (one new token per sequence) of a CPU float32 model through the C kernels.
+
+In a small model's decode step the ~40 torch ops per layer around the matrix products (norms,
+rotary, cache writes, attention, SiLU, residual adds), a few microseconds of dispatch each, cost
+as much as the products, and every return to Python between products lets the OpenMP threads fall
+asleep. Here a layer is two C calls (qkernels.c's qk_decode_attention and qk_decode_ffn), split
+where model-parallel ranks all-reduce; the arithmetic is the torch path's (Transformer.step), which
+every other step takes and the tests compare this with. Measured on SmolLM2-135M, batch 1, 2 AMD
+EPYC cores: float32 35 -> ? ms per token, int8 ? -> ? (README's benchmark table).
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import torch
+from fairscale.nn.model_parallel.initialize import get_model_parallel_group
+
+from . import cpu_kernels
+from .cpu_kernels import ProductSpec
+from .parallel import all_reduce_sum
+
+
+@dataclass
+class _Layer:
+    qkv: ProductSpec
+    wo: ProductSpec
+    w13: ProductSpec
+    w2: ProductSpec
+    attention_norm: torch.Tensor
+    ffn_norm: torch.Tensor
+
+
+class DecodePlan:
+    """The model's products as the C kernels take them, built once per model (`for_model`)."""
+
+    def __init__(self, model, layers: list[_Layer]):
+        self.layers = layers
+        att = model.layers[0].attention
+        self.heads, self.kv_heads, self.head_dim = att.n_local_heads, att.n_local_kv_heads, att.head_dim
+        self.eps = model.layers[0].attention_norm.eps
+        self.specs = [s for layer in layers for s in (layer.qkv, layer.wo, layer.w13, layer.w2)]
+
+    @classmethod
+    def for_model(cls, model) -> "DecodePlan | None":
+        """A plan for `model`, or None when some product cannot run in C (a quantized layer on a
+        torch kernel, an unfused layer, weights not float32 on CPU) or the kernels are not built."""
+        if cpu_kernels.native() is None or model.rope is None or model.norm.weight.dtype != torch.float32:
+            return None
+        layers = []
+        for block in model.layers:
+            att, ffn = block.attention, block.feed_forward
+            if att.qkv is None or ffn.w13 is None or att.cache_k is None or att.cache_k.dtype != torch.float32:
+                return None
+            specs = [att.qkv.native_spec(), att.wo.native_spec(), ffn.w13.native_spec(), ffn.w2.native_spec()]
+            if any(s is None for s in specs):
+                return None
+            layers.append(_Layer(*specs, block.attention_norm.weight, block.ffn_norm.weight))
+        return cls(model, layers)
+
+    def current(self, model) -> bool:
+        """Whether every weight is still where the plan points (a model moved or reloaded is not)."""
+        return all(s.current() for s in self.specs) and all(
+            layer.attention_norm is block.attention_norm.weight for layer, block in zip(self.layers, model.layers))
+
+
+def decode_step(model, plan: DecodePlan, h: torch.Tensor, pos: torch.Tensor, parts, logits_at) -> torch.Tensor:
+    """Transformer.step for steps whose every part is one token per cache row. h (N, dim): the
+    tokens' embeddings. Returns float32 logits at logits_at (or every token when None)."""
+    lib, group = cpu_kernels.native(), get_model_parallel_group()
+    N, dim = h.shape
+    rows = torch.empty(N, dtype=torch.long)
+    for p in parts:
+        rows[p.tokens] = torch.arange(p.rows.start, p.rows.stop)
+    pos = pos.contiguous()
+    rope = torch.view_as_real(model.rope)  # (max_seq, head_dim/2, 2): cos, sin
+    h = h.contiguous().clone()  # the residual stream, added to in place
+    delta = None  # the last layer's all-reduced FFN output, added to h by the next call
+    for layer, block in zip(plan.layers, model.layers):
+        att = block.attention
+        out = torch.empty(N, dim)
+        if lib.qk_decode_attention(h.data_ptr(), None if delta is None else delta.data_ptr(),
+                                   layer.attention_norm.data_ptr(), plan.eps, N, dim, ctypes.byref(layer.qkv),
+                                   ctypes.byref(layer.wo), plan.heads, plan.kv_heads, plan.head_dim, rows.data_ptr(),
+                                   pos.data_ptr(), rope.data_ptr(), att.cache_k.data_ptr(), att.cache_v.data_ptr(),
+                                   att.cache_k.shape[2], out.data_ptr()):
+            raise MemoryError("no memory for the decode step's scratch")
+        out = all_reduce_sum(out, group)
+        delta = torch.empty(N, dim)
+        if lib.qk_decode_ffn(h.data_ptr(), out.data_ptr(), layer.ffn_norm.data_ptr(), plan.eps, N, dim,
+                             ctypes.byref(layer.w13), ctypes.byref(layer.w2), delta.data_ptr()):
+            raise MemoryError("no memory for the decode step's scratch")
+        delta = all_reduce_sum(delta, group)
+    x = cpu_kernels.native_rmsnorm(delta, model.norm.weight, model.norm.eps, residual=h)
+    if logits_at is not None:
+        x = x[logits_at]
+    return model.output(x).float()

@@ -1,0 +1,50 @@
+"""Run under torchrun by tests/test_native_decode.py: for each `tag=folder[:quantize]` argument,
+decode a few steps of three sequences (cache rows 0, 2 and 3: two runs of rows) and of one, each
+step twice from the same cache: through the C decode step (model/native_decode.py) and through the
+torch ops every other step takes. Writes the largest logit and cache differences per model."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from llama_demo.model.native_decode import DecodePlan
+from llama_demo.model.parallel import init_distributed, shutdown_distributed
+from llama_demo.weights.loading import load_model
+
+out = Path(sys.argv[1])
+info = init_distributed()
+report = {}
+for spec in sys.argv[2:]:
+    tag, rest = spec.split("=", 1)
+    folder, _, quantize = rest.partition(":")
+    model = load_model(folder, info, dtype=torch.float32, max_seq_len=64, max_batch_size=4, progress=False,
+                       quantize=quantize or None)
+    g = torch.Generator().manual_seed(0)
+    vocab = model.args.vocab_size
+    rows, lengths = [0, 2, 3], [5, 11, 23]  # different positions in one step
+    for row, n in zip(rows, lengths):
+        model(torch.randint(3, vocab, (1, n), generator=g), torch.arange(n)[None], [row], n)  # prefill (torch ops)
+    caches = [(layer.attention.cache_k, layer.attention.cache_v) for layer in model.layers]
+    worst = {"logits": 0.0, "cache": 0.0, "scale": 0.0, "plan": []}
+    for step in range(6):
+        batch = rows if step < 4 else [2]  # then one sequence alone: a batch-1 step
+        pos = torch.tensor([[lengths[rows.index(r)] + step] for r in batch])
+        tokens = torch.randint(3, vocab, (len(batch), 1), generator=g)
+        saved = [(k.clone(), v.clone()) for k, v in caches]
+        results = []
+        for native in (True, False):
+            for (k, v), (k0, v0) in zip(caches, saved):
+                k.copy_(k0), v.copy_(v0)
+            model._decode_plan = None if native else False  # False: this step takes the torch ops
+            logits = model(tokens, pos, batch, int(pos.max()) + 1, logits_at=torch.zeros(len(batch), dtype=torch.long))
+            if native:
+                worst["plan"].append(isinstance(model._decode_plan, DecodePlan))
+            results.append((logits, [(k.clone(), v.clone()) for k, v in caches]))
+        (a, ca), (b, cb) = results
+        worst["logits"] = max(worst["logits"], (a - b).abs().max().item())
+        worst["scale"] = max(worst["scale"], b.abs().max().item())
+        worst["cache"] = max(worst["cache"], max(max((x - y).abs().max().item() for x, y in zip(p, q)) for p, q in zip(ca, cb)))
+    report[tag] = worst
+(out / f"native.{info.rank}.json").write_text(json.dumps(report))
+shutdown_distributed()
