@@ -193,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="e.g. float32,int8,int4[,label=quantized_dir]: measure these side by side (one rank)")
     p.add_argument("--text", default="assets/pride_and_prejudice.txt", help="perplexity text for --weights")
     p.add_argument("--ppl_tokens", type=int, default=2048, help="first N tokens of --text, one window (0: no perplexity)")
+    p.add_argument("--gguf", default=None,
+                   help="with --weights: this model's GGUF, measured in llama.cpp as f32 / q8_0 / q4_0 beside ours when "
+                        "llama-cpp-python is installed (default: the default model's own GGUF when --ckpt_dir is it)")
+    p.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false", help="with --weights: leave llama.cpp out")
     p.add_argument("--scenario", choices=["chat"], default=None,
                    help="chat: a multi-turn conversation's time to first token with prefix reuse on and off, and "
                         "running decodes' rate while a long prompt is prefilled (needs --ckpt_dir of a chat model)")
@@ -313,7 +317,7 @@ def _bench_weights(a: argparse.Namespace, conc: list[int], weights: list[tuple[s
     ids = None
     if a.ckpt_dir and a.ppl_tokens > 0:
         from ..text.tokenizer import load_tokenizer
-        from .generate import find_tokenizer
+        from .startup import find_tokenizer
 
         ids = load_tokenizer(find_tokenizer(base, None)).encode(Path(a.text).read_text(encoding="utf-8"), bos=False)
         ids = ids[: a.ppl_tokens]
@@ -333,16 +337,35 @@ def _bench_weights(a: argparse.Namespace, conc: list[int], weights: list[tuple[s
         model.setup_cache(max(conc), max_len, info.device, model.norm.weight.dtype)  # the benchmark's cache, not the text's
         engine = Engine(model, _NoTextTokenizer(), info.rank, info.world_size, info.device, seed=0)
         runs.append((engine, row))
+    gguf = _peer_gguf(a, base) if info.device.type == "cpu" else None
+    if gguf:
+        from . import bench_llama_cpp
+
+        for label, path in bench_llama_cpp.variants(gguf, cache_root() / "bench" / "llama.cpp"):
+            peer = bench_llama_cpp.Peer(label, path, cpu_threads(), max_len)
+            row = {"label": label, "dtype": "gguf " + label.split()[-1], "weight_mb": path.stat().st_size / 2**20}
+            if ids:
+                row["perplexity"] = peer.perplexity(ids)
+            print(f"{label}: loaded ({row['weight_mb']:.1f} MB)" + (f", perplexity {row['perplexity']:.3f}" if ids else ""),
+                  file=sys.stderr, flush=True)
+            runs.append((peer, row))
+    g = torch.Generator().manual_seed(1)
     for _ in range(a.repeats):  # rounds of one run each, so every precision meets the same disturbances
-        for engine, row in runs:
-            figures = bench_engine(engine, a.prompt_len, a.new_tokens, conc, repeats=1)
+        for runner, row in runs:
+            if isinstance(runner, Engine):
+                figures = bench_engine(runner, a.prompt_len, a.new_tokens, conc, repeats=1)
+            else:  # llama.cpp: one sequence at a time (its Python binding has no batched requests)
+                vocab = runs[0][0].model.args.vocab_size
+                figures = runner.figures(torch.randint(3, vocab, (a.prompt_len,), generator=g).tolist(), a.new_tokens)
             for key, value in figures.items():
                 row.setdefault(key, []).append(value)
     rows = []
     for _, row in runs:
         out = dict(row)
         for key in ("ttft_s", *(f"decode_tok_s_c{n}" for n in conc)):
-            vals = row[key]
+            vals = row.get(key)
+            if not vals:
+                continue
             best = min(vals) if key == "ttft_s" else max(vals)
             out[key], out[key + "_range"] = best, [min(vals), max(vals)]
         out.pop("peak_mem_mb", None)
@@ -356,6 +379,26 @@ def _bench_weights(a: argparse.Namespace, conc: list[int], weights: list[tuple[s
     return 0
 
 
+def _peer_gguf(a: argparse.Namespace, base: Path) -> Path | None:
+    """The GGUF llama.cpp runs beside us: --gguf, else the default model's own when --ckpt_dir is
+    the default model; None when llama-cpp-python is not installed or --no-llama-cpp."""
+    from . import bench_llama_cpp
+
+    if not a.llama_cpp or not bench_llama_cpp.available():
+        return None
+    if a.gguf:
+        return Path(a.gguf)
+    from ..weights.convert import ConvertError
+    from ..weights.default_model import default_model_dir, find_default_gguf
+
+    try:
+        if a.ckpt_dir and Path(a.ckpt_dir).resolve() == default_model_dir().resolve():
+            return find_default_gguf()
+    except ConvertError:
+        pass
+    return None
+
+
 def _print_weights(r: dict, conc: list[int]) -> None:
     rows = r["weights"]
     print(f"model {r['model']}  device {r['device']}  threads {r['threads']}  best of {r['repeats']} rounds "
@@ -366,6 +409,9 @@ def _print_weights(r: dict, conc: list[int]) -> None:
     def line(name: str, key: str, fmt: str) -> None:
         cells = []
         for w in rows:
+            if key not in w:  # not measured for this one (llama.cpp: batched requests)
+                cells.append("-")
+                continue
             lo, hi = w[key + "_range"]
             cells.append(f"{format(w[key], fmt)} [{format(lo, fmt)}-{format(hi, fmt)}]")
         print(f"{name:24}" + "".join(f"{c:>20}" for c in cells))
@@ -376,7 +422,8 @@ def _print_weights(r: dict, conc: list[int]) -> None:
     first = rows[0]
     for n in conc:
         key = f"decode_tok_s_c{n}"
-        print(f"{'  vs ' + first['label'] + f', {n} req':24}" + "".join(f"{w[key] / first[key]:>19.2f}x" for w in rows))
+        print(f"{'  vs ' + first['label'] + f', {n} req':24}"
+              + "".join(f"{w[key] / first[key]:>19.2f}x" if key in w else f"{'-':>20}" for w in rows))
     print(f"{'weight memory MB':24}" + "".join(f"{w['weight_mb']:>20.1f}" for w in rows))
     if all("perplexity" in w for w in rows):
         print(f"{'perplexity':24}" + "".join(f"{w['perplexity']:>20.3f}" for w in rows))

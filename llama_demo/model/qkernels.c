@@ -540,6 +540,19 @@ static inline void f32_rows(const float *w, int64_t r0, int64_t r1, int64_t cols
             y[r] = s;
             continue;
         }
+        if (nb == TILE_B && cols % 8 == 0) {  /* a batched step: the weight row loads once for 4 activation rows */
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            const float *x0 = x, *x1 = x + cols, *x2 = x + 2 * cols, *x3 = x + 3 * cols;
+            for (; c < cols; c += 8) {
+                const __m256 wv = _mm256_loadu_ps(wr + c);
+                a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + c), a0);
+                a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x1 + c), a1);
+                a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x2 + c), a2);
+                a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x3 + c), a3);
+            }
+            y[r] = hsum8(a0), y[ldy + r] = hsum8(a1), y[2 * ldy + r] = hsum8(a2), y[3 * ldy + r] = hsum8(a3);
+            continue;
+        }
 #endif
         for (int b = 0; b < nb; b++) y[b * ldy + r] = dot_f32(wr, x + b * cols, cols);
     }
