@@ -54,3 +54,24 @@ def test_bench_puts_float_int8_and_int4_side_by_side(tmp_path):
             lo, hi = w[key + "_range"]
             assert 0 < lo <= w[key] <= hi, (w["label"], key)
     assert rows[0]["weight_mb"] > 3 * rows[1]["weight_mb"] and rows[1]["weight_mb"] > 1.2 * rows[2]["weight_mb"] > 0
+
+
+def test_bench_weights_with_a_tokenizer_reports_perplexity(tmp_path):
+    """A checkpoint with a tokenizer: --weights measures each precision's perplexity on --text
+    beside its speed (the path the default model's table takes), and the text table prints."""
+    from conftest import make_checkpoint
+
+    folder = make_checkpoint(tmp_path / "ckpt", "mha", seed=3)
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    args = ["llama_demo.bench", "--ckpt_dir", str(folder), "--prompt_len", "8", "--new_tokens", "4", "--concurrency",
+            "1", "--repeats", "1", "--weights", "float32,int8", "--text", str(text), "--ppl_tokens", "64",
+            "--no-llama-cpp"]
+    proc = _run(args + ["--json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])["weights"]
+    assert [w["label"] for w in rows] == ["float32", "int8"]
+    # a random model over a 400-token vocabulary: perplexity near the vocabulary size, int8 close to float32
+    assert 50 < rows[0]["perplexity"] < 2000 and abs(rows[1]["perplexity"] / rows[0]["perplexity"] - 1) < 0.02
+    proc = _run(args, tmp_path)
+    assert proc.returncode == 0 and "perplexity" in proc.stdout and "vs float32, 1 req" in proc.stdout, proc.stderr

@@ -59,10 +59,10 @@ def init_distributed(timeout_s: float = DEFAULT_DIST_TIMEOUT, device: str | None
         with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints three banner lines
             initialize_model_parallel(world)
     if not use_cuda:
-        # Single-row matrix products run in OpenBLAS's threads, batched ones in torch's (model.py);
-        # the model raises torch's thread count only for batched steps. Left at the core count,
-        # torch's spinning threads fight OpenBLAS's for the cores (measured: 20x slower decode
-        # steps on 2 cores), so between steps it keeps one thread.
+        # Each step sets torch's thread count (cpu_kernels.set_cpu_threads). Where the C kernels
+        # are not built, single-row products run in OpenBLAS's threads, and torch's spinning
+        # threads left at the core count fight them for the cores (measured: 20x slower decode
+        # steps on 2 cores), so between steps torch keeps one thread.
         torch.set_num_threads(1)
     return DistInfo(rank, world, local_rank, dev)
 
