@@ -35,7 +35,8 @@ def test_native_float32_product_matches_float64(rows, cols):
 def test_c_decode_step_equals_the_torch_ops(tmp_path, world):
     """float32, int8 and int4 models, multi-head, grouped-query and single-KV-head shapes, on 1 and 2 ranks:
     decode steps of three sequences at different positions (two runs of cache rows) and of one
-    give the logits and KV cache of the torch path to float32 rounding, and really ran in C."""
+    give the logits and KV cache of the torch path to float32 rounding, and really ran in C; a
+    weight replaced after the first C step is what the next one reads."""
     gqa = make_checkpoint(tmp_path / "gqa", "gqa", seed=4)
     mha = make_checkpoint(tmp_path / "mha", "mha", seed=6)
     mqa = make_checkpoint(tmp_path / "mqa", "mqa", seed=5)
@@ -51,3 +52,4 @@ def test_c_decode_step_equals_the_torch_ops(tmp_path, world):
             # a few ulps of values of order `scale`
             assert r["logits"] <= 2e-5 * max(r["scale"], 1.0), (tag, r)
             assert r["cache"] <= 1e-5, (tag, r)
+            assert r["after_move"] <= 2e-5 * max(r["scale"], 1.0), (tag, r)  # a weight replaced: seen

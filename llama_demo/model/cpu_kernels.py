@@ -251,7 +251,7 @@ def fbgemm_int8_linear(x: torch.Tensor, packed) -> torch.Tensor:
 class ProductSpec(ctypes.Structure):
     """One matrix product for the C decode step (qkernels.c's qk_product): kind 0 float32 weights
     (rows, cols); 1 int8 rows with float32 scales; 2 quant.py's int4 layout. Holds raw addresses:
-    `tensors` keeps what they point into alive, and native_decode checks them before each use."""
+    `tensors` keeps what they point into alive, and native_decode checks them before each step."""
     _fields_ = [("kind", ctypes.c_int64), ("w", ctypes.c_void_p), ("scales", ctypes.c_void_p),
                 ("zeros", ctypes.c_void_p), ("rows", ctypes.c_int64), ("cols", ctypes.c_int64),
                 ("group", ctypes.c_int64)]
@@ -277,9 +277,6 @@ class ProductSpec(ctypes.Structure):
     def int4(cls, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int) -> "ProductSpec | None":
         return cls._of(2, (w, scales, zeros), w.shape[0], w.shape[1] * 2, group)
 
-    def current(self) -> bool:
-        """Whether the tensors still hold the memory the addresses point into."""
-        return all(t.data_ptr() == getattr(self, f) for t, f in zip(self.tensors, ("w", "scales", "zeros")))
 
 def native_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
     """F.rms_norm(x) * weight over the last dimension; with `residual`, first residual += x (in

@@ -31,6 +31,11 @@ class _Layer:
     attention_norm: torch.Tensor
     ffn_norm: torch.Tensor
 
+    def __post_init__(self):
+        # what each step passes to C, looked up once
+        self.qkv_at, self.wo_at, self.w13_at, self.w2_at = (ctypes.addressof(s) for s in (self.qkv, self.wo, self.w13, self.w2))
+        self.attention_norm_at, self.ffn_norm_at = self.attention_norm.data_ptr(), self.ffn_norm.data_ptr()
+
 
 class DecodePlan:
     """The model's products as the C kernels take them, built once per model (`for_model`)."""
@@ -40,7 +45,10 @@ class DecodePlan:
         att = model.layers[0].attention
         self.heads, self.kv_heads, self.head_dim = att.n_local_heads, att.n_local_kv_heads, att.head_dim
         self.eps = model.layers[0].attention_norm.eps
-        self.specs = [s for layer in layers for s in (layer.qkv, layer.wo, layer.w13, layer.w2)]
+        # every tensor the plan holds an address of, with that address
+        self.pointers = [(t, t.data_ptr()) for layer in layers for spec in (layer.qkv, layer.wo, layer.w13, layer.w2)
+                         for t in spec.tensors]
+        self.pointers += [(t, t.data_ptr()) for layer in layers for t in (layer.attention_norm, layer.ffn_norm)]
 
     @classmethod
     def for_model(cls, model) -> "DecodePlan | None":
@@ -61,7 +69,7 @@ class DecodePlan:
 
     def current(self, model) -> bool:
         """Whether every weight is still where the plan points (a model moved or reloaded is not)."""
-        return all(s.current() for s in self.specs) and all(
+        return all(t.data_ptr() == at for t, at in self.pointers) and all(
             layer.attention_norm is block.attention_norm.weight for layer, block in zip(self.layers, model.layers))
 
 
@@ -77,19 +85,19 @@ def decode_step(model, plan: DecodePlan, h: torch.Tensor, pos: torch.Tensor, par
     rope = torch.view_as_real(model.rope)  # (max_seq, head_dim/2, 2): cos, sin
     h = h.contiguous().clone()  # the residual stream, added to in place
     delta = None  # the last layer's all-reduced FFN output, added to h by the next call
+    h_at, rows_at, pos_at, rope_at = h.data_ptr(), rows.data_ptr(), pos.data_ptr(), rope.data_ptr()
     for layer, block in zip(plan.layers, model.layers):
         att = block.attention
         out = torch.empty(N, dim)
-        if lib.qk_decode_attention(h.data_ptr(), None if delta is None else delta.data_ptr(),
-                                   layer.attention_norm.data_ptr(), plan.eps, N, dim, ctypes.byref(layer.qkv),
-                                   ctypes.byref(layer.wo), plan.heads, plan.kv_heads, plan.head_dim, rows.data_ptr(),
-                                   pos.data_ptr(), rope.data_ptr(), att.cache_k.data_ptr(), att.cache_v.data_ptr(),
-                                   att.cache_k.shape[2], out.data_ptr()):
+        if lib.qk_decode_attention(h_at, None if delta is None else delta.data_ptr(), layer.attention_norm_at, plan.eps,
+                                   N, dim, layer.qkv_at, layer.wo_at, plan.heads, plan.kv_heads, plan.head_dim, rows_at,
+                                   pos_at, rope_at, att.cache_k.data_ptr(), att.cache_v.data_ptr(), att.cache_k.shape[2],
+                                   out.data_ptr()):
             raise MemoryError("no memory for the decode step's scratch")
         out = all_reduce_sum(out, group)
         delta = torch.empty(N, dim)
-        if lib.qk_decode_ffn(h.data_ptr(), out.data_ptr(), layer.ffn_norm.data_ptr(), plan.eps, N, dim,
-                             ctypes.byref(layer.w13), ctypes.byref(layer.w2), delta.data_ptr()):
+        if lib.qk_decode_ffn(h_at, out.data_ptr(), layer.ffn_norm_at, plan.eps, N, dim, layer.w13_at, layer.w2_at,
+                             delta.data_ptr()):
             raise MemoryError("no memory for the decode step's scratch")
         delta = all_reduce_sum(delta, group)
     x = cpu_kernels.native_rmsnorm(delta, model.norm.weight, model.norm.eps, residual=h)

@@ -45,6 +45,23 @@ for spec in sys.argv[2:]:
         worst["logits"] = max(worst["logits"], (a - b).abs().max().item())
         worst["scale"] = max(worst["scale"], b.abs().max().item())
         worst["cache"] = max(worst["cache"], max(max((x - y).abs().max().item() for x, y in zip(p, q)) for p, q in zip(ca, cb)))
+    # a weight moved to new memory (here: zeroed in a copy) after the plan was built: the next C
+    # step must see the new weight (the plan re-checks its addresses), not read the old memory
+    model._decode_plan = None
+    model(torch.tensor([[5]]), torch.tensor([[39]]), [1], 40, logits_at=torch.zeros(1, dtype=torch.long))
+    plan = model._decode_plan
+    assert isinstance(plan, DecodePlan)
+    wo = model.layers[-1].attention.wo
+    wo.weight.data = torch.zeros_like(wo.weight)
+    pos, tokens = torch.tensor([[40]]), torch.tensor([[7]])
+    got = []
+    for native in (True, False):
+        saved = [(k.clone(), v.clone()) for k, v in caches]
+        model._decode_plan = plan if native else False  # the plan built before the change, kept
+        got.append(model(tokens, pos, [1], 41, logits_at=torch.zeros(1, dtype=torch.long)))
+        for (k, v), (k0, v0) in zip(caches, saved):
+            k.copy_(k0), v.copy_(v0)
+    worst["after_move"] = (got[0] - got[1]).abs().max().item()
     report[tag] = worst
 (out / f"native.{info.rank}.json").write_text(json.dumps(report))
 shutdown_distributed()
