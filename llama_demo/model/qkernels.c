@@ -290,8 +290,9 @@ static inline void q8_rows_b1(const int8_t *w, const float *sc, int64_t r0, int6
 #endif
 
 /* y[b, r] for rows [r0, r1) of an int8 matrix with per-row scales. */
-static inline void q8_rows(const int8_t *w, const float *sc, int64_t r0, int64_t r1, int64_t cols,
-                           const int8_t *xq, const float *xd, int nb, float *y, int64_t ldy) {
+static inline __attribute__((always_inline)) void q8_rows(const int8_t *w, const float *sc, int64_t r0, int64_t r1,
+                                                          int64_t cols, const int8_t *xq, const float *xd, const int nb,
+                                                          float *y, int64_t ldy) {
     const int64_t nblk = cols / QK;
     for (int64_t r = r0; r < r1; r++) {
         const int8_t *wr = w + r * cols;
@@ -366,12 +367,19 @@ void qk_mm_q8(const int8_t *w, const float *sc, int64_t rows, int64_t cols, cons
             const int64_t r1 = r0 + ROW_RUN < rows ? r0 + ROW_RUN : rows;
             for (int64_t b = c0; b < c1; b += TILE_B) {
                 const int nb = (int)(c1 - b < TILE_B ? c1 - b : TILE_B);
+                const int8_t *xb = xq + b * cols;
+                const float *db = xd + b * nblk;
+                float *yb = y + b * rows;
+                switch (nb) {  /* constant tile sizes: the accumulators stay in registers */
 #ifdef QK_AVX2
-                if (nb == 1)
-                    q8_rows_b1(w, sc, r0, r1, cols, xq + b * cols, xd + b * nblk, y + b * rows);
-                else
+                case 1: q8_rows_b1(w, sc, r0, r1, cols, xb, db, yb); break;
+#else
+                case 1: q8_rows(w, sc, r0, r1, cols, xb, db, 1, yb, rows); break;
 #endif
-                q8_rows(w, sc, r0, r1, cols, xq + b * cols, xd + b * nblk, nb, y + b * rows, rows);
+                case 2: q8_rows(w, sc, r0, r1, cols, xb, db, 2, yb, rows); break;
+                case 3: q8_rows(w, sc, r0, r1, cols, xb, db, 3, yb, rows); break;
+                default: q8_rows(w, sc, r0, r1, cols, xb, db, TILE_B, yb, rows); break;
+                }
             }
         }
     }
