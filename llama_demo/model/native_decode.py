@@ -49,6 +49,14 @@ class DecodePlan:
         self.pointers = [(t, t.data_ptr()) for layer in layers for spec in (layer.qkv, layer.wo, layer.w13, layer.w2)
                          for t in spec.tensors]
         self.pointers += [(t, t.data_ptr()) for layer in layers for t in (layer.attention_norm, layer.ffn_norm)]
+        # Steps of more rows than this take the torch ops: float32 weights only (quantized ones have
+        # no faster torch product here), as a probe at build time finds (float_rows_limit)
+        self.max_rows = None
+        if any(layer.w13.kind == 0 for layer in layers):
+            self.max_rows = float_rows_limit(model, self)
+
+    def takes(self, rows: int) -> bool:
+        return self.max_rows is None or rows <= self.max_rows
 
     @classmethod
     def for_model(cls, model) -> "DecodePlan | None":
@@ -71,6 +79,50 @@ class DecodePlan:
         """Whether every weight is still where the plan points (a model moved or reloaded is not)."""
         return all(t.data_ptr() == at for t, at in self.pointers) and all(
             layer.attention_norm is block.attention_norm.weight for layer, block in zip(self.layers, model.layers))
+
+
+PROBE_ROWS = 16  # a batched decode step's rows, for the probe below
+
+
+def float_rows_limit(model, plan: DecodePlan) -> int | None:
+    """The most rows a float32 decode step should run in C: None (no limit) when a decode step of
+    PROBE_ROWS rows is faster in C than in torch ops (whose products are oneDNN's on its blocked
+    weights) on this machine, else 4, the C product's tile, at which it streams the weights once
+    and wins anyway. A probe, not a rule, because the answer depends on the CPU: on the 2-core AVX2
+    VM we measured, the C step won at 16 rows (63-72 vs 93-99 ms) though the products alone are
+    close (C 57.8 ms, oneDNN 62.7; at 64 rows 150 vs 143), and oneDNN uses AVX-512 and AMX where a
+    CPU has them, which the C kernel does not. Runs once per model, at its first decode step (~0.3
+    s), on every rank together (both paths make the same collectives); the ranks agree on the
+    answer. The probe's token writes one cache position of the first rows, restored after."""
+    import time
+
+    from .parallel import all_reduce_sum
+    from .transformer import Part
+
+    rows = min(PROBE_ROWS, model.args.max_batch_size)
+    if rows <= 4:
+        return None
+    at = min(63, model.args.max_seq_len - 1)
+    caches = [(b.attention.cache_k, b.attention.cache_v) for b in model.layers]
+    saved = [(k[:rows, :, at].clone(), v[:rows, :, at].clone()) for k, v in caches]
+    pos = torch.full((rows,), at, dtype=torch.long)
+    parts = [Part.of(0, slice(0, rows), pos[:, None])]
+    with torch.inference_mode():
+        h = model.tok_embeddings(torch.ones(1, rows, dtype=torch.long))
+        times = {"c": [], "torch": []}
+        for _ in range(2):
+            for path in times:
+                t0 = time.perf_counter()
+                if path == "c":
+                    decode_step(model, plan, h[0], pos, parts, None)
+                else:
+                    model.torch_step(h, pos, parts, None)
+                times[path].append(time.perf_counter() - t0)
+        for (k, v), (k0, v0) in zip(caches, saved):
+            k[:rows, :, at], v[:rows, :, at] = k0, v0
+        c_wins = torch.tensor([1.0 if min(times["c"]) <= min(times["torch"]) else 0.0])
+        votes = all_reduce_sum(c_wins, get_model_parallel_group()).item()
+    return None if votes == torch.distributed.get_world_size(get_model_parallel_group()) else 4
 
 
 def decode_step(model, plan: DecodePlan, h: torch.Tensor, pos: torch.Tensor, parts, logits_at) -> torch.Tensor:

@@ -591,9 +591,30 @@ static inline void f32_rows(const float *w, int64_t r0, int64_t r1, int64_t cols
             y[r] = s;
             continue;
         }
-        if (nb == TILE_B && cols % 8 == 0) {  /* a batched step: the weight row loads once for 4 activation rows */
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        if (nb == TILE_B && cols % 8 == 0) {
+            /* a batched step: two weight rows against four activation rows, 8 accumulators; each
+             * load feeds 4 or 2 FMAs (6 loads for 8 FMAs: the FMA units, not the loads, set the pace) */
             const float *x0 = x, *x1 = x + cols, *x2 = x + 2 * cols, *x3 = x + 3 * cols;
+            if (r + 1 < r1) {
+                const float *wr1 = wr + cols;
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+                for (; c < cols; c += 8) {
+                    const __m256 v0 = _mm256_loadu_ps(wr + c), v1 = _mm256_loadu_ps(wr1 + c);
+                    __m256 xv = _mm256_loadu_ps(x0 + c);
+                    a0 = _mm256_fmadd_ps(v0, xv, a0), b0 = _mm256_fmadd_ps(v1, xv, b0);
+                    xv = _mm256_loadu_ps(x1 + c);
+                    a1 = _mm256_fmadd_ps(v0, xv, a1), b1 = _mm256_fmadd_ps(v1, xv, b1);
+                    xv = _mm256_loadu_ps(x2 + c);
+                    a2 = _mm256_fmadd_ps(v0, xv, a2), b2 = _mm256_fmadd_ps(v1, xv, b2);
+                    xv = _mm256_loadu_ps(x3 + c);
+                    a3 = _mm256_fmadd_ps(v0, xv, a3), b3 = _mm256_fmadd_ps(v1, xv, b3);
+                }
+                y[r] = hsum8(a0), y[ldy + r] = hsum8(a1), y[2 * ldy + r] = hsum8(a2), y[3 * ldy + r] = hsum8(a3);
+                y[r + 1] = hsum8(b0), y[ldy + r + 1] = hsum8(b1), y[2 * ldy + r + 1] = hsum8(b2), y[3 * ldy + r + 1] = hsum8(b3);
+                r++;
+                continue;
+            }
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             for (; c < cols; c += 8) {
                 const __m256 wv = _mm256_loadu_ps(wr + c);
                 a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + c), a0);
@@ -610,11 +631,14 @@ static inline void f32_rows(const float *w, int64_t r0, int64_t r1, int64_t cols
 }
 
 void qk_linear_f32(const float *x, int64_t B, const float *w, int64_t rows, int64_t cols, float *y) {
-    for (int64_t c0 = 0; c0 < B; c0 += TILE_B) {  /* TILE_B activation rows per sweep over W */
-        const int nb = (int)(B - c0 < TILE_B ? B - c0 : TILE_B);
+    /* W is read from memory once: each run of 16 weight rows (in L1/L2) meets every activation
+     * row, TILE_B at a time, before the next run (a sweep over W per tile made a 16-row step
+     * read W four times: memory-bound at 4x the bytes) */
 #pragma omp parallel for schedule(static) if (rows * cols >= 65536)
-        for (int64_t r0 = 0; r0 < rows; r0 += ROW_RUN) {
-            const int64_t r1 = r0 + ROW_RUN < rows ? r0 + ROW_RUN : rows;
+    for (int64_t r0 = 0; r0 < rows; r0 += ROW_RUN) {
+        const int64_t r1 = r0 + ROW_RUN < rows ? r0 + ROW_RUN : rows;
+        for (int64_t c0 = 0; c0 < B; c0 += TILE_B) {
+            const int nb = (int)(B - c0 < TILE_B ? B - c0 : TILE_B);
             f32_rows(w, r0, r1, cols, x + c0 * cols, nb, y + c0 * rows, rows);
         }
     }

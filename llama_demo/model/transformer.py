@@ -344,8 +344,13 @@ class Transformer(nn.Module):
             plan = self._decode_plan
             if plan is None or (plan and not plan.current(self)):  # False: this model cannot
                 plan = self._decode_plan = native_decode.DecodePlan.for_model(self) or False
-            if plan:  # a decode step of a CPU float32 model: its layers in C
+            if plan and plan.takes(N):  # a decode step of a CPU float32 model: its layers in C
                 return native_decode.decode_step(self, plan, h[0], pos, parts, logits_at)
+        return self.torch_step(h, pos, parts, logits_at)
+
+    def torch_step(self, h: torch.Tensor, pos: torch.Tensor, parts: list[Part],
+                   logits_at: torch.Tensor | None) -> torch.Tensor:
+        """step() after the embedding, in torch ops: every device, dtype and kind of step."""
         rope = self.rope[pos][None]  # (1, N, head_dim/2) complex
         for layer in self.layers:
             h = layer(h, rope, parts)

@@ -18,7 +18,8 @@ report = {}
 for spec in sys.argv[2:]:
     tag, rest = spec.split("=", 1)
     folder, _, quantize = rest.partition(":")
-    model = load_model(folder, info, dtype=torch.float32, max_seq_len=64, max_batch_size=4, progress=False,
+    # 6 rows: more than the C product's tile, so a float32 plan runs its probe (native_decode.float_rows_limit)
+    model = load_model(folder, info, dtype=torch.float32, max_seq_len=64, max_batch_size=6, progress=False,
                        quantize=quantize or None)
     g = torch.Generator().manual_seed(0)
     vocab = model.args.vocab_size
@@ -26,7 +27,11 @@ for spec in sys.argv[2:]:
     for row, n in zip(rows, lengths):
         model(torch.randint(3, vocab, (1, n), generator=g), torch.arange(n)[None], [row], n)  # prefill (torch ops)
     caches = [(layer.attention.cache_k, layer.attention.cache_v) for layer in model.layers]
-    worst = {"logits": 0.0, "cache": 0.0, "scale": 0.0, "plan": []}
+    before = [(k.clone(), v.clone()) for k, v in caches]
+    probed = DecodePlan.for_model(model)  # the probe steps write a cache position and put it back
+    kept = all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(caches, before))
+    worst = {"logits": 0.0, "cache": 0.0, "scale": 0.0, "plan": [], "probe_kept_cache": kept,
+             "max_rows": probed.max_rows}
     for step in range(6):
         batch = rows if step < 4 else [2]  # then one sequence alone: a batch-1 step
         pos = torch.tensor([[lengths[rows.index(r)] + step] for r in batch])
