@@ -91,13 +91,12 @@ def float_rows_limit(model, plan: DecodePlan) -> int | None:
     and wins anyway. A probe, not a rule, because the answer depends on the CPU: on the 2-core AVX2
     VM we measured, the C step won at 16 rows (63-72 vs 93-99 ms) though the products alone are
     close (C 57.8 ms, oneDNN 62.7; at 64 rows 150 vs 143), and oneDNN uses AVX-512 and AMX where a
-    CPU has them, which the C kernel does not. Runs once per model, at its first decode step (~0.3
-    s), on every rank together (both paths make the same collectives); the ranks agree on the
+    CPU has them, which the C kernel does not. Runs once per model, at its first decode step (~0.4
+    s here), on every rank together (both paths make the same collectives); the ranks agree on the
     answer. The probe's token writes one cache position of the first rows, restored after."""
     import time
 
-    from .parallel import all_reduce_sum
-    from .transformer import Part
+    from .transformer import Part  # here: transformer.py imports this module
 
     rows = min(PROBE_ROWS, model.args.max_batch_size)
     if rows <= 4:
@@ -133,7 +132,11 @@ def decode_step(model, plan: DecodePlan, h: torch.Tensor, pos: torch.Tensor, par
     rows = torch.empty(N, dtype=torch.long)
     for p in parts:
         rows[p.tokens] = torch.arange(p.rows.start, p.rows.stop)
-    pos = pos.contiguous()
+    pos = pos.to(torch.long).contiguous()
+    cache = model.layers[0].attention.cache_k
+    # C indexes the cache with these unchecked: a bad one is an error here, not a stray write
+    if int(pos.min()) < 0 or int(pos.max()) >= cache.shape[2] or int(rows.min()) < 0 or int(rows.max()) >= cache.shape[0]:
+        raise IndexError(f"decode step outside the KV cache ({cache.shape[0]} rows of {cache.shape[2]} positions)")
     rope = torch.view_as_real(model.rope)  # (max_seq, head_dim/2, 2): cos, sin
     h = h.contiguous().clone()  # the residual stream, added to in place
     delta = None  # the last layer's all-reduced FFN output, added to h by the next call
@@ -152,6 +155,8 @@ def decode_step(model, plan: DecodePlan, h: torch.Tensor, pos: torch.Tensor, par
                              delta.data_ptr()):
             raise MemoryError("no memory for the decode step's scratch")
         delta = all_reduce_sum(delta, group)
+    if logits_at is not None and logits_at.numel() == 0:  # no token wants logits: no output layer (on every rank alike)
+        return h.new_zeros(0, model.args.vocab_size)
     x = cpu_kernels.native_rmsnorm(delta, model.norm.weight, model.norm.eps, residual=h)
     if logits_at is not None:
         x = x[logits_at]

@@ -67,6 +67,12 @@ for spec in sys.argv[2:]:
         for (k, v), (k0, v0) in zip(caches, saved):
             k.copy_(k0), v.copy_(v0)
     worst["after_move"] = (got[0] - got[1]).abs().max().item()
+    model._decode_plan = plan
+    try:  # a position past the cache: refused before C would write there
+        model(torch.tensor([[5]]), torch.tensor([[64]]), [1], 65, logits_at=torch.zeros(1, dtype=torch.long))
+        worst["past_the_cache"] = "ran"
+    except IndexError:
+        worst["past_the_cache"] = "IndexError"
     report[tag] = worst
 (out / f"native.{info.rank}.json").write_text(json.dumps(report))
 shutdown_distributed()
