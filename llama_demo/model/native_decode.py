@@ -6,7 +6,7 @@ as much as the products, and every return to Python between products lets the Op
 asleep. Here a layer is two C calls (qkernels.c's qk_decode_attention and qk_decode_ffn), split
 where model-parallel ranks all-reduce; the arithmetic is the torch path's (Transformer.step), which
 every other step takes and the tests compare this with. Measured on SmolLM2-135M, batch 1, 2 AMD
-EPYC cores, `model.step` alone: float32 35 -> 24 ms a token, int8 14.6 -> 11.2, int4 10.4 -> 8.6
+EPYC cores, `model.step` alone: float32 35 -> 24 ms a token, int8 14.6 -> 8-11, int4 10.4 -> 7-9
 (README's "Measured" section has the benchmark beside llama.cpp).
 """
 from __future__ import annotations
