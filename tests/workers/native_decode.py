@@ -10,17 +10,13 @@ import torch
 
 from llama_demo.model.native_decode import DecodePlan
 from llama_demo.model.parallel import init_distributed, shutdown_distributed
-from llama_demo.weights.loading import load_model
+from specs import models
 
 out = Path(sys.argv[1])
 info = init_distributed()
 report = {}
-for spec in sys.argv[2:]:
-    tag, rest = spec.split("=", 1)
-    folder, _, quantize = rest.partition(":")
-    # 6 rows: more than the C product's tile, so a float32 plan runs its probe (native_decode.float_rows_limit)
-    model = load_model(folder, info, dtype=torch.float32, max_seq_len=64, max_batch_size=6, progress=False,
-                       quantize=quantize or None)
+# 6 rows: more than the C product's tile, so a float32 plan runs its probe (native_decode.float_rows_limit)
+for tag, model in models(sys.argv[2:], info, max_seq_len=64, max_batch_size=6):
     g = torch.Generator().manual_seed(0)
     vocab = model.args.vocab_size
     rows, lengths = [0, 2, 3], [5, 11, 23]  # different positions in one step

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from llama_demo.model.parallel import init_distributed, shutdown_distributed
-from llama_demo.weights.loading import load_model
+from specs import models
 
 PROMPT = [1, 17, 250, 33, 8, 120, 64, 5, 99, 300]
 # Fed one per step after the prompt whatever each model picks, so that one near-tie does not send
@@ -20,11 +20,7 @@ FORCED = [186, 294, 161, 338, 84, 354, 166, 138, 23, 71, 6, 317, 282, 364, 12, 4
 out = Path(sys.argv[1])
 info = init_distributed()
 report = {}
-for spec in sys.argv[2:]:
-    tag, rest = spec.split("=", 1)
-    folder, _, quantize = rest.partition(":")
-    model = load_model(folder, info, dtype=torch.float32, max_seq_len=64, max_batch_size=1, progress=False,
-                       quantize=quantize or None)
+for tag, model in models(sys.argv[2:], info, max_seq_len=64, max_batch_size=1):
     ids = torch.tensor([PROMPT])
     logits = model(ids, torch.arange(len(PROMPT))[None], slice(0, 1), len(PROMPT), logits_at=torch.tensor([len(PROMPT) - 1]))
     tokens, margins = [], []

@@ -8,17 +8,14 @@ from pathlib import Path
 import torch
 
 from llama_demo.model.parallel import init_distributed, shutdown_distributed
-from llama_demo.weights.loading import load_model
+from specs import models
 from llama_demo.model.quant import weight_bytes
 
 PROMPT = [1, 17, 250, 33, 8, 120, 64, 5, 99, 300]
 out = Path(sys.argv[1])
 info = init_distributed()
 report = {}
-for spec in sys.argv[2:]:
-    tag, rest = spec.split("=", 1)
-    folder, _, quantize = rest.partition(":")
-    model = load_model(folder, info, dtype=torch.float32, max_seq_len=32, max_batch_size=1, progress=False, quantize=quantize or None)
+for tag, model in models(sys.argv[2:], info, max_seq_len=32, max_batch_size=1):
     ids = torch.tensor([PROMPT])
     logits = model(ids, torch.arange(len(PROMPT))[None], slice(0, 1), len(PROMPT))[0]
     torch.save(logits.clone(), out / f"{tag}.{info.rank}.pt")
