@@ -18,6 +18,9 @@ sys.path.insert(0, str(ROOT))
 
 from llama_demo.weights.checkpoint import expected_shapes, save_sharded  # noqa: E402
 from llama_demo.config import ModelArgs  # noqa: E402
+from llama_demo.model import cpu_kernels  # noqa: E402
+
+NATIVE = pytest.mark.skipif(not cpu_kernels.native(), reason="no C compiler here: the native kernels are not built")
 
 # Small shapes the tests share: multi-head, grouped-query (with a non-trivial FFN multiplier and
 # Llama 3's rope theta), and a single KV head (replicated when there are more ranks).

@@ -7,10 +7,8 @@ import json
 import pytest
 import torch
 
-from conftest import make_checkpoint, torchrun
+from conftest import NATIVE, make_checkpoint, torchrun
 from llama_demo.model import cpu_kernels
-
-NATIVE = pytest.mark.skipif(not cpu_kernels.native(), reason="no C compiler here: the native kernels are not built")
 
 
 @NATIVE

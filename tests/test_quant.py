@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TOKENIZER_TEXT, make_tokenizer, python_module, random_state, torchrun
+from conftest import NATIVE, TOKENIZER_TEXT, make_tokenizer, python_module, random_state, torchrun
 from llama_demo.weights.checkpoint import CheckpointError, QuantSpec, open_checkpoint, save_sharded
 from llama_demo.config import ModelArgs
 from llama_demo.model.quant import (QuantError, dequantize_int4, dequantize_int8, gptq_int4, pack_int4, quantize_int4_rtn,
@@ -238,7 +238,6 @@ def _act_rounding_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (w.abs() @ (step / 2).T).T * 1.001 + 1e-5 * (x.abs() @ w.abs().T)
 
 
-NATIVE = pytest.mark.skipif(not cpu_kernels.native(), reason="no C compiler here: the native kernels are not built")
 
 
 @NATIVE

@@ -93,6 +93,8 @@ class Peer:
         """exp(mean NLL) of ids[1:] given what precedes each, one window, as eval.perplexity."""
         import llama_cpp
 
+        # a second instance: logits for every position (logits_all) and a context as long as the
+        # text, which the speed runs should not carry
         llm = llama_cpp.Llama(str(self.path), n_ctx=len(ids), n_threads=self.threads, n_batch=512,
                               logits_all=True, verbose=False)
         llm.eval(ids)

@@ -2,11 +2,11 @@
 
 On CPU the library doing the matrix products decides the speed (FORMATS.md), so the choices here
 are per machine:
-- float32, one row (batch-1 decode): numpy's OpenBLAS reads the weights ~1.5x faster than torch's
-  MKL on the AMD machines we measured; torch's own pool then runs at one thread (two busy pools
-  on 2 cores slow each other down 20x).
-- float32, several rows (batched decode, prefill): oneDNN's GEMM, on its blocked copy of each
-  weight when memory allows (pack_for_cpu).
+- float32, one row: the C library below (qkernels.c), which streams the weights near memory speed
+  (OpenBLAS's gemv, the fallback without a compiler, read them ~1.5x slower; torch's pool then
+  runs at one thread: two busy pools on 2 cores slow each other down 20x).
+- float32, several rows (prefill; batched decode steps that do not run in C, native_decode.py):
+  oneDNN's GEMM, on its blocked copy of each weight when memory allows (pack_for_cpu).
 - int8 / int4 weights (quant.py): a small C library compiled here for this CPU on first use
   (qkernels.c, cached; llama.cpp's Q8_0 / Q4_1 scheme: activations quantized to int8 in blocks of
   32, integer dot products), else fbgemm's dynamic int8 linear, else dequantizing products.
@@ -37,10 +37,10 @@ ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_li
 
 
 def matmul_t(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None = None, openblas: bool = True) -> torch.Tensor:
-    """x @ w.T. On CPU in float32: one row through numpy's OpenBLAS (w read in place through a
-    zero-copy view), several rows through oneDNN (on `packed`, its blocked copy of w, when there is
-    one). `openblas=False` keeps single rows in torch too, for callers whose step runs in torch's
-    threads. Elsewhere (CUDA, half precision, autograd) F.linear."""
+    """x @ w.T. On CPU in float32: one row through the C kernel (native_f32_linear), else numpy's
+    OpenBLAS (w read in place through a zero-copy view); several rows through oneDNN (on `packed`,
+    its blocked copy of w, when there is one). `openblas=False` keeps single rows off OpenBLAS, for
+    callers whose step runs in torch's threads. Elsewhere (CUDA, half precision, autograd) F.linear."""
     if x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32 and not torch.is_grad_enabled():
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] == 1 and w.is_contiguous() and native() is not None:
@@ -118,10 +118,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return torch.matmul(probs, v).view(B, h, T, hd)
 
 
-# ----------------------------------------------------------------------------- quantized products
+# ----------------------------------------------------------------------------- the C kernels
 # The C kernels (qkernels.c) are compiled once per source, compiler and CPU into the cache folder
-# and loaded with ctypes; with no compiler, or LLAMA_DEMO_NATIVE_KERNELS=0, `native()` is None and
-# quant.py falls back to fbgemm (int8) or dequantizing products.
+# and loaded with ctypes; with no compiler, or LLAMA_DEMO_NATIVE_KERNELS=0, `native()` is None:
+# float32 single rows go to OpenBLAS, decode steps to torch ops, and quant.py falls back to fbgemm
+# (int8) or dequantizing products.
 
 _SOURCE = Path(__file__).with_name("qkernels.c")
 QK = 32  # the kernels' activation block: input sizes must be multiples of it
@@ -158,7 +159,7 @@ def _compile(cc: str, out: Path, march: bool) -> bool:
 
 @functools.cache
 def native() -> ctypes.CDLL | None:
-    """The quantized-product library for this CPU, compiled on first use; None when it cannot be."""
+    """The C kernels' library for this CPU, compiled on first use; None when it cannot be."""
     if os.environ.get("LLAMA_DEMO_NATIVE_KERNELS", "1") == "0" or sys.platform != "linux":
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
@@ -178,19 +179,12 @@ def native() -> ctypes.CDLL | None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.qk_linear_q4.argtypes = [p, i64, p, p, p, i64, i64, i64, p]
     lib.qk_linear_q8.argtypes = [p, i64, p, p, i64, i64, p]
-    lib.qk_simd.restype = ctypes.c_int
     lib.qk_linear_f32.argtypes = [p, i64, p, i64, i64, p]
     lib.qk_rmsnorm.argtypes = [p, p, p, i64, i64, ctypes.c_float, p]
     f32 = ctypes.c_float
     lib.qk_decode_attention.argtypes = [p, p, p, f32, i64, i64, p, p, i64, i64, i64, p, p, p, p, p, i64, p]
     lib.qk_decode_ffn.argtypes = [p, p, p, f32, i64, i64, p, p, p]
     return lib
-
-
-def native_simd() -> bool:
-    """Whether the C kernels were built with vector units (else they run portable loops)."""
-    lib = native()
-    return lib is not None and lib.qk_simd() > 0
 
 
 def native_f32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -81,6 +81,15 @@ class DecodePlan:
             layer.attention_norm is block.attention_norm.weight for layer, block in zip(self.layers, model.layers))
 
 
+def plan_for(model) -> DecodePlan | None:
+    """The model's plan, built at its first decode step and rebuilt when a weight moved; None for a
+    model whose steps cannot run in C (remembered as False, so it is not re-examined each step)."""
+    plan = model._decode_plan
+    if plan is None or (plan and not plan.current(model)):
+        plan = model._decode_plan = DecodePlan.for_model(model) or False
+    return plan or None
+
+
 PROBE_ROWS = 16  # a batched decode step's rows, for the probe below
 
 

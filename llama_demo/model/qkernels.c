@@ -30,16 +30,6 @@
 #define TILE_B 4     /* activation rows per pass over a weight row (the row stays in L1) */
 #define CHUNK_B 64   /* activation rows per sweep over all weights (their int8 copy stays in L2) */
 
-int qk_version(void) { return 4; }
-
-int qk_simd(void) {
-#ifdef QK_AVX2
-    return 2;
-#else
-    return 0;
-#endif
-}
-
 static float f16_to_f32(uint16_t h) {
 #ifdef QK_AVX2
     return _cvtsh_ss(h);

@@ -290,7 +290,7 @@ class Transformer(nn.Module):
         # float32 single-row CPU steps run their products in OpenBLAS (matmul_t) when the C
         # kernels are not built; quantized layers (quant.prepare_quantized) run in torch's pool only
         self.single_row_openblas = True
-        self._decode_plan: native_decode.DecodePlan | None | bool = None  # built on the first decode step
+        self._decode_plan: native_decode.DecodePlan | bool | None = None  # native_decode.plan_for
 
     def products(self):
         """Every matrix product of the model once: a fused group in place of its layers."""
@@ -341,10 +341,8 @@ class Transformer(nn.Module):
             cpu_kernels.set_cpu_threads(openblas)
         h = self.tok_embeddings(tokens[None])  # (1, N, dim)
         if h.device.type == "cpu" and all(p.pos.shape[1] == 1 for p in parts) and N > 0:
-            plan = self._decode_plan
-            if plan is None or (plan and not plan.current(self)):  # False: this model cannot
-                plan = self._decode_plan = native_decode.DecodePlan.for_model(self) or False
-            if plan and plan.takes(N):  # a decode step of a CPU float32 model: its layers in C
+            plan = native_decode.plan_for(self)
+            if plan is not None and plan.takes(N):  # a decode step of a CPU float32 model: its layers in C
                 return native_decode.decode_step(self, plan, h[0], pos, parts, logits_at)
         return self.torch_step(h, pos, parts, logits_at)
 
