@@ -181,9 +181,9 @@ def native() -> ctypes.CDLL | None:
     lib.qk_linear_q8.argtypes = [p, i64, p, p, i64, i64, p]
     lib.qk_linear_f32.argtypes = [p, i64, p, i64, i64, p]
     lib.qk_rmsnorm.argtypes = [p, p, p, i64, i64, ctypes.c_float, p]
-    f32 = ctypes.c_float
-    lib.qk_decode_attention.argtypes = [p, p, p, f32, i64, i64, p, p, i64, i64, i64, p, p, p, p, p, i64, p]
-    lib.qk_decode_ffn.argtypes = [p, p, p, f32, i64, i64, p, p, p]
+    lib.qk_decode_attention.argtypes = [p, p, p, p, p]
+    lib.qk_decode_ffn.argtypes = [p, p, p, p, p]
+    lib.qk_decode_layers.argtypes = [p, p, i64, p, p]
     return lib
 
 
@@ -270,6 +270,23 @@ class ProductSpec(ctypes.Structure):
     @classmethod
     def int4(cls, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int) -> "ProductSpec | None":
         return cls._of(2, (w, scales, zeros), w.shape[0], w.shape[1] * 2, group)
+
+
+class LayerSpec(ctypes.Structure):
+    """One decode layer for the C decode step (qkernels.c's qk_layer): its four products, its two
+    norms' weights and its KV cache, as addresses (native_decode's plan keeps the tensors)."""
+    _fields_ = [("qkv", ctypes.POINTER(ProductSpec)), ("wo", ctypes.POINTER(ProductSpec)),
+                ("w13", ctypes.POINTER(ProductSpec)), ("w2", ctypes.POINTER(ProductSpec)),
+                ("attention_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p),
+                ("cache_k", ctypes.c_void_p), ("cache_v", ctypes.c_void_p)]
+
+
+class StepSpec(ctypes.Structure):
+    """What every layer of one decode step shares (qkernels.c's qk_step)."""
+    _fields_ = [("B", ctypes.c_int64), ("dim", ctypes.c_int64), ("heads", ctypes.c_int64),
+                ("kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("max_seq", ctypes.c_int64),
+                ("rows", ctypes.c_void_p), ("pos", ctypes.c_void_p), ("rope", ctypes.c_void_p),
+                ("eps", ctypes.c_float)]
 
 
 def native_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:

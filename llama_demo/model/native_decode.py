@@ -18,7 +18,7 @@ import torch
 from fairscale.nn.model_parallel.initialize import get_model_parallel_group
 
 from . import cpu_kernels
-from .cpu_kernels import ProductSpec
+from .cpu_kernels import LayerSpec, ProductSpec, StepSpec
 from .parallel import all_reduce_sum
 
 
@@ -30,11 +30,12 @@ class _Layer:
     w2: ProductSpec
     attention_norm: torch.Tensor
     ffn_norm: torch.Tensor
+    cache_k: torch.Tensor
+    cache_v: torch.Tensor
 
-    def __post_init__(self):
-        # what each step passes to C, looked up once
-        self.qkv_at, self.wo_at, self.w13_at, self.w2_at = (ctypes.addressof(s) for s in (self.qkv, self.wo, self.w13, self.w2))
-        self.attention_norm_at, self.ffn_norm_at = self.attention_norm.data_ptr(), self.ffn_norm.data_ptr()
+    def spec(self) -> LayerSpec:
+        products = (ctypes.pointer(s) for s in (self.qkv, self.wo, self.w13, self.w2))
+        return LayerSpec(*products, *(t.data_ptr() for t in (self.attention_norm, self.ffn_norm, self.cache_k, self.cache_v)))
 
 
 class DecodePlan:
@@ -42,13 +43,20 @@ class DecodePlan:
 
     def __init__(self, model, layers: list[_Layer]):
         self.layers = layers
+        self.specs = (LayerSpec * len(layers))(*(layer.spec() for layer in layers))
+        self.layer_at = [ctypes.addressof(spec) for spec in self.specs]
         att = model.layers[0].attention
         self.heads, self.kv_heads, self.head_dim = att.n_local_heads, att.n_local_kv_heads, att.head_dim
+        self.max_seq = att.cache_k.shape[2]
         self.eps = model.layers[0].attention_norm.eps
-        # every tensor the plan holds an address of, with that address
-        self.pointers = [(t, t.data_ptr()) for layer in layers for spec in (layer.qkv, layer.wo, layer.w13, layer.w2)
-                         for t in spec.tensors]
-        self.pointers += [(t, t.data_ptr()) for layer in layers for t in (layer.attention_norm, layer.ffn_norm)]
+        # every tensor the plan holds an address of, with that address; and the modules whose norm
+        # weights it holds (a weight replaced by a new tensor keeps the old one's address alive here)
+        self.tensors = [t for layer in layers for spec in (layer.qkv, layer.wo, layer.w13, layer.w2) for t in spec.tensors]
+        self.tensors += [t for layer in layers for t in (layer.attention_norm, layer.ffn_norm, layer.cache_k, layer.cache_v)]
+        self.addresses = [t.data_ptr() for t in self.tensors]
+        self.norms = [(block.attention_norm._parameters, layer.attention_norm) for layer, block in zip(layers, model.layers)]
+        self.norms += [(block.ffn_norm._parameters, layer.ffn_norm) for layer, block in zip(layers, model.layers)]
+        self.caches = [(block.attention, layer.cache_k, layer.cache_v) for layer, block in zip(layers, model.layers)]
         # Steps of more rows than this take the torch ops: float32 weights only (quantized ones have
         # no faster torch product here), as a probe at build time finds (float_rows_limit)
         self.max_rows = None
@@ -72,13 +80,15 @@ class DecodePlan:
             specs = [att.qkv.native_spec(), att.wo.native_spec(), ffn.w13.native_spec(), ffn.w2.native_spec()]
             if any(s is None for s in specs):
                 return None
-            layers.append(_Layer(*specs, block.attention_norm.weight, block.ffn_norm.weight))
+            layers.append(_Layer(*specs, block.attention_norm.weight, block.ffn_norm.weight, att.cache_k, att.cache_v))
         return cls(model, layers)
 
     def current(self, model) -> bool:
-        """Whether every weight is still where the plan points (a model moved or reloaded is not)."""
-        return all(t.data_ptr() == at for t, at in self.pointers) and all(
-            layer.attention_norm is block.attention_norm.weight for layer, block in zip(self.layers, model.layers))
+        """Whether every weight and cache is still where the plan points (a model moved, reloaded
+        or given a new cache is not). Runs every step: kept to plain list and identity checks."""
+        return ([t.data_ptr() for t in self.tensors] == self.addresses
+                and all(params["weight"] is w for params, w in self.norms)
+                and all(a.cache_k is k and a.cache_v is v for a, k, v in self.caches))
 
 
 def plan_for(model) -> DecodePlan | None:
@@ -142,28 +152,27 @@ def decode_step(model, plan: DecodePlan, h: torch.Tensor, pos: torch.Tensor, par
     for p in parts:
         rows[p.tokens] = torch.arange(p.rows.start, p.rows.stop)
     pos = pos.to(torch.long).contiguous()
-    cache = model.layers[0].attention.cache_k
+    slots = plan.layers[0].cache_k.shape[0]
     # C indexes the cache with these unchecked: a bad one is an error here, not a stray write
-    if int(pos.min()) < 0 or int(pos.max()) >= cache.shape[2] or int(rows.min()) < 0 or int(rows.max()) >= cache.shape[0]:
-        raise IndexError(f"decode step outside the KV cache ({cache.shape[0]} rows of {cache.shape[2]} positions)")
+    if int(pos.min()) < 0 or int(pos.max()) >= plan.max_seq or int(rows.min()) < 0 or int(rows.max()) >= slots:
+        raise IndexError(f"decode step outside the KV cache ({slots} rows of {plan.max_seq} positions)")
     rope = torch.view_as_real(model.rope)  # (max_seq, head_dim/2, 2): cos, sin
+    step = ctypes.byref(StepSpec(N, dim, plan.heads, plan.kv_heads, plan.head_dim, plan.max_seq, rows.data_ptr(),
+                                 pos.data_ptr(), rope.data_ptr(), plan.eps))
     h = h.contiguous().clone()  # the residual stream, added to in place
-    delta = None  # the last layer's all-reduced FFN output, added to h by the next call
-    h_at, rows_at, pos_at, rope_at = h.data_ptr(), rows.data_ptr(), pos.data_ptr(), rope.data_ptr()
-    for layer, block in zip(plan.layers, model.layers):
-        att = block.attention
-        out = torch.empty(N, dim)
-        if lib.qk_decode_attention(h_at, None if delta is None else delta.data_ptr(), layer.attention_norm_at, plan.eps,
-                                   N, dim, layer.qkv_at, layer.wo_at, plan.heads, plan.kv_heads, plan.head_dim, rows_at,
-                                   pos_at, rope_at, att.cache_k.data_ptr(), att.cache_v.data_ptr(), att.cache_k.shape[2],
-                                   out.data_ptr()):
+    delta = torch.empty(N, dim)  # the last layer's (all-reduced) FFN output, added to h by the next call
+    if torch.distributed.get_world_size(group) == 1:  # nothing to all-reduce: every layer in one call
+        if lib.qk_decode_layers(h.data_ptr(), plan.specs, len(plan.layers), step, delta.data_ptr()):
             raise MemoryError("no memory for the decode step's scratch")
-        out = all_reduce_sum(out, group)
-        delta = torch.empty(N, dim)
-        if lib.qk_decode_ffn(h_at, out.data_ptr(), layer.ffn_norm_at, plan.eps, N, dim, layer.w13_at, layer.w2_at,
-                             delta.data_ptr()):
-            raise MemoryError("no memory for the decode step's scratch")
-        delta = all_reduce_sum(delta, group)
+    else:
+        for i, layer_at in enumerate(plan.layer_at):
+            out = torch.empty(N, dim)
+            if lib.qk_decode_attention(h.data_ptr(), delta.data_ptr() if i else None, layer_at, step, out.data_ptr()):
+                raise MemoryError("no memory for the decode step's scratch")
+            out = all_reduce_sum(out, group)
+            if lib.qk_decode_ffn(h.data_ptr(), out.data_ptr(), layer_at, step, delta.data_ptr()):
+                raise MemoryError("no memory for the decode step's scratch")
+            delta = all_reduce_sum(delta, group)
     if logits_at is not None and logits_at.numel() == 0:  # no token wants logits: no output layer (on every rank alike)
         return h.new_zeros(0, model.args.vocab_size)
     x = cpu_kernels.native_rmsnorm(delta, model.norm.weight, model.norm.eps, residual=h)
