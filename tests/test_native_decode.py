@@ -29,6 +29,47 @@ def test_native_float32_product_matches_float64(rows, cols):
 
 
 @NATIVE
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(6, 2, 64), (4, 4, 24), (8, 1, 128), (2, 1, 12)])
+def test_c_attention_matches_float64_softmax(heads, kv_heads, head_dim):
+    # qkernels.c's qk_attend_decode: positions in blocks of 64 with an online softmax, split into
+    # spans merged at the end when there are few (token, KV head) pairs; head_dim 64 / 128: the
+    # 8-row score and 64-float output registers; 24: 8-row scores, scalar output; 12: scalar
+    g = torch.Generator().manual_seed(heads * head_dim)
+    slots, max_seq, rows, pos = 4, 400, [2, 0, 3], [0, 130, 399]  # one position, 2 blocks + 2, a full cache
+    B = len(rows)
+    cache_k = torch.randn(slots, kv_heads, max_seq, head_dim, generator=g)
+    cache_v = torch.randn(slots, kv_heads, max_seq, head_dim, generator=g)
+    qkv = torch.randn(B, (heads + 2 * kv_heads) * head_dim, generator=g) * 2
+    angles = torch.rand(max_seq, head_dim // 2, generator=g) * 6
+    rope = torch.view_as_real(torch.polar(torch.ones_like(angles), angles)).contiguous()
+    ref_k, ref_v, ref_qkv = cache_k.clone(), cache_v.clone(), qkv.clone()
+    out = torch.empty(B, heads * head_dim)
+    lib = cpu_kernels.native()
+    rows_t, pos_t, before = torch.tensor(rows), torch.tensor(pos), torch.get_num_threads()
+    for threads in (1, 2):  # one thread: spans of the whole length; two: split spans
+        torch.set_num_threads(threads)
+        k, v, x = ref_k.clone(), ref_v.clone(), ref_qkv.clone()
+        assert lib.qk_attend_decode(x.data_ptr(), B, heads, kv_heads, head_dim, rows_t.data_ptr(), pos_t.data_ptr(),
+                                    rope.data_ptr(), k.data_ptr(), v.data_ptr(), max_seq, out.data_ptr()) == 0
+        for b, (row, p) in enumerate(zip(rows, pos)):
+            turn = torch.polar(torch.ones(head_dim // 2, dtype=torch.float64), angles[p].double())
+            def rotate(t):  # Meta's apply_rotary_emb: interleaved pairs as complex numbers
+                return torch.view_as_real(torch.view_as_complex(t.double().reshape(-1, head_dim // 2, 2)) * turn).reshape(-1, head_dim)
+            q = rotate(ref_qkv[b, :heads * head_dim])
+            new_k = rotate(ref_qkv[b, heads * head_dim:(heads + kv_heads) * head_dim])
+            new_v = ref_qkv[b, (heads + kv_heads) * head_dim:].double().view(kv_heads, head_dim)
+            assert torch.allclose(k[row, :, p].double(), new_k, atol=1e-5) and torch.equal(v[row, :, p].double(), new_v)
+            keys, values = k[row, :, :p + 1].double(), v[row, :, :p + 1].double()  # (kv_heads, p + 1, head_dim)
+            group = heads // kv_heads
+            scores = torch.einsum("hd,htd->ht", q, keys.repeat_interleave(group, 0)) / head_dim ** 0.5
+            want = torch.einsum("ht,htd->hd", scores.softmax(-1), values.repeat_interleave(group, 0))
+            # float32 scores of order 10 in another summation order and a polynomial exp: ~1e-5
+            assert torch.allclose(out[b].double().view(heads, head_dim), want, atol=2e-5, rtol=1e-4), (threads, b)
+        assert torch.equal(k[[r for r in range(slots) if r not in rows]], ref_k[[r for r in range(slots) if r not in rows]])
+    torch.set_num_threads(before)
+
+
+@NATIVE
 @pytest.mark.parametrize("world", [1, 2])
 def test_c_decode_step_equals_the_torch_ops(tmp_path, world):
     """float32, int8 and int4 models, multi-head, grouped-query and single-KV-head shapes, on 1 and 2 ranks:

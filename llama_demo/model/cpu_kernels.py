@@ -181,6 +181,7 @@ def native() -> ctypes.CDLL | None:
     lib.qk_linear_q8.argtypes = [p, i64, p, p, i64, i64, p]
     lib.qk_linear_f32.argtypes = [p, i64, p, i64, i64, p]
     lib.qk_rmsnorm.argtypes = [p, p, p, i64, i64, ctypes.c_float, p]
+    lib.qk_attend_decode.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, i64, p]
     lib.qk_decode_attention.argtypes = [p, p, p, p, p]
     lib.qk_decode_ffn.argtypes = [p, p, p, p, p]
     lib.qk_decode_layers.argtypes = [p, p, i64, p, p]
