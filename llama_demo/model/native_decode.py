@@ -4,10 +4,12 @@ In a small model's decode step the ~40 torch ops per layer around the matrix pro
 rotary, cache writes, attention, SiLU, residual adds), a few microseconds of dispatch each, cost
 as much as the products, and every return to Python between products lets the OpenMP threads fall
 asleep. Here a layer is two C calls (qkernels.c's qk_decode_attention and qk_decode_ffn), split
-where model-parallel ranks all-reduce; the arithmetic is the torch path's (Transformer.step), which
-every other step takes and the tests compare this with. Measured on SmolLM2-135M, batch 1, 2 AMD
-EPYC cores, `model.step` alone: float32 35 -> 24 ms a token, int8 14.6 -> 8-11, int4 10.4 -> 7-9
-(README's "Measured" section has the benchmark beside llama.cpp).
+where model-parallel ranks all-reduce, and on a single rank the whole step is one call
+(qk_decode_layers: Python's ~0.9 ms a step between calls gone); the arithmetic is the torch
+path's (Transformer.step), which every other step takes and the tests compare this with. Measured
+on SmolLM2-135M, batch 1, 2 AMD EPYC cores, `model.step` alone: float32 35 -> 24 -> 22.7 ms a
+token, int8 14.6 -> 8-11 -> 7.3-8, int4 10.4 -> 7-9 -> 6.7 (README's "Measured" section has the
+benchmark beside llama.cpp).
 """
 from __future__ import annotations
 
