@@ -117,6 +117,25 @@ def test_completion_plain_and_streamed_equal_the_cli(server, reference):
     assert len([x for x in chunks if x]) > 1  # really streamed, not one blob
 
 
+def test_usage_counts_the_prompt_tokens_found_in_the_kv_cache(server):
+    # OpenAI's usage.prompt_tokens_details.cached_tokens: the engine's prefix reuse, as it happened
+    c = _client(server)
+    prompt = "A prompt that no other test sends, about a llama and its long walk"
+    first = c.completions.create(model="x", prompt=prompt, max_tokens=3, temperature=0).usage
+    assert first.prompt_tokens_details.cached_tokens <= 1  # at most the BOS another prompt left
+    again = c.completions.create(model="x", prompt=prompt, max_tokens=3, temperature=0).usage
+    # every prompt token but the last, whose logits start the answer, was in the row the first left
+    assert again.prompt_tokens == first.prompt_tokens
+    assert again.prompt_tokens_details.cached_tokens == first.prompt_tokens - 1
+    streamed = [ch.usage for ch in c.completions.create(model="x", prompt=prompt, max_tokens=3, temperature=0,
+                                                        stream=True, stream_options={"include_usage": True})]
+    assert streamed[-1].prompt_tokens_details.cached_tokens == first.prompt_tokens - 1
+    # n = 2 answers of one prompt: the prompt is counted once, cached as much as both found
+    both = c.completions.create(model="x", prompt=prompt, max_tokens=3, temperature=0, n=2).usage
+    assert both.prompt_tokens == first.prompt_tokens
+    assert both.prompt_tokens_details.cached_tokens <= first.prompt_tokens - 1
+
+
 def test_eight_concurrent_clients_get_their_own_answers(server, reference):
     c = _client(server)
 

@@ -92,10 +92,12 @@ class Answer:
     finish_reason: str | None = None
     logprobs: list[tuple[int, float | None, list]] = field(default_factory=list)  # (id, logprob, top)
     prompt_logprobs: list | None = None
+    reused: int = 0  # prompt tokens found in the KV cache (usage's cached_tokens)
 
     def add(self, ev: TokenEvent) -> None:
         self.text.append(ev.text)
         self.tokens += ev.token_id is not None
+        self.reused = max(self.reused, ev.reused)
         if ev.prompt_logprobs is not None:
             self.prompt_logprobs = ev.prompt_logprobs
         if ev.logprob is not None:
@@ -197,10 +199,21 @@ class OpenAIApi:
             for t in tasks:
                 t.cancel()
 
-    def usage(self, choices: list[Choice], answers: list[Answer] | None = None, tokens: int = 0) -> p.UsageInfo:
-        prompt = sum(len(c.job.prompt_ids) for c in {c.prompt: c for c in choices}.values())
+    def usage(self, choices: list[Choice], answers: list[Answer] | None = None, tokens: int = 0,
+              reused: list[int] | None = None) -> p.UsageInfo:
+        """OpenAI's usage: each prompt counted once however many choices it has; its cached tokens
+        are the fewest any of its choices found in the KV cache (`reused`, per choice, or the
+        answers'), so a prompt is never reported more cached than every copy of it was."""
+        reused = [a.reused for a in answers] if answers is not None else reused or [0] * len(choices)
+        per_prompt: dict[int, tuple[int, int]] = {}  # prompt -> (its tokens, cached)
+        for c, r in zip(choices, reused):
+            n = len(c.job.prompt_ids)
+            per_prompt[c.prompt] = (n, min(r, per_prompt.get(c.prompt, (n, n))[1]))
+        prompt = sum(n for n, _ in per_prompt.values())
         done = sum(a.tokens for a in answers) if answers is not None else tokens
-        return p.UsageInfo(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done)
+        details = p.PromptTokensDetails(cached_tokens=sum(r for _, r in per_prompt.values()))
+        return p.UsageInfo(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done,
+                           prompt_tokens_details=details)
 
 
 def _prompts(prompt) -> list:
@@ -445,7 +458,7 @@ def stream(api: OpenAIApi, choices: list[Choice], subs: list[Submission], req: p
                 queue.put_nowait((i, ApiError(500, f"the answer could not be streamed: {e}", type="server_error")))
 
         pumps = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(subs)]
-        tokens, left, started = 0, len(subs), [False] * len(subs)
+        tokens, left, started, reused = 0, len(subs), [False] * len(subs), [0] * len(subs)
         try:
             for o in opening:  # OpenAI's chat stream opens each choice with the assistant's role
                 yield sse(o)
@@ -459,6 +472,7 @@ def stream(api: OpenAIApi, choices: list[Choice], subs: list[Submission], req: p
                     yield sse(p.ErrorResponse(error=ev.info))
                     break
                 tokens += ev.token_id is not None
+                reused[i] = max(reused[i], ev.reused)
                 out = chunk(i, ev, not started[i])
                 started[i] = True
                 if out is not None:
@@ -468,7 +482,7 @@ def stream(api: OpenAIApi, choices: list[Choice], subs: list[Submission], req: p
                     break
             else:
                 if req.stream_options and req.stream_options.include_usage:
-                    yield sse(kind(model=choices[0].job.model, choices=[], usage=api.usage(choices, tokens=tokens)))
+                    yield sse(kind(model=choices[0].job.model, choices=[], usage=api.usage(choices, tokens=tokens, reused=reused)))
         finally:
             for t in pumps:
                 t.cancel()

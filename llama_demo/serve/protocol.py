@@ -57,10 +57,15 @@ class ModelList(BaseModel):
 # --- shared ---------------------------------------------------------------------------------------
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose KV an earlier request left in the cache (not computed again)
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class StreamOptions(BaseModel):
