@@ -30,6 +30,8 @@ SHAPES = {
                 rope_theta=500000.0, norm_eps=1e-6),
     "mqa": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=1, multiple_of=32),
 }
+# Llama 3.1's layout: gqa's, with its long-context rotary scaling (params.json's use_scaled_rope)
+SHAPES["llama31"] = dict(SHAPES["gqa"], use_scaled_rope=True)
 TOKENIZER_TEXT = (
     "The quick brown fox jumps over the lazy dog. Once upon a time there was a little llama who "
     "lived in the mountains. Café, naïve, résumé; 東京 and 北京; emoji 🦙🚀. def main(): return 42\n"
@@ -115,6 +117,7 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
     """Random checkpoints shared by the engine tests: {shape}-{shards}."""
     base = tmp_path_factory.mktemp("ckpts")
     out = {}
-    for shape, shards in [("mha", 1), ("mha", 2), ("gqa", 1), ("gqa", 2), ("mqa", 1)]:
-        out[f"{shape}-{shards}"] = make_checkpoint(base / f"{shape}-{shards}", shape, shards, seed={"mha": 1, "gqa": 2, "mqa": 3}[shape])
+    for shape, shards in [("mha", 1), ("mha", 2), ("gqa", 1), ("gqa", 2), ("mqa", 1), ("llama31", 2)]:
+        seed = {"mha": 1, "gqa": 2, "mqa": 3, "llama31": 4}[shape]
+        out[f"{shape}-{shards}"] = make_checkpoint(base / f"{shape}-{shards}", shape, shards, seed=seed)
     return out

@@ -13,7 +13,7 @@ PROMPTS = [[1, 17, 250, 33, 8, 120, 64, 5], [1, 300, 2, 19], [1, 44, 45, 46, 47,
 
 
 @pytest.mark.parametrize("ckpt,world", [("mha-1", 1), ("mha-2", 1), ("mha-1", 2), ("mha-2", 2),
-                                        ("gqa-2", 1), ("gqa-1", 2), ("gqa-2", 2), ("mqa-1", 2)])
+                                        ("gqa-2", 1), ("gqa-1", 2), ("gqa-2", 2), ("mqa-1", 2), ("llama31-2", 2)])
 def test_logits_and_greedy_tokens_match_transformers(ckpts, tmp_path, ckpt, world):
     """Any shard count on any rank count: last-position logits to 1e-4, 24 greedy tokens equal,
     a batch of prompts of different lengths gives each prompt its tokens alone (also when requests

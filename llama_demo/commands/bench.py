@@ -129,9 +129,13 @@ def hf_model_from_meta(folder: Path, dtype: torch.dtype, device: torch.device):
 
     ck = open_checkpoint(folder, 1)
     a = ck.args
+    # Llama 3.1's scaled rotary frequencies (use_scaled_rope) are transformers' rope_type "llama3"
+    rope = {"rope_type": "default", "rope_theta": a.rope_theta}
+    if a.rope_scaling is not None:
+        rope = {**rope, "rope_type": "llama3", **a.rope_scaling}
     cfg = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.ffn_hidden,
                       num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
-                      rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta, max_position_embeddings=4096,
+                      rms_norm_eps=a.norm_eps, rope_parameters=rope, max_position_embeddings=4096,
                       tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     sd = {}
     for name in ck.full_shapes:
