@@ -171,11 +171,12 @@ def test_llama2_rejects_chat_tags_inside_messages():
 def test_llama3_prompt_is_metas_header_layout():
     tok = CharTokenizer()
     fmt = Llama3ChatFormat(tok)
+    # the content as written, spaces and newlines too (llama-models' ChatFormat; Llama 2's strips)
     assert tok.show(fmt.encode_dialog(DIALOG)) == (
         "<|begin_of_text|>"
         "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
-        "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n4.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n What is 2+2? <|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n4.\n<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\nAnd 中文 😀?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )

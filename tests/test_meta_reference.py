@@ -182,6 +182,9 @@ def test_llama3_chat_prompt_ids_match_metas_chat_format():
         [("system", "You are a terse assistant."), ("user", "Name three llamas."),
          ("assistant", "Alpaca, guanaco, vicuña."), ("user", "Und auf Deutsch? 東京 🦙")],
         [("user", "def f(x):\n    return x  # code\n\n\nkeep   spaces"), ("assistant", "OK."), ("user", "<|eot_id|> is text here")],
+        # whitespace around a message is the message's: Meta's format keeps it (a pasted code
+        # block's indentation, a trailing newline)
+        [("system", "  indented\n"), ("user", "\n    x = 1\n\n"), ("assistant", " a "), ("user", "\t")],
     ]
     for dialog in dialogs:
         want = meta.encode_dialog_prompt([RawMessage(role=r, content=c) for r, c in dialog]).tokens

@@ -160,7 +160,7 @@ class Llama3ChatFormat(ChatFormat):
         ids = [self._bot]
         for m in dialog:
             role = "ipython" if m.role == TOOL_ROLE else m.role  # Llama 3.1's role for tool results
-            ids += self._header(role) + self.tokenizer.encode(m.content.strip(), bos=False) + [self._eot]
+            ids += self._header(role) + self.tokenizer.encode(m.content, bos=False) + [self._eot]  # as written: Meta strips nothing
         return ids + self._header("assistant")  # open the assistant's turn for the model to complete
 
 
