@@ -655,10 +655,12 @@ int qk_attend_decode(float *qkv, int64_t B, int64_t h, int64_t kvh, int64_t hd, 
         spans = spans < blocks ? spans : blocks;
     }
 #endif
-    /* per (token, query head, span): max score, sum of exps, unnormalised output */
-    float *ms = malloc(B * h * spans * (hd + 2) * sizeof(float));
+    /* per work item i = (token b, KV head j, span c) and each of its g query heads: the span's max
+     * score, sum of exps and unnormalised output (attend_range's m, s, o), item after item */
+    const int64_t items = B * kvh * spans;
+    float *ms = malloc(items * g * (hd + 2) * sizeof(float));
     if (!ms) return 1;
-    float *ss = ms + B * h * spans, *os = ss + B * h * spans;
+    float *ss = ms + items * g, *os = ss + items * g;
     int failed = 0;
     const float scale = 1.f / sqrtf((float)hd);
 #pragma omp parallel if (parallel) reduction(| : failed)
@@ -666,40 +668,32 @@ int qk_attend_decode(float *qkv, int64_t B, int64_t h, int64_t kvh, int64_t hd, 
         float *p = malloc(g * ATT_BLOCK * sizeof(float));
         if (!p) failed = 1;
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < B * kvh * spans; i++) {
+        for (int64_t i = 0; i < items; i++) {
             if (!p) continue;
             const int64_t b = i / (kvh * spans), j = i / spans % kvh, c = i % spans, n = pos[b] + 1;
             const int64_t per = (n + spans - 1) / spans, t0 = c * per < n ? c * per : n;
             const int64_t t1 = t0 + per < n ? t0 + per : n;
-            const int64_t base = (rows[b] * kvh + j) * max_seq * hd, first = (b * h + j * g) * spans + c;
-            float m[g > 0 ? g : 1], s[g > 0 ? g : 1], *o = os + first * hd;
-            /* this item's heads' results sit `spans` apart (one per span) */
-            float *ob = malloc(g * hd * sizeof(float));
-            if (!ob) {
-                failed = 1;
-                continue;
-            }
-            attend_range(qkv + b * width + j * g * hd, g, hd, cache_k + base, cache_v + base, t0, t1, scale, m, s, ob, p);
-            for (int64_t e = 0; e < g; e++) {
-                ms[first + e * spans] = m[e], ss[first + e * spans] = s[e];
-                memcpy(o + e * spans * hd, ob + e * hd, hd * sizeof(float));
-            }
-            free(ob);
+            const int64_t base = (rows[b] * kvh + j) * max_seq * hd;
+            attend_range(qkv + b * width + j * g * hd, g, hd, cache_k + base, cache_v + base, t0, t1, scale,
+                         ms + i * g, ss + i * g, os + i * g * hd, p);
         }
         free(p);
     }
     if (!failed) {
         for (int64_t r = 0; r < B * h; r++) {  /* merge each head's spans */
-            const float *m = ms + r * spans, *s = ss + r * spans, *o = os + r * spans * hd;
+            const int64_t b = r / h, j = r % h / g, e = r % g;
+            const int64_t first = (b * kvh + j) * spans * g + e;  /* span c of this head: first + c g */
             float top = -INFINITY, total = 0.f, *y = out + r * hd;
-            for (int64_t c = 0; c < spans; c++) top = m[c] > top ? m[c] : top;
+            for (int64_t c = 0; c < spans; c++) top = ms[first + c * g] > top ? ms[first + c * g] : top;
             memset(y, 0, hd * sizeof(float));
             for (int64_t c = 0; c < spans; c++) {
-                if (m[c] == -INFINITY) continue;  /* an empty span */
-                const float w = expf(m[c] - top);
-                total += w * s[c];
+                const int64_t at = first + c * g;
+                if (ms[at] == -INFINITY) continue;  /* an empty span */
+                const float w = expf(ms[at] - top);
+                const float *o = os + at * hd;
+                total += w * ss[at];
 #pragma omp simd
-                for (int64_t d = 0; d < hd; d++) y[d] += w * o[c * hd + d];
+                for (int64_t d = 0; d < hd; d++) y[d] += w * o[d];
             }
             const float inv = 1.f / total;
 #pragma omp simd
