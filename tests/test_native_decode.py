@@ -70,6 +70,48 @@ def test_c_attention_matches_float64_softmax(heads, kv_heads, head_dim):
 
 
 @NATIVE
+def test_portable_build_agrees_with_this_cpus_build(tmp_path):
+    """qkernels.c without -march=native (the loops a CPU without AVX2 runs, e.g. an ARM server)
+    gives this CPU's build's products and attention, up to float32 summation order: the activations
+    are rounded to int8 identically in both, so only the order of the float sums differs."""
+    from llama_demo.model.quant import quantize_int4_rtn, quantize_int8
+
+    assert cpu_kernels.build(cpu_kernels.compiler(), tmp_path / "portable.so", march=False)
+    builds = [cpu_kernels.native(), cpu_kernels.load_library(tmp_path / "portable.so")]
+    g = torch.Generator().manual_seed(7)
+
+    def agree(run, shape):  # run(lib, out) on each build, then compare
+        outs = [torch.zeros(shape) for _ in builds]
+        for lib, out in zip(builds, outs):
+            assert run(lib, out) in (0, None)
+        assert torch.allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5 * outs[0].abs().max().item()), run
+        assert outs[0].abs().max() > 0
+
+    w = torch.randn(37, 200, generator=g)
+    q8, s8 = quantize_int8(torch.randn(37, 288, generator=g))
+    q4 = {group: quantize_int4_rtn(torch.randn(24, 384, generator=g), group) for group in (32, 64)}
+    for B in (1, 5):
+        x = torch.randn(B, 384, generator=g)
+        xf, x8 = x[:, :200].contiguous(), x[:, :288].contiguous()
+        agree(lambda lib, y: lib.qk_linear_f32(xf.data_ptr(), B, w.data_ptr(), 37, 200, y.data_ptr()), (B, 37))
+        agree(lambda lib, y: lib.qk_linear_q8(x8.data_ptr(), B, q8.data_ptr(), s8.data_ptr(), 37, 288, y.data_ptr()), (B, 37))
+        for group, (packed, scales, zeros) in q4.items():
+            agree(lambda lib, y: lib.qk_linear_q4(x.data_ptr(), B, packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+                                                  24, 384, group, y.data_ptr()), (B, 24))
+    heads, kv_heads, hd, max_seq, rows, pos = 6, 2, 64, 300, torch.tensor([1, 0]), torch.tensor([5, 299])
+    cache = [torch.randn(2, kv_heads, max_seq, hd, generator=g) for _ in range(2)]
+    qkv = torch.randn(2, (heads + 2 * kv_heads) * hd, generator=g)
+    angles = torch.rand(max_seq, hd // 2, generator=g)
+    rope = torch.view_as_real(torch.polar(torch.ones_like(angles), angles)).contiguous()
+
+    def attend(lib, out):
+        k, v, x = cache[0].clone(), cache[1].clone(), qkv.clone()
+        return lib.qk_attend_decode(x.data_ptr(), 2, heads, kv_heads, hd, rows.data_ptr(), pos.data_ptr(), rope.data_ptr(),
+                                    k.data_ptr(), v.data_ptr(), max_seq, out.data_ptr())
+    agree(attend, (2, heads * hd))
+
+
+@NATIVE
 @pytest.mark.parametrize("world", [1, 2])
 def test_c_decode_step_equals_the_torch_ops(tmp_path, world):
     """float32, int8 and int4 models, multi-head, grouped-query and single-KV-head shapes, on 1 and 2 ranks:

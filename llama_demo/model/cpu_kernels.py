@@ -139,7 +139,13 @@ def _cpu_flags() -> str:
     return ""
 
 
-def _compile(cc: str, out: Path, march: bool) -> bool:
+def compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def build(cc: str, out: Path, march: bool) -> bool:
+    """Compile qkernels.c into `out`; False when the compiler refuses. march=False: the portable
+    loops only (what a CPU without AVX2 runs)."""
     # -march=native: this CPU's vector units (the AVX2 paths need avx2, fma and f16c); -fopenmp
     # links libgomp.so.1, which resolves to the copy torch already loaded: one thread pool.
     flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c11"] + (["-march=native"] if march else [])
@@ -162,7 +168,7 @@ def native() -> ctypes.CDLL | None:
     """The C kernels' library for this CPU, compiled on first use; None when it cannot be."""
     if os.environ.get("LLAMA_DEMO_NATIVE_KERNELS", "1") == "0" or sys.platform != "linux":
         return None
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    cc = compiler()
     if not cc:
         return None
     source = _SOURCE.read_bytes()
@@ -171,11 +177,16 @@ def native() -> ctypes.CDLL | None:
     lib_path = root / f"qkernels-{key}.so"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        if not lib_path.is_file() and not (_compile(cc, lib_path, True) or _compile(cc, lib_path, False)):
+        if not lib_path.is_file() and not (build(cc, lib_path, True) or build(cc, lib_path, False)):
             return None
-        lib = ctypes.CDLL(str(lib_path))
+        return load_library(lib_path)
     except OSError:
         return None
+
+
+def load_library(path: Path) -> ctypes.CDLL:
+    """A build of qkernels.c, its functions' argument types declared."""
+    lib = ctypes.CDLL(str(path))
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.qk_linear_q4.argtypes = [p, i64, p, p, p, i64, i64, i64, p]
     lib.qk_linear_q8.argtypes = [p, i64, p, p, i64, i64, p]

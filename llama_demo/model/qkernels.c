@@ -55,11 +55,17 @@ static float f16_to_f32(uint16_t h) {
 }
 
 #ifdef QK_AVX2
-static inline float hsum_max8(__m256 v) {
+/* The sum and the largest of a register's 8 floats (halves, then pairs, then the last two). */
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static inline float hmax8(__m256 v) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_movehdup_ps(m));
-    return _mm_cvtss_f32(m);
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
 }
 #endif
 
@@ -84,7 +90,7 @@ void qk_quantize_x(const float *x, int64_t B, int64_t cols, int nibble_order, in
             const __m256 sign = _mm256_set1_ps(-0.f);
             __m256 f[4], m = _mm256_setzero_ps();
             for (int j = 0; j < 4; j++) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, f[j] = _mm256_loadu_ps(v + 8 * j)));
-            const float amax = hsum_max8(m);
+            const float amax = hmax8(m);
             d = amax / 127.f;
             const __m256 inv = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
             __m256i n[4];  /* rounded to nearest, ties to even, as lrintf */
@@ -125,12 +131,6 @@ void qk_quantize_x(const float *x, int64_t B, int64_t cols, int nibble_order, in
 }
 
 #ifdef QK_AVX2
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* 8 int32 partial sums of 32 products u8 * s8 (u <= 15 or |s8| <= 127 products: no saturation) */
 static inline __m256i dot_u8s8(__m256i u, __m256i s) {
@@ -715,8 +715,8 @@ static inline void f32_rows(const float *w, int64_t r0, int64_t r1, int64_t cols
                             int64_t ldy) {
     for (int64_t r = r0; r < r1; r++) {
         const float *wr = w + r * cols;
-        int64_t c = 0;
 #ifdef QK_AVX2
+        int64_t c = 0;
         if (nb == 1) {
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             for (; c + 64 <= cols; c += 64) {  /* two cache lines a step (measured ~5% over one) */
