@@ -358,9 +358,15 @@ def _bench_weights(a: argparse.Namespace, conc: list[int], weights: list[tuple[s
         for runner, row in runs:
             if isinstance(runner, Engine):
                 figures = bench_engine(runner, a.prompt_len, a.new_tokens, conc, repeats=1)
-            else:  # llama.cpp: one sequence at a time (its Python binding has no batched requests)
+            else:  # llama.cpp: batch 1, then n sequences in one context
                 vocab = runs[0][0].model.args.vocab_size
-                figures = runner.figures(torch.randint(3, vocab, (a.prompt_len,), generator=g).tolist(), a.new_tokens)
+
+                def prompt() -> list[int]:
+                    return torch.randint(3, vocab, (a.prompt_len,), generator=g).tolist()
+                figures = runner.figures(prompt(), a.new_tokens)
+                for n in conc:
+                    if n > 1:
+                        figures[f"decode_tok_s_c{n}"] = runner.batched_rate([prompt() for _ in range(n)], a.new_tokens)
             for key, value in figures.items():
                 row.setdefault(key, []).append(value)
     rows = []
@@ -413,7 +419,7 @@ def _print_weights(r: dict, conc: list[int]) -> None:
     def line(name: str, key: str, fmt: str) -> None:
         cells = []
         for w in rows:
-            if key not in w:  # not measured for this one (llama.cpp: batched requests)
+            if key not in w:  # not measured for this one
                 cells.append("-")
                 continue
             lo, hi = w[key + "_range"]

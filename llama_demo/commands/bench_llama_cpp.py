@@ -1,6 +1,6 @@
 """llama.cpp as a peer in `bench --weights`: the same model's GGUF in f32, q8_0 and q4_0, measured
-in the same run and the same way (best of rounds; batch-1 decode, time to first token, weight
-bytes, perplexity of the same token ids). Optional: it runs when llama-cpp-python is importable
+in the same run and the same way (best of rounds; batch-1 and n-request decode, time to first
+token, weight bytes, perplexity of the same token ids). Optional: it runs when llama-cpp-python is importable
 (a ~10-minute build: `pip install llama-cpp-python`), never in CI.
 
 The three files are made once from the model's GGUF by llama.cpp's own quantizer into the bench
@@ -74,6 +74,7 @@ class Peer:
         self.label, self.path, self.threads = label, path, threads
         self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                                    n_batch=512, verbose=False)
+        self._model = None  # the C API's handle, for batched_rate
 
     def figures(self, prompt: list[int], new_tokens: int) -> dict:
         """Time to first token (prefill + one token) and batch-1 decode tokens/s (greedy)."""
@@ -88,6 +89,52 @@ class Peer:
             llm.eval([token])
             token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         return {"ttft_s": ttft, "decode_tok_s_c1": (new_tokens - 1) / (time.perf_counter() - t0)}
+
+    def batched_rate(self, prompts: list[list[int]], new_tokens: int) -> float:
+        """Aggregate greedy decode tokens/s of len(prompts) sequences run together, as llama.cpp's
+        server runs parallel slots: one context with a KV sequence each, one llama_decode a step
+        holding a token of every sequence (the high-level binding has one sequence only, so this
+        uses the C API). Timed from the step after the prompts' prefill to the last token, as ours."""
+        import llama_cpp as L
+
+        n, longest = len(prompts), max(len(p) for p in prompts)
+        with _quiet_stderr():  # the C API logs every context it makes
+            if self._model is None:  # a second handle on the same file (mmap: the pages are shared)
+                self._model = L.llama_model_load_from_file(str(self.path).encode(), L.llama_model_default_params())
+                if not self._model:
+                    raise RuntimeError(f"llama.cpp could not load {self.path}")
+            cp = L.llama_context_default_params()
+            cp.n_ctx, cp.n_seq_max = n * (longest + new_tokens), n
+            cp.n_batch = max(512, sum(len(p) for p in prompts))
+            cp.n_threads = cp.n_threads_batch = self.threads
+            ctx = L.llama_init_from_model(self._model, cp)
+        if not ctx:
+            raise RuntimeError(f"llama.cpp could not make a context of {n} sequences")
+        batch = L.llama_batch_init(cp.n_batch, 0, n)
+        vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self._model))
+        try:
+            def decode(entries: list[tuple[int, int, int, bool]]) -> None:  # (token, position, sequence, wants logits)
+                for i, (token, pos, seq, logits) in enumerate(entries):
+                    batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+                    batch.seq_id[i][0] = seq
+                batch.n_tokens = len(entries)
+                if L.llama_decode(ctx, batch) != 0:
+                    raise RuntimeError("llama_decode failed")
+
+            def greedy(index: int) -> int:  # the argmax of the batch entry's logits
+                return int(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, index), shape=(vocab,)).argmax())
+
+            decode([(t, j, s, j == len(p) - 1) for s, p in enumerate(prompts) for j, t in enumerate(p)])
+            ends = np.cumsum([len(p) for p in prompts]) - 1
+            last = [greedy(int(e)) for e in ends]
+            t0 = time.perf_counter()
+            for step in range(new_tokens - 1):
+                decode([(last[s], len(p) + step, s, True) for s, p in enumerate(prompts)])
+                last = [greedy(s) for s in range(n)]
+            return n * (new_tokens - 1) / (time.perf_counter() - t0)
+        finally:
+            L.llama_batch_free(batch)
+            L.llama_free(ctx)
 
     def perplexity(self, ids: list[int]) -> float:
         """exp(mean NLL) of ids[1:] given what precedes each, one window, as eval.perplexity."""
