@@ -122,9 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     web = heartbeat = bus = None
 
     def on_sigterm(signum, frame):
-        # torchrun sends SIGTERM to every rank when one of them fails or the job is stopped
-        raise SystemExit(f"llama_demo: rank {rank} stopping: the job was terminated "
-                         "(another rank failed, or torchrun was stopped); see torchrun's report below")
+        # torchrun sends SIGTERM to every rank when one of them fails or the job is stopped; a
+        # one-rank server runs without torchrun, where SIGTERM is `kill` or a service manager
+        why = ("another rank failed, or torchrun was stopped; see torchrun's report below"
+               if "TORCHELASTIC_RUN_ID" in os.environ else "SIGTERM")
+        raise SystemExit(f"llama_demo: rank {rank} stopping: the job was terminated ({why})")
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
