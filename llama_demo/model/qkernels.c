@@ -292,6 +292,12 @@ static inline void q4_rows(const uint8_t *w, const uint16_t *sc, const uint16_t 
  * loop's runtime row count the compiler kept them in memory, and each block's FMA waited on the
  * last one's store (measured: the model's int8 products at ~half of memory speed). Two
  * accumulators, alternate blocks, halve the FMA chain. */
+static inline __m256 q8_block(const int8_t *wp, const int8_t *xp) {
+    /* one block's 32 weight bytes times its 32 activation bytes: 8 int32 partial sums, as floats */
+    const __m256i w = _mm256_loadu_si256((const __m256i *)wp), x = _mm256_loadu_si256((const __m256i *)xp);
+    return _mm256_cvtepi32_ps(dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)));
+}
+
 static inline void q8_rows_b1(const int8_t *w, const float *sc, int64_t r0, int64_t r1, int64_t cols,
                               const int8_t *xq, const float *xd, float *y) {
     const int64_t nblk = cols / QK;
@@ -301,21 +307,10 @@ static inline void q8_rows_b1(const int8_t *w, const float *sc, int64_t r0, int6
         int64_t k = 0;
         for (; k + 1 < nblk; k += 2) {
             _mm_prefetch((const char *)(wr + k * QK + PREFETCH_BYTES), _MM_HINT_T0);
-            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(wr + k * QK));
-            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(wr + (k + 1) * QK));
-            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + k * QK));
-            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + (k + 1) * QK));
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(xd[k]),
-                                   _mm256_cvtepi32_ps(dot_u8s8(_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(x0, w0))), acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(xd[k + 1]),
-                                   _mm256_cvtepi32_ps(dot_u8s8(_mm256_sign_epi8(w1, w1), _mm256_sign_epi8(x1, w1))), acc1);
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(xd[k]), q8_block(wr + k * QK, xq + k * QK), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(xd[k + 1]), q8_block(wr + (k + 1) * QK, xq + (k + 1) * QK), acc1);
         }
-        if (k < nblk) {
-            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(wr + k * QK));
-            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + k * QK));
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(xd[k]),
-                                   _mm256_cvtepi32_ps(dot_u8s8(_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(x0, w0))), acc0);
-        }
+        if (k < nblk) acc0 = _mm256_fmadd_ps(_mm256_set1_ps(xd[k]), q8_block(wr + k * QK, xq + k * QK), acc0);
         y[r] = hsum8(_mm256_add_ps(acc0, acc1)) * sc[r];
     }
 }

@@ -205,13 +205,13 @@ class OpenAIApi:
         are the fewest any of its choices found in the KV cache (`reused`, per choice, or the
         answers'), so a prompt is never reported more cached than every copy of it was."""
         reused = [a.reused for a in answers] if answers is not None else reused or [0] * len(choices)
-        per_prompt: dict[int, tuple[int, int]] = {}  # prompt -> (its tokens, cached)
+        size, cached = {}, {}  # by prompt: its tokens, and the fewest any of its choices found cached
         for c, r in zip(choices, reused):
-            n = len(c.job.prompt_ids)
-            per_prompt[c.prompt] = (n, min(r, per_prompt.get(c.prompt, (n, n))[1]))
-        prompt = sum(n for n, _ in per_prompt.values())
+            size[c.prompt] = len(c.job.prompt_ids)
+            cached[c.prompt] = min(r, cached.get(c.prompt, r))
+        prompt = sum(size.values())
         done = sum(a.tokens for a in answers) if answers is not None else tokens
-        details = p.PromptTokensDetails(cached_tokens=sum(r for _, r in per_prompt.values()))
+        details = p.PromptTokensDetails(cached_tokens=sum(cached.values()))
         return p.UsageInfo(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done,
                            prompt_tokens_details=details)
 
