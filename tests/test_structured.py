@@ -1,10 +1,17 @@
 """Structured output: answers constrained by a JSON schema's grammar (llguidance) on rank 0, on 2
-ranks of a random-weight model, where free text is anything but JSON."""
+ranks of a random-weight model, where free text is anything but JSON: with the suite's small
+byte-level tokenizer, and with the real tokenizers of Llama 2 (SentencePiece), Llama 3.1 (Meta's
+tiktoken) and the default model (byte-level BPE) after each one's chat prompt."""
 from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import torchrun
+from families import FAMILIES, family_checkpoint
+from test_grammar_tokenizers import SCHEMA as RICH_SCHEMA
+from test_grammar_tokenizers import check_document
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6}, "ok": {"type": "boolean"},
                                            "n": {"type": "integer", "minimum": 0, "maximum": 99}},
@@ -29,3 +36,18 @@ def test_answers_follow_the_json_schema_on_two_ranks(ckpts, tmp_path):
         raise AssertionError(f"the unconstrained answer is JSON by chance: {free!r}")
     except ValueError:
         pass
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_tokenizer_family_gives_complete_documents_on_two_ranks(family, tmp_path):
+    """Issue 22: Llama 2's SentencePiece vocabulary made json_object a 400 (an llguidance panic) and
+    json_schema a 500 (the grammar refused the token its own mask allowed)."""
+    ckpt = family_checkpoint(tmp_path, family)
+    torchrun(2, ["tests/workers/structured.py", str(ckpt), str(tmp_path), json.dumps(RICH_SCHEMA)], timeout=300)
+    ranks = [json.loads((tmp_path / f"structured{r}.json").read_text()) for r in range(2)]
+    assert all(ranks[1][k][0] == ranks[0][k][0] for k in ranks[0])
+    for key, kind in (("greedy", "json_schema"), ("hot", "json_schema"), ("object", "json_object"),
+                      ("object-greedy", "json_object")):
+        ids, text, reason = ranks[0][key]
+        assert reason == "stop", (key, text, reason)
+        check_document(json.loads(text), kind)

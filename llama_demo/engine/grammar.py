@@ -40,27 +40,34 @@ def json_schema_grammar(schema: dict) -> str:
 
 
 class _Wrapper:
-    """Our Tokenizer as llguidance's TokenizerWrapper wants it: every id's bytes (special tokens
-    marked with a leading 0xFF, as llguidance expects) and an encoder."""
+    """Our Tokenizer as llguidance's TokenizerWrapper wants it, for every backend alike (SentencePiece,
+    tiktoken, Hugging Face): each id's bytes exactly as our detokenizer renders it after other text
+    (SentencePiece's "\u2581" as a space, "<0xE6>" as that byte), ids that are never text (control
+    pieces, <unk>, which decodes to " \u2047 ") marked special by a leading 0xFF so that no grammar
+    admits them, and an encoder of text fragments: llguidance tokenizes the bytes a grammar forces,
+    and a SentencePiece encode() would put a space before them ("{" as "\u2581{"), a token the
+    grammar then refuses."""
 
     def __init__(self, tok: Tokenizer, n_vocab: int, eos: int):
         self.eos_token_id, self.bos_token_id = eos, tok.bos_id
-        self.special_token_ids = sorted(tok.special_ids)
-        specials = set(self.special_token_ids)
-        self.tokens = [(b"\xff" + tok.token_bytes(i)) if i in specials else tok.token_bytes(i)
-                       for i in range(min(n_vocab, tok.vocab_size))]
+        n = min(n_vocab, tok.vocab_size)
+        specials = {i for i in (*tok.special_ids, *tok._special_tokens().values()) if i < n}
+        self.special_token_ids = sorted(specials)
+        self.tokens = [(b"\xff" + tok.token_bytes(i)) if i in specials else tok.token_bytes(i) for i in range(n)]
         self.tokens += [b""] * (n_vocab - len(self.tokens))  # ids the output layer has beyond the tokenizer
         self._tok = tok
         self.is_tokenizer_wrapper = True
 
     def __call__(self, text) -> list[int]:
+        # llguidance hands over a valid UTF-8 prefix of what it tokenizes (it cuts the rest greedily)
         text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
-        return self._tok.encode(text, bos=False)
+        return self._tok.encode_fragment(text)
 
 
 @lru_cache(maxsize=4)
 def ll_tokenizer(tok: Tokenizer, n_vocab: int, stop_ids: frozenset[int]):
-    """llguidance's view of the vocabulary (built once per tokenizer: ~0.1 s for 50k tokens)."""
+    """llguidance's view of the vocabulary (built once per tokenizer: ~0.1 s for 50k tokens, ~1 s for
+    Llama 3's 128k)."""
     import llguidance
 
     stops = sorted(stop_ids) or [tok.eos_id or 0]

@@ -80,6 +80,11 @@ class Tokenizer:
         """Text of `ids`; BOS/EOS/special tokens and ids outside the vocabulary are not rendered."""
         raise NotImplementedError
 
+    def encode_fragment(self, text: str) -> list[int]:
+        """Ids of `text` as a piece of a longer text: no BOS and no SentencePiece dummy-prefix space,
+        so that decode() of them is `text` again (what a grammar engine tokenizing forced bytes needs)."""
+        return self._encode_text(text)
+
     def token_id(self, piece: str) -> int | None:
         """Id of the single token spelled `piece` (e.g. "<|eot_id|>"), None if the vocabulary lacks it."""
         return self._special_tokens().get(piece)
@@ -160,6 +165,16 @@ class SentencePieceTokenizer(Tokenizer):
     def _encode_text(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
+    def encode_fragment(self, text: str) -> list[int]:
+        # sp.encode("{") is "▁{": SentencePiece puts a space before every text it encodes
+        return self._fragment_sp.encode(text)
+
+    @cached_property
+    def _fragment_sp(self):
+        import sentencepiece as spm
+
+        return spm.SentencePieceProcessor(model_proto=_without_dummy_prefix(self._sp.serialized_model_proto()))
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode(self._in_vocab(ids))
 
@@ -176,6 +191,47 @@ class SentencePieceTokenizer(Tokenizer):
 
     def _special_tokens(self) -> dict[str, int]:
         return self._specials
+
+
+def _without_dummy_prefix(proto: bytes) -> bytes:
+    """A SentencePiece ModelProto with normalizer_spec.add_dummy_prefix = false (sentencepiece has no
+    switch for it at encode time, and protobuf is not a dependency): the NormalizerSpec (field 3) gets
+    a last `add_dummy_prefix` (its field 3, varint 0), and protobuf's last occurrence of a field wins."""
+    def varint(at: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            byte = proto[at]
+            at += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value, at
+
+    def encode_varint(value: int) -> bytes:
+        out = bytearray()
+        while value > 0x7F:
+            out.append(value & 0x7F | 0x80)
+            value >>= 7
+        return bytes(out + bytes([value]))
+
+    out, at = bytearray(), 0
+    while at < len(proto):
+        start = at
+        key, at = varint(at)
+        kind = key & 7
+        if kind == 2:  # length-delimited: a message, string or bytes
+            size, body = varint(at)
+            at = body + size
+            if key >> 3 == 3:
+                spec = proto[body:at] + b"\x18\x00"
+                out += encode_varint(key) + encode_varint(len(spec)) + spec
+                continue
+        elif kind == 0:
+            _, at = varint(at)
+        else:  # fixed 64-bit (1) or 32-bit (5)
+            at += 8 if kind == 1 else 4
+        out += proto[start:at]
+    return bytes(out)
 
 
 # --- tiktoken (Llama 3) ---------------------------------------------------------------------------
