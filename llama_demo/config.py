@@ -317,6 +317,11 @@ MAX_CHOICES = 128
 DEFAULT_MAX_WAITING = 64
 DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20  # a request body larger than this is a 413
 RETRY_AFTER_S = 2  # what a 429 tells clients to wait
+# /v1/responses keeps stored answers (for previous_response_id and GET) in rank 0's memory, the
+# oldest dropped first past either bound; dropped ids are remembered (ids only, 10x as many) so a
+# client is told its response expired rather than that it never existed.
+RESPONSE_STORE_MAX = 1000
+RESPONSE_STORE_BYTES = 64 * 2**20
 
 # An SSE comment (": keep-alive") goes out after this many seconds without an event, so proxies
 # and clients with read timeouts keep a stream open while its request waits for a KV row.

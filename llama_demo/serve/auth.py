@@ -63,7 +63,8 @@ def exposure_warnings(host: str, share: bool, login: tuple[str, str] | None, api
 
 
 def require_api_access(api_key: str | None, login: tuple[str, str] | None) -> list:
-    """The /v1 dependency list. With an API key: `Authorization: Bearer KEY` (OpenAI's way). With
+    """The /v1 dependency list. With an API key: `Authorization: Bearer KEY` (OpenAI's way) or
+    `x-api-key: KEY` (Anthropic's). With
     only a page login: `Bearer USER:PASS` or HTTP basic. Neither: open. Failures are OpenAI 401s."""
     accepted = [k.encode() for k in ([api_key] if api_key else [])]
     if login is not None and not api_key:
@@ -75,6 +76,8 @@ def require_api_access(api_key: str | None, login: tuple[str, str] | None) -> li
 
     def check(request: Request) -> None:
         scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        if not scheme and "x-api-key" in request.headers:  # Anthropic's clients send the key this way
+            scheme, value = "bearer", request.headers["x-api-key"]
         given = value.strip().encode()
         if scheme.lower() == "basic" and not api_key:
             try:

@@ -5,6 +5,8 @@
 - `/v1/models`, `/v1/completions`, `/v1/chat/completions`: the OpenAI wire format
   (serve.protocol), streamed as server-sent events when asked; errors in OpenAI's shape
   (serve.errors), access checked by serve.auth; `/tokenize`, `/detokenize` in vLLM's shapes;
+- `/v1/responses` (serve.responses) and `/v1/messages` (Anthropic's, serve.messages): other wire
+  shapes over the same chat rules (dialog_job) and stream loop (answer_events);
 - `/`: the Gradio chat page (serve.ui).
 Browsers on other origins may call the API only when --cors_origins names them.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
@@ -37,7 +40,7 @@ from .gate import Gate, Job
 from .loop import EngineClient, QueueFull, Submission
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .logprobs import CompletionLogprobWriter, chat_logprobs
-from .tools import parse_tool_calls, tool_use
+from .tools import ToolUse, parse_tool_calls, tool_use
 from .ui import build_ui, mount_ui
 
 T = TypeVar("T")
@@ -58,6 +61,11 @@ def build_app(client: EngineClient, chat_format: ChatFormat | None, cfg: ServerC
     api = OpenAIApi(client, gate, cfg, metrics)
     access = require_api_access(cfg.api_key, cfg.auth)
     app.include_router(tokenizer_router(api, access))
+    from .messages import messages_router  # they build on this module's pieces: imported once it is loaded
+    from .responses import responses_router
+
+    app.include_router(responses_router(api, access))  # before openai_router, whose catch-all answers 404
+    app.include_router(messages_router(api, access))
     app.include_router(openai_router(api, access))
     return mount_ui(app, build_ui(client, gate, cfg, system_prompt, metrics), cfg)
 
@@ -139,16 +147,29 @@ class OpenAIApi:
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         n = self._choices_per_prompt(req, 1)
-        tools = tool_use(req.tools, req.tool_choice)
-        if tools.tools and not (self.gate.chat_format and self.gate.chat_format.supports_tools):
-            raise ApiError(400, "tools: this model's chat template has no place for tools", param="tools")
         dialog = [_message(m, i) for i, m in enumerate(req.messages)]
-        ids = await self.gate.encode_dialog(dialog, "messages", tools=tools.tools)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         # no max_tokens: the server's default, clipped by the gate to what the context has room for
         params = sampling(req, self.cfg.page.max_new_tokens if max_tokens is None else max_tokens,
                           logprobs=(req.top_logprobs or 0) if req.logprobs else None)
-        params.grammar = await self.gate.grammar(req.response_format)
+        job, parse = await self.dialog_job(dialog, params, req.tools, req.tool_choice, req.response_format,
+                                           names={"logprobs": "top_logprobs"})
+        return [Choice(j, _nth(job, j), 0, tool_calls=parse) for j in range(n)]
+
+    async def dialog_ids(self, dialog: list[Message], tools, tool_choice) -> tuple[list[int], ToolUse]:
+        """A dialog's prompt ids with the tools it offers (chat's shapes; 400s name chat's fields)."""
+        use = tool_use(tools, tool_choice)
+        if use.tools and not (self.gate.chat_format and self.gate.chat_format.supports_tools):
+            raise ApiError(400, "tools: this model's chat template has no place for tools", param="tools")
+        return await self.gate.encode_dialog(dialog, "messages", tools=use.tools), use
+
+    async def dialog_job(self, dialog: list[Message], params: SamplingParams, tools, tool_choice, response_format,
+                         names: dict[str, str] | None = None) -> tuple[Job, bool]:
+        """The chat rules, shared with the Responses and Messages fronts (serve.responses,
+        serve.messages): a dialog, its tools and the shape its answer must take -> a checked Job,
+        and whether to read tool calls out of the answer."""
+        ids, tools = await self.dialog_ids(dialog, tools, tool_choice)
+        params.grammar = await self.gate.grammar(response_format)
         if tools.grammar is not None:
             if params.grammar is not None:
                 raise ApiError(400, "tool_choice: a forced tool call and a response_format cannot both shape the "
@@ -158,8 +179,7 @@ class OpenAIApi:
             except GrammarError as e:
                 raise ApiError(400, f"tools: the functions' parameters cannot be enforced: {e}", param="tools") from None
             params.grammar = tools.grammar
-        job = self.gate.job(ids, params, "messages", names={"logprobs": "top_logprobs"})
-        return [Choice(j, _nth(job, j), 0, tool_calls=tools.parse) for j in range(n)]
+        return self.gate.job(ids, params, "messages", names=names), tools.parse
 
     def _choices_per_prompt(self, req: p.SamplingRequest, prompts: int) -> int:
         n = 1 if req.n is None else req.n
@@ -383,7 +403,7 @@ def openai_router(api: OpenAIApi, dependencies: list) -> APIRouter:
     @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     async def unknown(path: str, request: Request):
         raise ApiError(404, f"{request.method} /v1/{path}: no such endpoint on this server (it serves /v1/models, "
-                            "/v1/completions and /v1/chat/completions)", type="not_found_error", code="not_found")
+                            "/v1/completions, /v1/chat/completions, /v1/responses and /v1/messages)", type="not_found_error", code="not_found")
 
     return router
 
@@ -446,26 +466,12 @@ def stream(api: OpenAIApi, choices: list[Choice], subs: list[Submission], req: p
         return f"data: {obj.model_dump_json()}\n\n"
 
     async def body() -> AsyncIterator[str]:
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i: int, sub: Submission) -> None:
-            try:
-                async for ev in events(sub):
-                    queue.put_nowait((i, ev))
-            except ApiError as e:
-                queue.put_nowait((i, e))
-            except Exception as e:  # a bug of ours: end the stream with it rather than wait forever
-                queue.put_nowait((i, ApiError(500, f"the answer could not be streamed: {e}", type="server_error")))
-
-        pumps = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(subs)]
-        tokens, left, started, reused = 0, len(subs), [False] * len(subs), [0] * len(subs)
-        try:
-            for o in opening:  # OpenAI's chat stream opens each choice with the assistant's role
-                yield sse(o)
-            while left:
-                try:
-                    i, ev = await asyncio.wait_for(queue.get(), api.keepalive_s)
-                except asyncio.TimeoutError:
+        tokens, started, reused = 0, [False] * len(subs), [0] * len(subs)
+        for o in opening:  # OpenAI's chat stream opens each choice with the assistant's role
+            yield sse(o)
+        async with aclosing(answer_events(api, subs, request)) as answers:
+            async for i, ev in answers:
+                if ev is None:
                     yield ": keep-alive\n\n"
                     continue
                 if isinstance(ev, ApiError):  # the request failed mid-answer: the status is sent already
@@ -477,20 +483,52 @@ def stream(api: OpenAIApi, choices: list[Choice], subs: list[Submission], req: p
                 started[i] = True
                 if out is not None:
                     yield sse(out)
-                left -= ev.finished
-                if await request.is_disconnected():
-                    break
             else:
-                if req.stream_options and req.stream_options.include_usage:
-                    yield sse(kind(model=choices[0].job.model, choices=[], usage=api.usage(choices, tokens=tokens, reused=reused)))
-        finally:
-            for t in pumps:
-                t.cancel()
-            for s in subs:
-                s.close()
+                if req.stream_options and req.stream_options.include_usage and not await request.is_disconnected():
+                    yield sse(kind(model=choices[0].job.model, choices=[],
+                                   usage=api.usage(choices, tokens=tokens, reused=reused)))
         yield "data: [DONE]\n\n"
 
     return EventStream(body(), lambda: [s.close() for s in subs])
+
+
+async def answer_events(api: OpenAIApi, subs: list, request: Request) -> AsyncIterator[tuple[int, object]]:
+    """Every choice's events as they come, as (choice, event): a TokenEvent, an ApiError when the
+    request failed (the stream should end with it), or None when nothing arrived for a keep-alive
+    interval (a request waiting for a KV row). Ends when every answer is whole or the client has
+    gone; the requests are closed (cancelled if unfinished) however it ends. Every streamed front
+    (chat, completions, serve.responses, serve.messages) frames these its own way."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, sub: Submission) -> None:
+        try:
+            async for ev in events(sub):
+                queue.put_nowait((i, ev))
+        except ApiError as e:
+            queue.put_nowait((i, e))
+        except Exception as e:  # a bug of ours: end the stream with it rather than wait forever
+            queue.put_nowait((i, ApiError(500, f"the answer could not be streamed: {e}", type="server_error")))
+
+    pumps = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(subs)]
+    left = len(subs)
+    try:
+        while left:
+            try:
+                i, ev = await asyncio.wait_for(queue.get(), api.keepalive_s)
+            except asyncio.TimeoutError:
+                yield 0, None
+                continue
+            yield i, ev
+            if isinstance(ev, ApiError):
+                return
+            left -= ev.finished
+            if await request.is_disconnected():
+                return
+    finally:
+        for t in pumps:
+            t.cancel()
+        for s in subs:
+            s.close()
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
