@@ -19,6 +19,7 @@ from ..engine.grammar import GrammarError, Matcher, ll_tokenizer, response_forma
 from ..engine.sampler import SamplingError, SamplingParams
 from ..engine.scheduler import PromptTooLong, check_request, check_token_ids
 from ..text.chat_format import ChatFormat, Message
+from ..text.tool_format import tool_format_for
 from ..text.tokenizer import Tokenizer
 from .errors import ApiError
 
@@ -58,7 +59,14 @@ class Gate:
         if len(dialog) > MAX_CHAT_MESSAGES:
             raise ApiError(400, f"{field}: at most {MAX_CHAT_MESSAGES} messages, got {len(dialog)}", param=field)
         self._check_text_size([m.content for m in dialog], field)
-        return await self._off_loop(lambda: self.chat_format.encode_dialog(dialog, tools), field)
+        return await self._off_loop(lambda: self.encode_with_tools(dialog, tools), field)
+
+    def encode_with_tools(self, dialog: list[Message], tools: list[dict] | None) -> list[int]:
+        """The chat format's prompt, the tools shown as its tool format shows them (text.tool_format):
+        by the model's own template, Meta's Llama 3 messages, or the generic system message."""
+        fmt, native_history = tool_format_for(self.chat_format)
+        shown = fmt.prepare(list(dialog), tools, native_history)
+        return self.chat_format.encode_dialog(shown, tools if fmt.renders_tools else None)
 
     async def decode(self, ids: list[int], field: str) -> str:
         """Text of token ids (/detokenize): ids checked like a prompt's, decoded off the event loop."""

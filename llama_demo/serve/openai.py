@@ -40,7 +40,8 @@ from .gate import Gate, Job
 from .loop import EngineClient, QueueFull, Submission
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .logprobs import CompletionLogprobWriter, chat_logprobs
-from .tools import ToolUse, parse_tool_calls, tool_use
+from ..text.tool_format import ToolCallStream
+from .tools import ToolReader, ToolUse, parse_tool_calls, tool_use
 from .ui import build_ui, mount_ui
 
 T = TypeVar("T")
@@ -89,7 +90,7 @@ class Choice:
     job: Job
     prompt: int  # which prompt of the request (usage counts each prompt once)
     echo: str | None = None  # completions' echo: the prompt text the answer follows
-    tool_calls: bool = False  # chat with tools: read tool calls out of the answer
+    tool_calls: ToolReader | None = None  # chat with tools: how to read tool calls out of the answer
 
 
 @dataclass
@@ -153,26 +154,26 @@ class OpenAIApi:
         params = sampling(req, self.cfg.page.max_new_tokens if max_tokens is None else max_tokens,
                           logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         job, parse = await self.dialog_job(dialog, params, req.tools, req.tool_choice, req.response_format,
-                                           names={"logprobs": "top_logprobs"})
+                                           names={"logprobs": "top_logprobs"}, parallel=req.parallel_tool_calls)
         return [Choice(j, _nth(job, j), 0, tool_calls=parse) for j in range(n)]
 
-    async def dialog_ids(self, dialog: list[Message], tools, tool_choice) -> tuple[list[int], ToolUse]:
-        """A dialog's prompt ids with the tools it offers (chat's shapes; 400s name chat's fields)."""
-        use = tool_use(tools, tool_choice)
-        if use.tools and not (self.gate.chat_format and self.gate.chat_format.supports_tools):
-            raise ApiError(400, "tools: this model's chat template has no place for tools", param="tools")
+    async def dialog_ids(self, dialog: list[Message], tools, tool_choice,
+                         parallel: bool | None = None) -> tuple[list[int], ToolUse]:
+        """A dialog's prompt ids with the tools it offers, in the chat format's tool format
+        (serve.tools; chat's shapes: 400s name chat's fields)."""
+        use = tool_use(tools, tool_choice, self.gate.chat_format, parallel)
         return await self.gate.encode_dialog(dialog, "messages", tools=use.tools), use
 
     async def dialog_job(self, dialog: list[Message], params: SamplingParams, tools, tool_choice, response_format,
-                         names: dict[str, str] | None = None) -> tuple[Job, bool]:
+                         names: dict[str, str] | None = None, parallel: bool | None = None) -> tuple[Job, ToolReader | None]:
         """The chat rules, shared with the Responses and Messages fronts (serve.responses,
         serve.messages): a dialog, its tools and the shape its answer must take -> a checked Job,
-        and whether to read tool calls out of the answer."""
-        ids, tools = await self.dialog_ids(dialog, tools, tool_choice)
+        and how to read tool calls out of the answer (None: it is text)."""
+        ids, tools = await self.dialog_ids(dialog, tools, tool_choice, parallel)
         params.grammar = await self.gate.grammar(response_format)
         if tools.grammar is not None:
             if params.grammar is not None:
-                raise ApiError(400, "tool_choice: a forced tool call and a response_format cannot both shape the "
+                raise ApiError(400, "tool_choice: a tool call's grammar and a response_format cannot both shape the "
                                     "answer", param="tool_choice")
             try:
                 await asyncio.to_thread(self.gate.check_grammar, tools.grammar)
@@ -308,14 +309,36 @@ def completion_choice(tokenizer: Tokenizer, c: Choice, a: Answer, logprobs: bool
                                       finish_reason=a.finish_reason)
 
 
-def chat_message(a: Answer, tool_calls: bool) -> tuple[p.ResponseMessage, str]:
+def chat_message(a: Answer, tool_calls: ToolReader | None) -> tuple[p.ResponseMessage, str]:
     """The assistant's message and finish_reason: tool calls when the answer is one (and tools were
     offered), else its text."""
     text = "".join(a.text)
-    calls = parse_tool_calls(text) if tool_calls and a.finish_reason == "stop" else None
+    calls = parse_tool_calls(text, tool_calls) if tool_calls and a.finish_reason == "stop" else None
     if calls:
         return p.ResponseMessage(content=None, tool_calls=calls), "tool_calls"
     return p.ResponseMessage(content=text), a.finish_reason
+
+
+def tool_chunk(index: int, scanner: ToolCallStream, ev: TokenEvent, model: str,
+               tok: Tokenizer | None) -> p.ChatCompletionStreamResponse | None:
+    """One streamed chunk of an answer that may call tools: its text as content until it opens a
+    call, then the call's deltas (OpenAI's: {index, id, type, function.name} first, then
+    {index, function.arguments} fragments). finish_reason "tool_calls" once a call was made."""
+    deltas = scanner.feed(ev.text) + (scanner.finish() if ev.finished else [])
+    content = "".join(d[1] for d in deltas if d[0] == "content")
+    tool_calls = [{"index": d[1], "id": d[2], "type": "function", "function": {"name": d[3], "arguments": ""}}
+                  if d[0] == "call" else {"index": d[1], "function": {"arguments": d[2]}}
+                  for d in deltas if d[0] != "content"]
+    lp = chat_logprobs(tok, [(ev.token_id, ev.logprob, ev.top_logprobs or [], False)]) \
+        if tok and ev.logprob is not None and not ev.stop_id else None
+    reason = None
+    if ev.finished:
+        reason = "tool_calls" if scanner.calls and ev.finish_reason != "length" else finish_reason(ev)
+    if not content and not tool_calls and reason is None and lp is None:
+        return None
+    return p.ChatCompletionStreamResponse(model=model, choices=[p.ChatCompletionStreamChoice(
+        index=index, delta=p.DeltaMessage(content=content or None, tool_calls=tool_calls or None), logprobs=lp,
+        finish_reason=reason)])
 
 
 def openai_router(api: OpenAIApi, dependencies: list) -> APIRouter:
@@ -361,22 +384,13 @@ def openai_router(api: OpenAIApi, dependencies: list) -> APIRouter:
         subs = api.submit(choices, "/v1/chat/completions")
         model = choices[0].job.model
         if req.stream:
-            held: list[list[TokenEvent]] = [[] for _ in choices]  # with tools: each answer, until it is whole
+            # with tools: each answer's text through its format's call scanner, so that a call streams
+            # as OpenAI streams one (id, type and name first, then the arguments in fragments)
+            calls = [c.tool_calls.stream() if c.tool_calls else None for c in choices]
 
             def chunk(i: int, ev: TokenEvent, first: bool) -> p.ChatCompletionStreamResponse | None:
-                if choices[i].tool_calls:  # a tool call is known only once the answer is complete
-                    held[i].append(ev)
-                    if not ev.finished:
-                        return None
-                    whole = Answer()
-                    for e in held[i]:
-                        whole.add(e)
-                    msg, reason = chat_message(whole, True)
-                    lp = chat_logprobs(tok, whole.logprobs) if req.logprobs else None
-                    calls = [{"index": k, **c} for k, c in enumerate(msg.tool_calls or [])] or None
-                    return p.ChatCompletionStreamResponse(model=model, choices=[p.ChatCompletionStreamChoice(
-                        index=choices[i].index, delta=p.DeltaMessage(content=msg.content, tool_calls=calls),
-                        logprobs=lp, finish_reason=reason)])
+                if calls[i] is not None:
+                    return tool_chunk(choices[i].index, calls[i], ev, model, req.logprobs and tok)
                 lp = None
                 if req.logprobs and ev.logprob is not None and not ev.stop_id:
                     lp = chat_logprobs(tok, [(ev.token_id, ev.logprob, ev.top_logprobs or [], False)])

@@ -82,7 +82,7 @@ LABELS = ("user", "safety_identifier", "metadata", "prompt_cache_key")
 REFUSED: dict[str, tuple] = {
     "suffix": ("",), "best_of": (1,),  # best_of: also accepted when it equals n
     "functions": ([],), "function_call": ("none", "auto"),  # OpenAI's deprecated spelling of tools
-    "parallel_tool_calls": (True, False),  # several calls may come back either way: we never split them
+    "parallel_tool_calls": (True, False),  # honoured by serve.tools: false allows exactly one call
     "audio": (), "modalities": (["text"],), "prediction": (),
     "reasoning_effort": (), "verbosity": (), "web_search_options": (), "store": (False,),
     "service_tier": ("auto", "default"), "moderation": (), "prompt_cache_retention": (), "prompt_cache_options": (),

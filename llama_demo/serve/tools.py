@@ -1,48 +1,68 @@
-"""Tool calling through the model's own chat template (`tools` is handed to the template, as
-transformers' apply_chat_template does), and Llama 3.1's JSON tool calls read back out of the
-answer: `{"name": "f", "parameters": {...}}` (optionally after <|python_tag|>, several joined by
-";"), as Meta's prompt format documents and vLLM's llama3_json parser reads them.
+"""Tool calling for every chat format: the API's `tools`, `tool_choice` and `parallel_tool_calls`
+checked (400s name them) and turned into what the prompt shows, what the grammar enforces and how
+the answer is read. The formats themselves (prompt text, call syntax, parsing, streaming) live in
+text/tool_format.py: Meta's JSON tool calls for Llama 3 folders, the model's own template where
+it takes `tools`, and a generic format for every other model (Llama 1/2, SmolLM2's template).
 
-`tool_choice` "auto" lets the model decide; "none" hides the tools; "required" or a named function
-forces a call by a grammar over the calls' JSON (engine.grammar), so the answer is always one.
+`tool_choice` "none" hides the tools; "auto" lets the model decide (with the generic format a
+grammar admits either plain text or a well-formed call); "required" or a named function forces a
+call by a grammar over the call's JSON, so the answer is always one. `parallel_tool_calls: false`
+allows exactly one call (the grammar's maxItems, or the first call read).
 """
 from __future__ import annotations
 
 import json
-import secrets
 from dataclasses import dataclass
 
 from ..engine.grammar import GrammarError, json_schema_grammar
+from ..text.chat_format import ChatFormat
+from ..text.tool_format import GenericTools, MetaJsonTools, ToolCallStream, ToolFormat, tool_format_for
 from .errors import ApiError
 
-PYTHON_TAG = "<|python_tag|>"
+
+@dataclass
+class ToolReader:
+    """How to read tool calls out of one answer (truthy: read them)."""
+    fmt: ToolFormat
+    parallel: bool = True
+
+    def parse(self, text: str) -> list[dict] | None:
+        calls = self.fmt.parse(text)
+        return calls[:1] if calls and not self.parallel else calls
+
+    def stream(self) -> ToolCallStream:
+        return ToolCallStream(self.fmt, self.parallel)
 
 
 @dataclass
 class ToolUse:
     """What a chat request's tools mean for its prompt, its sampling and its answer."""
-    tools: list[dict] | None  # for the chat template (None: no tools)
-    grammar: str | None  # a forced call's grammar
-    parse: bool  # read tool calls out of the answer
+    tools: list[dict] | None  # shown to the model (None: no tools)
+    grammar: str | None  # a forced call's grammar, or generic auto's text-or-call grammar
+    parse: ToolReader | None  # read tool calls out of the answer
 
 
-def tool_use(tools, tool_choice) -> ToolUse:
-    """Check `tools` and `tool_choice` (400s name them) and say what they ask for."""
+def tool_use(tools, tool_choice, chat_format: ChatFormat | None = None, parallel: bool | None = None) -> ToolUse:
+    """Check `tools`, `tool_choice` and `parallel_tool_calls` and say what they ask for."""
+    if parallel is not None and not isinstance(parallel, bool):
+        raise ApiError(400, "parallel_tool_calls must be true or false", param="parallel_tool_calls")
     if not tools:
         if tool_choice not in (None, "none", "auto"):
             raise ApiError(400, "tool_choice needs tools", param="tool_choice")
-        return ToolUse(None, None, False)
+        return ToolUse(None, None, None)
     if not isinstance(tools, list) or not all(
             isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
             and isinstance(t["function"].get("name"), str) for t in tools):
         raise ApiError(400, "tools must be a list of {\"type\": \"function\", \"function\": {\"name\": ..., "
                             "\"parameters\": {...}}}", param="tools")
+    fmt = tool_format_for(chat_format)[0] if chat_format is not None else MetaJsonTools()
+    reader = ToolReader(fmt, parallel is not False)
     names = {t["function"]["name"]: t["function"] for t in tools}
-    if tool_choice in (None, "auto"):
-        return ToolUse(tools, None, True)
     if tool_choice == "none":
-        return ToolUse(None, None, False)
-    if tool_choice == "required":
+        return ToolUse(None, None, None)
+    if tool_choice in (None, "auto"):
+        forced = None
+    elif tool_choice == "required":
         forced = list(names.values())
     elif isinstance(tool_choice, dict) and isinstance(tool_choice.get("function"), dict) \
             and tool_choice["function"].get("name") in names:
@@ -50,36 +70,24 @@ def tool_use(tools, tool_choice) -> ToolUse:
     else:
         raise ApiError(400, "tool_choice must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", "
                             "\"function\": {\"name\": <one of the tools>}}", param="tool_choice")
-    calls = [{"type": "object", "properties": {"name": {"const": f["name"]},
-                                               "parameters": f.get("parameters") or {"type": "object"}},
-              "required": ["name", "parameters"], "additionalProperties": False} for f in forced]
+    if forced is None and not isinstance(fmt, GenericTools):
+        return ToolUse(tools, None, reader)  # Meta's models and native templates know their own call syntax
+    schema = fmt.call_schema(forced or list(names.values()), reader.parallel)
     try:
-        grammar = json_schema_grammar(calls[0] if len(calls) == 1 else {"anyOf": calls})
-    except GrammarError as e:
+        if forced is not None:
+            grammar = json_schema_grammar(schema)
+        else:  # generic auto: plain text (not opening with "{") or a well-formed call
+            import llguidance
+
+            grammar = llguidance.LLMatcher.grammar_from_lark(
+                f"start: call | TEXT\ncall: %json {json.dumps(schema)}\nTEXT: /[ \\t\\n]*[^{{ \\t\\n](?s:.*)/\n")
+    except (GrammarError, ValueError) as e:
         raise ApiError(400, f"tools: a function's parameters cannot be enforced: {e}", param="tools") from None
-    return ToolUse(tools, grammar, True)
+    return ToolUse(tools, grammar, reader)
 
 
-def parse_tool_calls(text: str) -> list[dict] | None:
-    """Llama 3.1 JSON tool calls in an answer, in OpenAI's shape; None when the answer is text."""
-    body = text.strip()
-    if body.startswith(PYTHON_TAG):
-        body = body[len(PYTHON_TAG):].strip()
-    if not body.startswith("{"):
+def parse_tool_calls(text: str, reader: ToolReader | bool = True) -> list[dict] | None:
+    """Tool calls in an answer, in OpenAI's shape; None when the answer is text."""
+    if not reader:
         return None
-    calls, decoder, at = [], json.JSONDecoder(), 0
-    while at < len(body):
-        try:
-            obj, end = decoder.raw_decode(body, at)
-        except ValueError:
-            return None
-        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-            return None
-        args = obj.get("parameters", obj.get("arguments", {}))
-        calls.append({"id": f"call_{secrets.token_hex(12)}", "type": "function",
-                      "function": {"name": obj["name"],
-                                   "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)}})
-        at = end
-        while at < len(body) and body[at] in " \t\r\n;":
-            at += 1
-    return calls or None
+    return (reader if isinstance(reader, ToolReader) else ToolReader(MetaJsonTools())).parse(text)

@@ -37,6 +37,7 @@ BEGIN_OF_TEXT = "<|begin_of_text|>"
 START_HEADER = "<|start_header_id|>"
 END_HEADER = "<|end_header_id|>"
 EOT = "<|eot_id|>"
+EOM = "<|eom_id|>"  # Llama 3.1: end of a message that calls a tool
 
 
 class ChatFormatError(ValueError):
@@ -143,24 +144,32 @@ class Llama3ChatFormat(ChatFormat):
         if missing:
             raise ChatFormatError(f"tokenizer lacks the Llama 3 chat tokens {', '.join(missing)}")
         self._bot, self._start, self._end, self._eot = (ids[t] for t in (BEGIN_OF_TEXT, START_HEADER, END_HEADER, EOT))
+        self._eom = tokenizer.token_id(EOM) or self._eot  # Llama 3.0's vocabulary has no <|eom_id|>
 
     @property
     def stop_ids(self) -> frozenset[int]:
-        return self.tokenizer.stop_ids | {self._eot}  # the answer ends with <|eot_id|>, whatever the backend
+        return self.tokenizer.stop_ids | {self._eot, self._eom}  # the answer ends with <|eot_id|> (<|eom_id|>: a call)
 
     def check(self, dialog: Sequence[Message]) -> None:
         # any sequence of headed messages: Meta's layout has no turn-order rule of its own
-        check_messages(dialog, ROLES + (TOOL_ROLE,))
+        check_messages(dialog, ROLES + (TOOL_ROLE,), extras=("tool_calls",))
 
     def _header(self, role: str) -> list[int]:
         enc = self.tokenizer.encode
         return [self._start, *enc(role, bos=False), self._end, *enc("\n\n", bos=False)]
 
     def _encode(self, dialog: Sequence[Message]) -> list[int]:
+        from .tool_format import MetaJsonTools
+
         ids = [self._bot]
         for m in dialog:
             role = "ipython" if m.role == TOOL_ROLE else m.role  # Llama 3.1's role for tool results
-            ids += self._header(role) + self.tokenizer.encode(m.content, bos=False) + [self._eot]  # as written: Meta strips nothing
+            ids += self._header(role) + self.tokenizer.encode(m.content, bos=False)  # as written: Meta strips nothing
+            if m.role == "assistant" and m.tool_calls:  # as llama-models writes an earlier call: its JSON, then
+                ids += self.tokenizer.encode("".join(map(MetaJsonTools.encode_call, m.tool_calls)), bos=False)
+                ids.append(self._eom)  # <|eom_id|>, where the model stopped for the tool's result
+            else:
+                ids.append(self._eot)
         return ids + self._header("assistant")  # open the assistant's turn for the model to complete
 
 
