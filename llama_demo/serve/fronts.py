@@ -21,11 +21,12 @@ from .openai import Answer, Choice, OpenAIApi, answer_events, until_disconnect
 
 
 async def submit_dialog(api: OpenAIApi, endpoint: str, dialog: list[Message], params: SamplingParams, tools,
-                        tool_choice, response_format, spelling: dict[str, str]) -> tuple[Choice, list]:
+                        tool_choice, response_format, spelling: dict[str, str],
+                        parallel: bool | None = None) -> tuple[Choice, list]:
     """Check and submit a dialog as one choice; a 400 names the field as this endpoint spells it
-    (`spelling`: chat's name -> the endpoint's)."""
+    (`spelling`: chat's name -> the endpoint's). `parallel`: chat's parallel_tool_calls."""
     try:
-        job, parse = await api.dialog_job(dialog, params, tools, tool_choice, response_format)
+        job, parse = await api.dialog_job(dialog, params, tools, tool_choice, response_format, parallel=parallel)
     except ApiError as e:
         raise respelled(e, spelling) from None
     choice = Choice(0, job, 0, tool_calls=parse)

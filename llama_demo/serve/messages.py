@@ -134,7 +134,7 @@ def chat_tools(tools: list[dict] | None) -> list[dict] | None:
 
 def chat_tool_choice(choice: dict | None):
     """auto / any / tool / none -> chat's "auto" / "required" / a named function / "none"
-    (disable_parallel_tool_use: several calls may come back either way, we never split them)."""
+    (disable_parallel_tool_use is chat's parallel_tool_calls: false)."""
     if choice is None:
         return None
     kind = choice.get("type")
@@ -215,7 +215,9 @@ def messages_router(api: OpenAIApi, dependencies: list) -> APIRouter:
             temperature=API_SAMPLING.temperature if req.temperature is None else req.temperature,
             top_p=API_SAMPLING.top_p if req.top_p is None else req.top_p, top_k=req.top_k or 0,
             max_new_tokens=req.max_tokens, stop=stops)
-        choice, subs = await submit_dialog(api, ENDPOINT, dialog, params, tools, tool_choice, fmt, SPELLING)
+        one = (req.tool_choice or {}).get("disable_parallel_tool_use")
+        choice, subs = await submit_dialog(api, ENDPOINT, dialog, params, tools, tool_choice, fmt, SPELLING,
+                                           parallel=None if one is None else not one)
         message = {"id": _id("msg"), "type": "message", "role": "assistant", "model": choice.job.model,
                    "content": [], "stop_reason": None, "stop_sequence": None}
 

@@ -59,7 +59,7 @@ class ResponsesRequest(BaseModel):
     top_p: float | None = None
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
-    parallel_tool_calls: bool | None = None  # several calls may come back either way: we never split them
+    parallel_tool_calls: bool | None = None  # false: at most one call (chat's)
     text: dict | None = None  # {"format": {...}, "verbosity": ...}
     stream: bool | None = None
     stream_options: dict | None = None  # include_obfuscation: we pad nothing
@@ -198,7 +198,7 @@ def response_object(rid: str, created: int, req: ResponsesRequest, params: Sampl
         "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
         "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
         "temperature": params.temperature, "top_p": params.top_p, "tools": req.tools or [],
-        "tool_choice": req.tool_choice or "auto", "parallel_tool_calls": True,
+        "tool_choice": req.tool_choice or "auto", "parallel_tool_calls": req.parallel_tool_calls is not False,
         "text": {"format": (req.text or {}).get("format") or {"type": "text"}},
         "previous_response_id": req.previous_response_id, "store": req.store is not False,
         "metadata": req.metadata or {}, "user": req.user, "truncation": "disabled",
@@ -232,7 +232,8 @@ def responses_router(api: OpenAIApi, dependencies: list, store: ResponseStore | 
             top_p=API_SAMPLING.top_p if req.top_p is None else req.top_p,
             max_new_tokens=api.cfg.page.max_new_tokens if req.max_output_tokens is None else req.max_output_tokens)
         choice, subs = await submit_dialog(api, ENDPOINT, prompt, params, chat_tools(req.tools),
-                                           chat_tool_choice(req.tool_choice), response_format(req.text), SPELLING)
+                                           chat_tool_choice(req.tool_choice), response_format(req.text), SPELLING,
+                                           parallel=req.parallel_tool_calls)
         rid, created, model = _id("resp"), int(time.time()), choice.job.model
 
         def finish(answer: WholeAnswer) -> dict:
