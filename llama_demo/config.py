@@ -16,9 +16,10 @@ from pathlib import Path
 DEFAULT_MAX_SEQ_LEN = 2048  # KV cache length per sequence (prompt + answer)
 DEFAULT_MAX_BATCH_SIZE = 8  # KV cache rows: sequences decoded together
 DEFAULT_DIST_TIMEOUT = 1800.0  # seconds a collective may wait (init_process_group's timeout)
-# While a prompt is prefilled beside running decodes, each step takes only as many prompt tokens as
-# keep the decodes at this share of their token rate (measured per machine at start-up).
-DECODE_SHARE_WHILE_PREFILLING = 0.7
+# Prompt chunks the start-up probe tries for a step's token budget (Engine.calibrate), on CPU and
+# on CUDA: past these a CPU step only gets slower per token (attention grows with the chunk), and
+# a GPU is full.
+STEP_TOKEN_CANDIDATES = {False: (64, 128, 256, 512), True: (256, 512, 1024, 2048)}
 DEFAULT_HEARTBEAT_INTERVAL = 60.0  # seconds between idle collectives; must stay below the timeout
 
 

@@ -97,6 +97,6 @@ def decode_during_prefill(engine: Engine, vocab: int, running: int = 4, long_pro
             engine.cancel(rid)
         return {"running": running, "long_prompt": long_prompt, "decode_tok_s_alone": alone,
                 "decode_tok_s_during_prefill": during, "ratio": during / alone if alone else 0.0,
-                "prefill_steps": steps, "prefill_tokens_per_step": engine.prefill_while_decoding}
+                "prefill_steps": steps, "step_tokens": engine.step_tokens}
     finally:
         engine.stop_ids = stop_ids

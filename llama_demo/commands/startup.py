@@ -41,11 +41,10 @@ def add_model_args(p: argparse.ArgumentParser, ckpt_help: str | None = None) -> 
     p.add_argument("--max_seq_len", type=int, default=DEFAULT_MAX_SEQ_LEN, help="context length: prompt + answer")
     p.add_argument("--max_batch_size", type=int, default=DEFAULT_MAX_BATCH_SIZE, help="sequences decoded together")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--prefill_chunk", type=int, default=None,
-                   help="prompt tokens prefilled per step while other requests decode (default: 512 on GPU, 128 on CPU)")
-    p.add_argument("--prefill_while_decoding", type=int, default=0,
-                   help="prompt tokens prefilled per step while other requests decode (default 0: measured at "
-                        "start-up so that decoding keeps ~70%% of its rate; --prefill_chunk when nothing decodes)")
+    p.add_argument("--step_tokens", "--prefill_chunk", dest="step_tokens", type=positive_int, default=None,
+                   help="tokens one step feeds: every running decode, then waiting prompts in arrival order, a "
+                        "prompt split over steps only when it does not fit (default: measured at start-up, the "
+                        "chunk a full batch of decodes takes in fastest)")
     p.add_argument("--no_prefix_cache", action="store_true",
                    help="prefill every prompt in full (default: reuse the longest prefix a free KV row still holds)")
     add_quantize_arg(p)
@@ -56,6 +55,14 @@ def add_quantize_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default=None, choices=["int8", "int4"],
                    help="quantize linear weights at load (round-to-nearest); a checkpoint written by "
                         "python -m llama_demo.quantize needs no flag")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (a flag's error names the value otherwise)."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def build_engine(a: argparse.Namespace, dist_timeout: float = DEFAULT_DIST_TIMEOUT) -> tuple[Engine, Tokenizer]:
@@ -74,10 +81,8 @@ def build_engine(a: argparse.Namespace, dist_timeout: float = DEFAULT_DIST_TIMEO
     if tokenizer.vocab_size > model.args.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}: wrong tokenizer for {a.ckpt_dir}?")
     engine = Engine(model, tokenizer, info.rank, info.world_size, info.device, seed=getattr(a, "seed", None),
-                    prefill_chunk=a.prefill_chunk, prefix_cache=not a.no_prefix_cache)
-    if getattr(a, "prefill_while_decoding", None):
-        engine.prefill_while_decoding = min(a.prefill_while_decoding, engine.prefill_chunk)
-    elif getattr(a, "prefill_while_decoding", None) == 0:
+                    step_tokens=a.step_tokens, prefix_cache=not a.no_prefix_cache)
+    if a.step_tokens is None:
         engine.calibrate()
     return engine, tokenizer
 

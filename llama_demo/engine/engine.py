@@ -9,9 +9,12 @@ A fault that concerns one request (its sampling, its text, its stop strings) end
 with finish code ERROR on every rank alike; the other requests and the loop go on. Only a failed
 collective or a dead rank ends the job; running out of device memory is reported as such.
 
-Continuous batching: each sequence owns a row of the static KV cache (scheduler.Scheduler). A new
-request is prefilled in chunks of at most `prefill_chunk` tokens per step, so running decodes are
-not stalled for long by a long prompt; every step decodes one token for every running sequence.
+Continuous batching with a token budget (vLLM's chunked prefill): each sequence owns a row of the
+static KV cache (scheduler.Scheduler). Every step decodes one token for every running sequence,
+then fills the rest of `step_tokens` with waiting prompts in arrival order; a prompt is split over
+steps only when it does not fit what is left of the budget. `calibrate` chooses the budget on this
+machine: the prompt chunk that a full batch of decodes takes in with the most prompt tokens a
+second, which is what both the time to first token and the throughput under load depend on.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import DECODE_SHARE_WHILE_PREFILLING
+from ..config import STEP_TOKEN_CANDIDATES
 from ..model.parallel import broadcast_from_first
 from ..model.transformer import Part, Transformer, slot_runs
 from ..text.detok import TextStream
@@ -79,7 +82,7 @@ class _Rank0State:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu", seed: int | None = None, prefill_chunk: int | None = None,
+                 device: torch.device | str = "cpu", seed: int | None = None, step_tokens: int | None = None,
                  prefix_cache: bool = True):
         self.model = model
         self.tokenizer = tokenizer
@@ -87,15 +90,11 @@ class Engine:
         self.device = torch.device(device)
         self.max_seq_len = model.args.max_seq_len
         self.vocab_size = model.args.vocab_size
-        # Prompt tokens prefilled per step. On CPU a 128-token chunk of a 110M model takes ~0.1 s
-        # and is as efficient per token as 512 (measured: oneDNN at 128 rows >= 512 rows), so
-        # running decodes wait 4x less; GPUs want bigger chunks to fill the device.
-        self.prefill_chunk = prefill_chunk if prefill_chunk is not None else 512 if self.device.type == "cuda" else 128
-        if self.prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
-        # Prompt tokens per step while other sequences decode: what keeps their token rate up while
-        # a long prompt comes in (calibrate() measures it); the whole chunk when nothing decodes.
-        self.prefill_while_decoding = self.prefill_chunk
+        # Tokens one step feeds, decodes first, then prompt chunks (calibrate() measures the best
+        # on this machine; until then a size that is efficient on CPUs and GPUs we measured)
+        self.step_tokens = step_tokens if step_tokens is not None else 512 if self.device.type == "cuda" else 256
+        if self.step_tokens < 1:
+            raise ValueError(f"step_tokens must be at least 1, got {step_tokens}")
         self.scheduler = Scheduler(model.args.max_batch_size, self.max_seq_len, prefix_cache)
         self.steps = 0
         if rank == 0:
@@ -143,34 +142,43 @@ class Engine:
             except Exception as e:  # ends this request at its first token, on every rank (see _decide)
                 seq.rank0 = _Rank0State(TextStream(self.tokenizer), None, error=f"could not start the request: {e}")
 
-    def calibrate(self, decode_share: float = DECODE_SHARE_WHILE_PREFILLING, probe_tokens: int = 64) -> int:
-        """Set prefill_while_decoding so that running decodes keep about `decode_share` of their
-        token rate while a prompt is prefilled beside them: a start-up probe times a one-token
-        step and a `probe_tokens` prefill on this machine, rank 0's figure is broadcast (every
-        rank must plan the same steps). Uses KV row 0 before any request has."""
+    def calibrate(self, candidates: tuple[int, ...] | None = None) -> int:
+        """Choose step_tokens on this machine: for each candidate prompt chunk, time a step that
+        carries it beside a full batch of decodes (max_batch_size - 1 rows), and keep the chunk
+        that takes in the most prompt tokens a second: a waiting prompt's time to first token is
+        its length over that rate, and under load the same rate bounds throughput. A candidate
+        within 5% of the best but smaller wins (a shorter step: steadier token times for the
+        decodes). Rank 0's choice is broadcast: every rank must plan the same steps. Uses the
+        KV cache before any request has (nothing cached yet)."""
         assert self.idle and not self.scheduler.cached, "calibrate before serving"
         dev = self.device
-        times = []
-        for n in (1, probe_tokens, 1, probe_tokens):  # twice: the first pass warms caches and kernels up
-            pos = torch.arange(n, device=dev)
-            part = Part.of(0, slice(0, 1), pos[None])
+        rows = self.model.args.max_batch_size
+        decodes = max(0, rows - 1)
+        candidates = candidates or STEP_TOKEN_CANDIDATES[dev.type == "cuda"]
+        candidates = [n for n in candidates if n < self.max_seq_len - 1] or [self.max_seq_len - 2]
+        rates = {}
+        for n in [candidates[0]] + list(candidates):  # the first one twice: warms caches and kernels up
+            at = n + 1  # decodes attend over n + 1 positions, as after a prompt of that length
+            parts = [Part.of(0, slice(0, decodes), torch.full((decodes, 1), at, device=dev))] if decodes else []
+            parts.append(Part.of(decodes, slice(decodes, decodes + 1), torch.arange(n, device=dev)[None]))
+            pos = torch.cat([torch.full((decodes,), at, device=dev), torch.arange(n, device=dev)])
+            logits_at = torch.arange(decodes + 1, device=dev)
+            logits_at[-1] = decodes + n - 1
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             t0 = time.perf_counter()
-            self.model.step(torch.zeros(n, dtype=torch.long, device=dev), pos, [part],
-                            torch.tensor([n - 1], device=dev))
+            self.model.step(torch.zeros(decodes + n, dtype=torch.long, device=dev), pos, parts, logits_at)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
-            times.append(time.perf_counter() - t0)
-        one, many = times[2], times[3]
-        per_token = max(many - one, 1e-9) / (probe_tokens - 1)
-        # a step with k prompt tokens takes one + k * per_token; decodes keep one / that of their rate
-        budget = int((1 / decode_share - 1) * one / per_token)
-        out = torch.tensor([max(1, min(budget, self.prefill_chunk))], device=dev)
+            rates[n] = n / (time.perf_counter() - t0)
+        best = max(rates.values())
+        chunk = min(n for n, r in rates.items() if r >= 0.95 * best)
+        out = torch.tensor([decodes + chunk], device=dev)
         if self.world_size > 1:
             broadcast_from_first(out, None)
-        self.prefill_while_decoding = int(out.item())
-        return self.prefill_while_decoding
+        self.step_tokens = int(out.item())
+        self.calibration = {n: round(r, 1) for n, r in rates.items()}  # prompt tokens/s per chunk, for the log
+        return self.step_tokens
 
     # ----------------------------------------------------------------- the step
     def step(self) -> list[TokenEvent]:
@@ -181,15 +189,15 @@ class Engine:
             return []
         self.steps += 1
         decoding = self.scheduler.decoding()
-        plan = self.scheduler.prefill_plan(self.prefill_while_decoding if decoding else self.prefill_chunk)
+        plan = self.scheduler.prefill_plan(self.step_tokens - len(decoding))
         try:
             seqs, logits = self._forward_step(decoding, plan)
         except torch.OutOfMemoryError as e:
             chunk = sum(n for _, n in plan)
             raise StepOutOfMemory(
                 f"rank {self.rank} ran out of {self.device.type} memory in a step decoding {len(decoding)} sequence(s) "
-                f"(longest {max((s.pos for s in decoding), default=0) + 1} tokens) with a {chunk}-token prefill chunk: "
-                f"restart with a smaller --max_batch_size, --max_seq_len or --prefill_chunk "
+                f"(longest {max((s.pos for s in decoding), default=0) + 1} tokens) with a {chunk}-token prompt chunk: "
+                f"restart with a smaller --max_batch_size, --max_seq_len or --step_tokens "
                 f"({str(e).splitlines()[0] if str(e) else 'out of memory'})") from None
         if not seqs:
             return []

@@ -144,14 +144,19 @@ class Scheduler:
         return sorted((s for s in self.running.values() if s.out_ids), key=lambda s: s.row)
 
     def prefill_plan(self, budget: int) -> list[tuple[Sequence, int]]:
-        """(sequence, tokens to prefill this step) within the budget, oldest first."""
+        """(sequence, tokens to prefill this step) within the budget (at least one token, so that
+        prompts always advance), in arrival order. A prompt that does not fit what is left takes
+        only half of it while another prompt waits behind it: a long prompt spreads over steps
+        and cannot hold short ones back for all of them."""
+        budget = max(1, budget)
+        pending = [s for s in self.running.values() if not s.out_ids and s.prompt_left > 0]
         plan = []
-        for s in self.running.values():
+        for i, s in enumerate(pending):
             if budget <= 0:
                 break
-            if s.out_ids or s.prompt_left <= 0:
-                continue
             n = min(s.prompt_left, budget)
+            if n < s.prompt_left and i + 1 < len(pending):
+                n = max(1, budget // 2)
             plan.append((s, n))
             budget -= n
         return plan

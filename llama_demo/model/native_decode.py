@@ -103,18 +103,20 @@ def plan_for(model) -> DecodePlan | None:
 
 
 PROBE_ROWS = 16  # a batched decode step's rows, for the probe below
+PROBE_CHUNK = 128  # a prompt chunk's tokens, for the probe below
 
 
 def float_rows_limit(model, plan: DecodePlan) -> int | None:
-    """The most rows a float32 decode step should run in C: None (no limit) when a decode step of
-    PROBE_ROWS rows is faster in C than in torch ops (whose products are oneDNN's on its blocked
-    weights) on this machine, else 4, the C product's tile, at which it streams the weights once
-    and wins anyway. A probe, not a rule, because the answer depends on the CPU: on the 2-core AVX2
-    VM we measured, the C step won at 16 rows (63-72 vs 93-99 ms) though the products alone are
-    close (C 57.8 ms, oneDNN 62.7; at 64 rows 150 vs 143), and oneDNN uses AVX-512 and AMX where a
-    CPU has them, which the C kernel does not. Runs once per model, at its first decode step (~0.4
-    s here), on every rank together (both paths make the same collectives); the ranks agree on the
-    answer. The probe's token writes one cache position of the first rows, restored after."""
+    """The most tokens a float32 step should run in C. Two probes, C against the torch ops (whose
+    products are oneDNN's on its blocked weights): a decode step of PROBE_ROWS rows, and a step
+    carrying a PROBE_CHUNK-token prompt chunk. None (no limit) when C wins both; PROBE_ROWS when
+    it wins decode steps only (the mixed steps of a prompt chunk then take the torch ops: on the
+    2-core AVX2 VM C took 310-340 ms for a 128-token chunk where oneDNN took 200); else 4, the C
+    product's tile, at which it streams the weights once and wins anyway. A probe, not a rule,
+    because the answer depends on the CPU: oneDNN uses AVX-512 and AMX where a CPU has them, the
+    C kernel does not. Runs once per model, at its first CPU step (~1 s here), on every rank
+    together (both paths make the same collectives); the ranks agree on the answer. The probes
+    write cache positions of the first rows, restored after."""
     import time
 
     from .transformer import Part  # here: transformer.py imports this module
@@ -123,26 +125,36 @@ def float_rows_limit(model, plan: DecodePlan) -> int | None:
     if rows <= 4:
         return None
     at = min(63, model.args.max_seq_len - 1)
+    chunk = min(PROBE_CHUNK, model.args.max_seq_len)
     caches = [(b.attention.cache_k, b.attention.cache_v) for b in model.layers]
-    saved = [(k[:rows, :, at].clone(), v[:rows, :, at].clone()) for k, v in caches]
-    pos = torch.full((rows,), at, dtype=torch.long)
-    parts = [Part.of(0, slice(0, rows), pos[:, None])]
+    touched = [(slice(0, rows), at), (0, slice(0, chunk))]  # (cache rows, positions) the probes write
+    saved = [[(k[r, :, t].clone(), v[r, :, t].clone()) for r, t in touched] for k, v in caches]
+    probes = {
+        "decode": (torch.full((rows,), at, dtype=torch.long), [Part.of(0, slice(0, rows), torch.full((rows, 1), at))]),
+        "chunk": (torch.arange(chunk), [Part.of(0, slice(0, 1), torch.arange(chunk)[None])]),
+    }
+    wins = []
     with torch.inference_mode():
-        h = model.tok_embeddings(torch.ones(1, rows, dtype=torch.long))
-        times = {"c": [], "torch": []}
-        for _ in range(2):
-            for path in times:
-                t0 = time.perf_counter()
-                if path == "c":
-                    decode_step(model, plan, h[0], pos, parts, None)
-                else:
-                    model.torch_step(h, pos, parts, None)
-                times[path].append(time.perf_counter() - t0)
-        for (k, v), (k0, v0) in zip(caches, saved):
-            k[:rows, :, at], v[:rows, :, at] = k0, v0
-        c_wins = torch.tensor([1.0 if min(times["c"]) <= min(times["torch"]) else 0.0])
-        votes = all_reduce_sum(c_wins, get_model_parallel_group()).item()
-    return None if votes == torch.distributed.get_world_size(get_model_parallel_group()) else 4
+        for pos, parts in probes.values():
+            h = model.tok_embeddings(torch.ones(1, len(pos), dtype=torch.long))
+            last = torch.tensor([len(pos) - 1])
+            times = {"c": [], "torch": []}
+            for _ in range(2):
+                for path in times:
+                    t0 = time.perf_counter()
+                    if path == "c":
+                        decode_step(model, plan, h[0], pos, parts, last)
+                    else:
+                        model.torch_step(h, pos, parts, last)
+                    times[path].append(time.perf_counter() - t0)
+            wins.append(1.0 if min(times["c"]) <= min(times["torch"]) else 0.0)
+        for (k, v), kept in zip(caches, saved):
+            for (r, t), (k0, v0) in zip(touched, kept):
+                k[r, :, t], v[r, :, t] = k0, v0
+        votes = all_reduce_sum(torch.tensor(wins), get_model_parallel_group()).tolist()
+    everyone = torch.distributed.get_world_size(get_model_parallel_group())
+    decode_wins, chunk_wins = (v == everyone for v in votes)
+    return None if decode_wins and chunk_wins else PROBE_ROWS if decode_wins else 4
 
 
 def decode_step(model, plan: DecodePlan, h: torch.Tensor, pos: torch.Tensor, parts, logits_at) -> torch.Tensor:
@@ -151,8 +163,9 @@ def decode_step(model, plan: DecodePlan, h: torch.Tensor, pos: torch.Tensor, par
     lib, group = cpu_kernels.native(), get_model_parallel_group()
     N, dim = h.shape
     rows = torch.empty(N, dtype=torch.long)
-    for p in parts:
-        rows[p.tokens] = torch.arange(p.rows.start, p.rows.stop)
+    for p in parts:  # a prompt chunk is T tokens of one row: the C attention writes every token's
+        # k, v before any token attends, each over its row's positions 0..pos: causal, as the mask
+        rows[p.tokens] = torch.arange(p.rows.start, p.rows.stop).repeat_interleave(p.pos.shape[1])
     pos = pos.to(torch.long).contiguous()
     slots = plan.layers[0].cache_k.shape[0]
     # C indexes the cache with these unchecked: a bad one is an error here, not a stray write

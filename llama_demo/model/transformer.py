@@ -340,9 +340,9 @@ class Transformer(nn.Module):
             openblas = self.single_row_openblas and N == 1 and cpu_kernels.native() is None
             cpu_kernels.set_cpu_threads(openblas)
         h = self.tok_embeddings(tokens[None])  # (1, N, dim)
-        if h.device.type == "cpu" and all(p.pos.shape[1] == 1 for p in parts) and N > 0:
+        if h.device.type == "cpu" and N > 0:
             plan = native_decode.plan_for(self)
-            if plan is not None and plan.takes(N):  # a decode step of a CPU float32 model: its layers in C
+            if plan is not None and plan.takes(N):  # a step of a CPU float32 model (decode rows, prompt chunks): its layers in C
                 return native_decode.decode_step(self, plan, h[0], pos, parts, logits_at)
         return self.torch_step(h, pos, parts, logits_at)
 

@@ -23,7 +23,7 @@ params = SamplingParams(temperature=0.0, max_new_tokens=n_new)
 batch = engine.generate([Request(i, p, params) for i, p in enumerate(prompts)])
 batch_steps = engine.steps
 # Prompts prefilled 3 tokens per step, interleaved with the others' decoding: the same tokens.
-chunked_engine = Engine(model, load_tokenizer(ckpt), info.rank, info.world_size, info.device, prefill_chunk=3)
+chunked_engine = Engine(model, load_tokenizer(ckpt), info.rank, info.world_size, info.device, step_tokens=3)
 chunked = chunked_engine.generate([Request(i, p, params) for i, p in enumerate(prompts)])
 penalized = engine.generate([Request(0, prompts[0], SamplingParams(temperature=0.0, repetition_penalty=1.3,
                                                                   max_new_tokens=n_new))])

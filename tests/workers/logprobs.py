@@ -15,7 +15,7 @@ from llama_demo.weights.loading import load_model
 ckpt, out, prompt = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
 info = init_distributed()
 model = load_model(ckpt, info, dtype=torch.float32, max_seq_len=128, max_batch_size=4)
-engine = Engine(model, load_tokenizer(ckpt), info.rank, info.world_size, info.device, prefill_chunk=3)
+engine = Engine(model, load_tokenizer(ckpt), info.rank, info.world_size, info.device, step_tokens=3)
 events = []
 engine.generate([Request("other", prompt[:4], SamplingParams(temperature=0.0, max_new_tokens=12)),
                  Request("scored", prompt, SamplingParams(temperature=0.0, max_new_tokens=4, logprobs=2,
