@@ -121,3 +121,17 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
         seed = {"mha": 1, "gqa": 2, "mqa": 3, "llama31": 4}[shape]
         out[f"{shape}-{shards}"] = make_checkpoint(base / f"{shape}-{shards}", shape, shards, seed=seed)
     return out
+
+
+@pytest.fixture(scope="session")
+def family_server(request, tmp_path_factory):
+    """A 2-rank server of one family's folder (tests/families.py), parametrized indirectly by the
+    family's name. Session-scoped: pytest groups the tests by family across modules, so each
+    family's server starts once and stops before the next one starts."""
+    from families import family_server as start
+
+    s = start(request.param, tmp_path_factory.mktemp(f"server-{request.param}"))
+    try:
+        yield s
+    finally:
+        s.stop()

@@ -52,3 +52,22 @@ def family_checkpoint(base: Path, family: str, n_shards: int = 2, seed: int = 0)
     args = ModelArgs(**shape, vocab_size=vocab)
     save_sharded(random_state(args, seed), args, folder, n_shards, extra_params=extra)
     return folder
+
+
+# One 2-rank chat server per family, shared by every module that talks to one (the SDK fronts,
+# LangChain): a launch costs ~30 s of the CI's 2 cores. A context long enough for Meta's tool
+# prompt beside a client's schema; two rows so a test may hold one while another runs.
+SERVER_FLAGS = ("--chat", "--max_seq_len", "1024", "--max_batch_size", "2")
+
+
+def family_server(family: str, base: Path):
+    """A started server of `family`'s folder under `base` (the caller stops it)."""
+    from test_server import Server
+
+    s = Server(family_checkpoint(base, family, n_shards=2), 2, *SERVER_FLAGS)
+    try:
+        s.wait_healthy(180)
+    except BaseException:
+        s.stop()
+        raise
+    return s

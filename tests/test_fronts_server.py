@@ -1,8 +1,9 @@
 """/v1/responses and /v1/messages end to end: a 2-rank server per model family (Meta's Llama 3.1
 layout with its tiktoken tokenizer, Meta's Llama 2 layout with its SentencePiece one; random
 weights, tests/families.py), driven by the official openai and anthropic SDKs. One server launch
-per family for every test here. Random weights answer anything, so the checks are on what the
-protocol and the grammar guarantee: shapes, counts, events, calls that parse, documents that fit."""
+per family for every test here and in test_langchain.py (conftest's family_server). Random weights
+answer anything, so the checks are on what the protocol and the grammar guarantee: shapes,
+counts, events, calls that parse, documents that fit."""
 from __future__ import annotations
 
 import json
@@ -11,24 +12,18 @@ import anthropic
 import openai
 import pytest
 
-from families import family_checkpoint
-from test_server import Server
-
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
           "required": ["city"], "additionalProperties": False}
 FUNCTION = {"type": "function", "name": "get_weather", "description": "Weather in a city", "parameters": SCHEMA}
 TOOL = {"name": "get_weather", "description": "Weather in a city", "input_schema": SCHEMA}
 
 
-@pytest.fixture(scope="module", params=["llama31", "llama2"])
-def server(request, tmp_path_factory):
-    folder = family_checkpoint(tmp_path_factory.mktemp(request.param), request.param, n_shards=2)
-    s = Server(folder, 2, "--chat", "--max_seq_len", "384", "--max_batch_size", "2")
-    try:
-        s.wait_healthy(180)
-        yield s
-    finally:
-        s.stop()
+pytestmark = pytest.mark.parametrize("family_server", ["llama31", "llama2"], indirect=True)
+
+
+@pytest.fixture
+def server(family_server):
+    return family_server
 
 
 def oai(s) -> openai.OpenAI:
