@@ -160,6 +160,24 @@ def test_responses_function_calls_and_their_outputs(tools, tok):
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools.0.type"
 
 
+def test_responses_stream_a_call_as_it_is_generated(tools):
+    """The call's item opens with its name, its arguments come in fragments (chat's scanner), and
+    the SDK's stream state rebuilds the call the final response holds."""
+    client, s = tools
+    with oai(s).responses.stream(model="m", input="weather?", tools=RESPONSES_WEATHER, max_output_tokens=60) as st:
+        events = list(st)
+        final = st.get_final_response()
+    kinds = [e.type for e in events]
+    added = events[kinds.index("response.output_item.added")].item
+    deltas = [e for e in events if e.type == "response.function_call_arguments.delta"]
+    assert added.type == "function_call" and added.name == "get_weather" and added.arguments == ""
+    assert kinds.index("response.output_item.added") < kinds.index("response.function_call_arguments.delta")
+    assert len(deltas) > 1 and json.loads(deltas[-1].snapshot) == {"city": "Paris"}  # the SDK's accumulation
+    call = final.output[0]
+    assert (call.id, call.call_id, call.arguments) == (added.id, added.call_id, deltas[-1].snapshot)
+    assert "response.output_text.delta" not in kinds and final.status == "completed"
+
+
 # --- Messages -------------------------------------------------------------------------------------
 
 
@@ -207,7 +225,16 @@ def test_messages_tool_use_forced_and_round_trip(tools, tok):
     with c.messages.stream(model="m", max_tokens=60, tools=ANTHROPIC_WEATHER,
                            messages=[{"role": "user", "content": "weather?"}]) as st:
         final = st.get_final_message()
+    # the SDK's accumulator rebuilt the input from the input_json_delta fragments below
     assert final.content[0].input == {"city": "Paris"} and final.stop_reason == "tool_use"
+    with httpx.stream("POST", f"{s.url}/v1/messages", json={"model": "m", "max_tokens": 60, "stream": True,
+                                                            "tools": ANTHROPIC_WEATHER,
+                                                            "messages": [{"role": "user", "content": "weather?"}]}) as r:
+        data = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    start = next(d for d in data if d["type"] == "content_block_start")["content_block"]
+    fragments = [d["delta"]["partial_json"] for d in data if d["type"] == "content_block_delta"]
+    assert start["type"] == "tool_use" and start["name"] == "get_weather" and start["id"].startswith("toolu_")
+    assert len(fragments) > 1 and json.loads("".join(fragments)) == {"city": "Paris"}  # streamed as generated
     c.messages.create(model="m", max_tokens=60, tools=ANTHROPIC_WEATHER, messages=[
         {"role": "user", "content": "weather?"}, {"role": "assistant", "content": [use.model_dump()]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "sunny"}]}])

@@ -97,3 +97,25 @@ def test_messages_forced_tool_use_and_a_round_trip(server):
         {"role": "assistant", "content": [use.model_dump()]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "sunny"}]}])
     assert reply.usage.input_tokens + reply.usage.cache_read_input_tokens > m.usage.input_tokens
+
+
+def test_streamed_calls_come_in_fragments_the_sdks_rebuild(server):
+    """Both fronts stream a call as chat does (its scanner): the name first, then the arguments
+    in fragments as generated; each SDK's stream state rebuilds what the final answer holds."""
+    with oai(server).responses.stream(model="x", input="Weather in Paris?", tools=[FUNCTION], max_output_tokens=60,
+                                      tool_choice={"type": "function", "name": "get_weather"},
+                                      parallel_tool_calls=False) as st:
+        events = list(st)
+        final = st.get_final_response()
+    deltas = [e for e in events if e.type == "response.function_call_arguments.delta"]
+    call = final.output[0]
+    assert final.status == "completed" and call.type == "function_call" and call.name == "get_weather"
+    assert len(deltas) > 1 and deltas[-1].snapshot == call.arguments and set(json.loads(call.arguments)) == {"city"}
+    with claude(server).messages.stream(model="x", max_tokens=60, tools=[TOOL], tool_choice={
+            "type": "any", "disable_parallel_tool_use": True},
+            messages=[{"role": "user", "content": "Weather in Paris?"}]) as st:
+        fragments = [e.partial_json for e in st if e.type == "input_json"]
+        final = st.get_final_message()
+    use = final.content[0]
+    assert final.stop_reason == "tool_use" and use.type == "tool_use" and set(use.input) == {"city"}
+    assert len(fragments) > 1 and json.loads("".join(fragments)) == use.input

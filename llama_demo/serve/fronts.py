@@ -16,8 +16,10 @@ from fastapi import Request
 from ..engine.engine import TokenEvent
 from ..engine.sampler import SamplingParams
 from ..text.chat_format import Message
+from ..text.tool_format import ToolCallStream
 from .errors import ApiError
-from .openai import Answer, Choice, OpenAIApi, answer_events, until_disconnect
+from .openai import Answer, Choice, OpenAIApi, answer_events, chat_message, until_disconnect
+from .tools import ToolReader
 
 
 async def submit_dialog(api: OpenAIApi, endpoint: str, dialog: list[Message], params: SamplingParams, tools,
@@ -51,6 +53,7 @@ def respelled(e: ApiError, spelling: dict[str, str]) -> ApiError:
 class WholeAnswer(Answer):
     """An Answer that keeps its token ids too (which stop string ended it: matched_stop)."""
     ids: list[int] = field(default_factory=list)
+    streamed_calls: list[dict] | None = None  # a streamed answer's calls as its scanner read them
 
     def add(self, ev: TokenEvent) -> None:
         super().add(ev)
@@ -61,7 +64,7 @@ class WholeAnswer(Answer):
 async def whole_answer(api: OpenAIApi, subs: list, request: Request) -> WholeAnswer:
     """The answer of a request not streamed; a failure is its ApiError, a client gone a 499."""
     async def last() -> WholeAnswer:
-        async with aclosing(answer_steps(api, subs, request, hold=True)) as steps:
+        async with aclosing(answer_steps(api, subs, request)) as steps:
             async for step in steps:
                 if isinstance(step, ApiError):
                     raise step
@@ -72,11 +75,13 @@ async def whole_answer(api: OpenAIApi, subs: list, request: Request) -> WholeAns
     return await until_disconnect(request, last())
 
 
-async def answer_steps(api: OpenAIApi, subs: list, request: Request, hold: bool) -> AsyncIterator:
-    """One choice's answer as the fronts frame it: text deltas (str) as they come, unless `hold`
-    (tools were offered: whether the answer is a call is known only once it is whole); None for a
-    keep-alive; an ApiError when the request failed (then nothing more); last, the WholeAnswer
-    (not when the client left first)."""
+async def answer_steps(api: OpenAIApi, subs: list, request: Request,
+                       scanner: ToolCallStream | None = None) -> AsyncIterator:
+    """One choice's answer as the fronts frame it, in chat's stream deltas: ("content", text) as it
+    comes; with tools offered, the text goes through `scanner` (ToolReader.stream(), the scanner
+    chat's stream reads calls with), so a call comes as ("call", index, id, name) and then
+    ("arguments", index, fragment)s as generated. None for a keep-alive; an ApiError when the
+    request failed (then nothing more); last, the WholeAnswer (not when the client left first)."""
     whole = WholeAnswer()
     async with aclosing(answer_events(api, subs, request)) as events:
         async for _, ev in events:
@@ -86,10 +91,25 @@ async def answer_steps(api: OpenAIApi, subs: list, request: Request, hold: bool)
                     return
                 continue
             whole.add(ev)
-            if ev.text and not hold:
-                yield ev.text
+            if scanner is None:
+                if ev.text:
+                    yield ("content", ev.text)
+                continue
+            for delta in scanner.feed(ev.text) + (scanner.finish() if ev.finished else []):
+                yield delta
     if whole.finish_reason is not None:
+        whole.streamed_calls = None if scanner is None else scanner.calls
         yield whole
+
+
+def answer_calls(answer: WholeAnswer, reader: ToolReader | None) -> tuple[list[dict] | None, str]:
+    """The answer's tool calls (None: it is text) and text. A streamed answer is what its deltas
+    said (the calls' ids went out already; a call cut by max_tokens stays a call, as in chat's
+    stream); a whole one is parsed as chat parses it (a call only if the answer ended by itself)."""
+    if answer.streamed_calls is not None:
+        return answer.streamed_calls or None, "" if answer.streamed_calls else "".join(answer.text)
+    msg, _ = chat_message(answer, reader)
+    return msg.tool_calls, msg.content or ""
 
 
 def refuse_unhonoured(body: dict, refused: dict[str, tuple], where: str = "") -> None:

@@ -23,9 +23,10 @@ from ..config import API_SAMPLING
 from ..engine.sampler import SamplingParams
 from ..text.chat_format import Message
 from .errors import ApiError, anthropic_error
-from .fronts import WholeAnswer, answer_steps, event, matched_stop, parts_text, refuse_unhonoured, respelled, \
-    submit_dialog, whole_answer
-from .openai import EventStream, OpenAIApi, chat_message
+from .fronts import WholeAnswer, answer_calls, answer_steps, event, matched_stop, parts_text, refuse_unhonoured, \
+    respelled, submit_dialog, whole_answer
+from .openai import EventStream, OpenAIApi
+from .tools import ToolReader
 
 ENDPOINT = "/v1/messages"
 SPELLING = {"stop": "stop_sequences", "response_format": "output_config.format"}
@@ -170,18 +171,23 @@ async def prompt_of(api: OpenAIApi, req: CountTokensRequest) -> tuple[list[Messa
 # --- answer -> message ----------------------------------------------------------------------------
 
 
-def content_blocks(answer: WholeAnswer, parse: bool, stops: list[str], tokenizer) -> tuple[list[dict], str, str | None]:
+def content_blocks(answer: WholeAnswer, reader: ToolReader | None, stops: list[str],
+                   tokenizer) -> tuple[list[dict], str, str | None]:
     """The answer's content blocks, stop_reason and stop_sequence."""
-    msg, _ = chat_message(answer, parse)
-    if msg.tool_calls:
-        blocks = [{"type": "tool_use", "id": "toolu_" + c["id"].partition("_")[2], "name": c["function"]["name"],
-                   "input": _arguments(c["function"]["arguments"])} for c in msg.tool_calls]
-        return blocks, "tool_use", None
-    text = msg.content or ""
+    calls, text = answer_calls(answer, reader)
+    if calls:
+        blocks = [{"type": "tool_use", "id": tool_use_id(c["id"]), "name": c["function"]["name"],
+                   "input": _arguments(c["function"]["arguments"])} for c in calls]
+        return blocks, "max_tokens" if answer.finish_reason == "length" else "tool_use", None
     if answer.finish_reason == "length":
         return [{"type": "text", "text": text}], "max_tokens", None
     stop = matched_stop(tokenizer, answer.ids, text, stops)
     return [{"type": "text", "text": text}], "end_turn" if stop is None else "stop_sequence", stop
+
+
+def tool_use_id(call_id: str) -> str:
+    """A tool_use block's id from chat's call id (the same random part)."""
+    return "toolu_" + call_id.partition("_")[2]
 
 
 def _arguments(arguments: str) -> dict:
@@ -244,38 +250,48 @@ def messages_router(api: OpenAIApi, dependencies: list) -> APIRouter:
     return router
 
 
-async def stream_events(api: OpenAIApi, subs: list, request: Request, hold: bool, finish, opening: dict):
-    """Anthropic's event sequence. Text streams as it comes in block 0; with tools offered the
-    answer is held until whole (a call or text is known only then) and sent as its blocks at once."""
+async def stream_events(api: OpenAIApi, subs: list, request: Request, reader: ToolReader | None, finish,
+                        opening: dict):
+    """Anthropic's event sequence. Text streams as it comes; with tools offered the answer goes
+    through chat's call scanner (ToolReader.stream()), so a tool_use block starts once its name is
+    read and its input streams as `input_json_delta` fragments."""
     yield event("message_start", {"type": "message_start", "message": opening})
-    if not hold:
-        yield event("content_block_start", {"type": "content_block_start", "index": 0,
-                                            "content_block": {"type": "text", "text": ""}})
+    blocks: list[str] = []  # the kind of each block started, in order
+    if reader is None:  # no tools: the answer is one text block, started before its first token
+        yield _start(blocks, {"type": "text", "text": ""})
     yield event("ping", {"type": "ping"})
-    async with aclosing(answer_steps(api, subs, request, hold)) as steps:
+    async with aclosing(answer_steps(api, subs, request, reader.stream() if reader else None)) as steps:
         async for step in steps:
             if step is None:
                 yield event("ping", {"type": "ping"})  # Anthropic's keep-alive
-            elif isinstance(step, str):
-                yield _delta(0, {"type": "text_delta", "text": step})
             elif isinstance(step, ApiError):  # the status went out already: an error event ends the stream
                 yield event("error", anthropic_error(step))
-            else:
+            elif isinstance(step, WholeAnswer):
                 done = finish(step)
-                for i, block in enumerate(done["content"] if hold else []):
-                    start = {**block, "input": {}} if block["type"] == "tool_use" else {**block, "text": ""}
-                    yield event("content_block_start", {"type": "content_block_start", "index": i,
-                                                        "content_block": start})
-                    if block["type"] == "tool_use":
-                        yield _delta(i, {"type": "input_json_delta", "partial_json": json.dumps(block["input"])})
-                    elif block["text"]:
-                        yield _delta(i, {"type": "text_delta", "text": block["text"]})
-                    yield event("content_block_stop", {"type": "content_block_stop", "index": i})
-                if not hold:
-                    yield event("content_block_stop", {"type": "content_block_stop", "index": 0})
+                for block in done["content"][len(blocks):]:  # never streamed (an empty text answer)
+                    yield _start(blocks, {**block, "text": ""} if block["type"] == "text" else {**block, "input": {}})
+                    if block.get("text"):
+                        yield _delta(len(blocks) - 1, {"type": "text_delta", "text": block["text"]})
+                yield event("content_block_stop", {"type": "content_block_stop", "index": len(blocks) - 1})
                 yield event("message_delta", {"type": "message_delta", "usage": done["usage"], "delta": {
                     "stop_reason": done["stop_reason"], "stop_sequence": done["stop_sequence"]}})
                 yield event("message_stop", {"type": "message_stop"})
+            elif step[0] == "content":
+                if not blocks:
+                    yield _start(blocks, {"type": "text", "text": ""})
+                yield _delta(len(blocks) - 1, {"type": "text_delta", "text": step[1]})
+            elif step[0] == "call":  # ("call", index, id, name): a block is done when the next one starts
+                if blocks:
+                    yield event("content_block_stop", {"type": "content_block_stop", "index": len(blocks) - 1})
+                yield _start(blocks, {"type": "tool_use", "id": tool_use_id(step[2]), "name": step[3], "input": {}})
+            else:  # ("arguments", index, fragment): calls are the answer's only blocks
+                yield _delta(step[1], {"type": "input_json_delta", "partial_json": step[2]})
+
+
+def _start(blocks: list[str], block: dict) -> str:
+    blocks.append(block["type"])
+    return event("content_block_start", {"type": "content_block_start", "index": len(blocks) - 1,
+                                         "content_block": block})
 
 
 def _delta(index: int, delta: dict) -> str:

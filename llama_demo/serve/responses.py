@@ -31,9 +31,11 @@ from ..engine.sampler import SamplingParams
 from ..text.chat_format import Message
 from . import protocol as p
 from .errors import ApiError
-from .fronts import WholeAnswer, answer_steps, event, parts_text, refuse_unhonoured, submit_dialog, whole_answer
-from .openai import EventStream, OpenAIApi, chat_message
+from .fronts import WholeAnswer, answer_calls, answer_steps, event, parts_text, refuse_unhonoured, submit_dialog, \
+    whole_answer
+from .openai import EventStream, OpenAIApi
 from .response_store import ResponseStore
+from .tools import ToolReader
 
 ENDPOINT = "/v1/responses"
 # chat's field -> this API's, for the 400s the chat rules raise
@@ -176,15 +178,14 @@ def response_format(text: dict | None) -> dict | None:
 # --- answer -> output items, response -------------------------------------------------------------
 
 
-def output_items(answer: WholeAnswer, parse: bool) -> tuple[list[dict], list[Message]]:
+def output_items(answer: WholeAnswer, reader: ToolReader | None) -> tuple[list[dict], list[Message]]:
     """The answer as output items, and as the assistant's turn of the stored dialog."""
-    msg, _ = chat_message(answer, parse)
+    calls, text = answer_calls(answer, reader)
     status = "incomplete" if answer.finish_reason == "length" else "completed"
-    if msg.tool_calls:
+    if calls:
         items = [{"type": "function_call", "id": _id("fc"), "call_id": c["id"], "name": c["function"]["name"],
-                  "arguments": c["function"]["arguments"], "status": "completed"} for c in msg.tool_calls]
-        return items, [Message("assistant", "", tool_calls=msg.tool_calls)]
-    text = msg.content or ""
+                  "arguments": c["function"]["arguments"], "status": status} for c in calls]
+        return items, [Message("assistant", "", tool_calls=calls)]
     item = {"type": "message", "id": _id("msg"), "status": status, "role": "assistant",
             "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
     return [item], [Message("assistant", text)]
@@ -263,60 +264,103 @@ def responses_router(api: OpenAIApi, dependencies: list, store: ResponseStore | 
     return router
 
 
-async def stream_events(api: OpenAIApi, subs: list, request: Request, hold: bool, finish, opening: dict):
-    """The Responses event sequence. Text streams as it comes; with tools offered the answer is
-    held until whole (a call or text is known only then) and sent as its items at once."""
-    seq = 0
-
-    def send(kind: str, **fields) -> str:
-        nonlocal seq
-        seq += 1
-        return event(kind, {"type": kind, "sequence_number": seq - 1, **fields})
-
-    yield send("response.created", response=opening)
-    yield send("response.in_progress", response=opening)
-    msg_id = _id("msg")
-    where = {"item_id": msg_id, "output_index": 0, "content_index": 0}
-    if not hold:
-        yield send("response.output_item.added", output_index=0, item={
-            "type": "message", "id": msg_id, "status": "in_progress", "role": "assistant", "content": []})
-        yield send("response.content_part.added", **where,
-                   part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
-    async with aclosing(answer_steps(api, subs, request, hold)) as steps:
+async def stream_events(api: OpenAIApi, subs: list, request: Request, reader: ToolReader | None, finish,
+                        opening: dict):
+    """The Responses event sequence. Text streams as it comes; with tools offered the answer goes
+    through chat's call scanner (ToolReader.stream()), so a call's item opens once its name is read
+    and its arguments stream as `response.function_call_arguments.delta` fragments."""
+    frames = _Frames()
+    yield frames.send("response.created", response=opening)
+    yield frames.send("response.in_progress", response=opening)
+    if reader is None:  # no tools: the answer is a message, announced before its first token
+        yield "".join(frames.open_message())
+    async with aclosing(answer_steps(api, subs, request, reader.stream() if reader else None)) as steps:
         async for step in steps:
-            for out in _framed(step, send, where, msg_id, hold, finish):
-                yield out
-
-
-def _framed(step, send, where: dict, msg_id: str, hold: bool, finish):
-    """One step of the answer as Responses events."""
-    if step is None:
-        yield ": keep-alive\n\n"
-    elif isinstance(step, str):
-        yield send("response.output_text.delta", **where, delta=step, logprobs=[])
-    elif isinstance(step, ApiError):  # the status went out already: an error event ends the stream
-        yield send("error", code=step.info.code, message=step.info.message, param=step.info.param)
-        return
-    else:
-        done = finish(step)
-        for i, item in enumerate(done["output"]):
-            if item["type"] == "function_call":
-                yield send("response.output_item.added", output_index=i, item={**item, "arguments": "",
-                                                                              "status": "in_progress"})
-                yield send("response.function_call_arguments.delta", item_id=item["id"], output_index=i,
-                           delta=item["arguments"])
-                yield send("response.function_call_arguments.done", item_id=item["id"], output_index=i,
-                           name=item["name"], arguments=item["arguments"])
+            if step is None:
+                yield ": keep-alive\n\n"
+            elif isinstance(step, ApiError):  # the status went out already: an error event ends the stream
+                yield frames.send("error", code=step.info.code, message=step.info.message, param=step.info.param)
+                return
+            elif isinstance(step, tuple):
+                yield "".join(frames.delta(step))
             else:
-                item["id"] = msg_id  # the id the opening events announced
+                yield "".join(frames.close(finish(step)))
+
+
+class _Frames:
+    """One streamed answer's events, numbered: a message item opened at its first text, a
+    function_call item at each call's name (the one before it closed then), all closed with the
+    final response's items (whose ids are the ones announced)."""
+
+    def __init__(self):
+        self.seq = 0
+        self.opened: list[dict] = []  # output items announced, in order
+        self.closed = 0  # how many of them are done
+
+    def send(self, kind: str, **fields) -> str:
+        self.seq += 1
+        return event(kind, {"type": kind, "sequence_number": self.seq - 1, **fields})
+
+    def open_message(self) -> list[str]:
+        item = {"type": "message", "id": _id("msg"), "status": "in_progress", "role": "assistant", "content": []}
+        self.opened.append(item)
+        at = len(self.opened) - 1
+        return [self.send("response.output_item.added", output_index=at, item=item),
+                self.send("response.content_part.added", item_id=item["id"], output_index=at, content_index=0,
+                          part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})]
+
+    def delta(self, d: tuple) -> list[str]:
+        out = []
+        if d[0] == "content":
+            if not self.opened:
+                out += self.open_message()
+            at = len(self.opened) - 1
+            out.append(self.send("response.output_text.delta", item_id=self.opened[at]["id"], output_index=at,
+                                 content_index=0, delta=d[1], logprobs=[]))
+        elif d[0] == "call":
+            out += self._close_upto(len(self.opened))  # OpenAI's items complete in order
+            item = {"type": "function_call", "id": _id("fc"), "call_id": d[2], "name": d[3], "arguments": "",
+                    "status": "in_progress"}
+            self.opened.append(item)
+            out.append(self.send("response.output_item.added", output_index=len(self.opened) - 1, item=item))
+        else:  # ("arguments", index, fragment): calls are the answer's only items, index is the output's
+            item = self.opened[d[1]]
+            item["arguments"] += d[2]
+            out.append(self.send("response.function_call_arguments.delta", item_id=item["id"], output_index=d[1],
+                                 delta=d[2]))
+        return out
+
+    def _close_upto(self, n: int, final: list[dict] | None = None) -> list[str]:
+        """Close the announced items before index n, each as its final item when given."""
+        out = []
+        for i in range(self.closed, n):
+            item = final[i] if final else {**self.opened[i], "status": "completed"}
+            if item["type"] == "function_call":
+                out.append(self.send("response.function_call_arguments.done", item_id=item["id"], output_index=i,
+                                     name=item["name"], arguments=item["arguments"]))
+            else:
                 part = item["content"][0]
-                if hold:
-                    yield send("response.output_item.added", output_index=i, item={
-                        **item, "status": "in_progress", "content": []})
-                    yield send("response.content_part.added", **where, part={**part, "text": ""})
-                    if part["text"]:
-                        yield send("response.output_text.delta", **where, delta=part["text"], logprobs=[])
-                yield send("response.output_text.done", **where, text=part["text"], logprobs=[])
-                yield send("response.content_part.done", **where, part=part)
-            yield send("response.output_item.done", output_index=i, item=item)
-        yield send(f"response.{done['status']}", response=done)
+                where = {"item_id": item["id"], "output_index": i, "content_index": 0}
+                out += [self.send("response.output_text.done", **where, text=part["text"], logprobs=[]),
+                        self.send("response.content_part.done", **where, part=part)]
+            out.append(self.send("response.output_item.done", output_index=i, item=item))
+        self.closed = max(self.closed, n)
+        return out
+
+    def close(self, done: dict) -> list[str]:
+        """The answer is whole: every item done (one never announced, such as an empty message,
+        is announced first), then response.completed or .incomplete."""
+        out, final = [], done["output"]
+        for item, announced in zip(final, self.opened):
+            item["id"] = announced["id"]
+        for i in range(len(self.opened), len(final)):
+            if final[i]["type"] == "message":
+                out += self.open_message()
+                if final[i]["content"][0]["text"]:  # never streamed: a text answer has its deltas
+                    out.append(self.send("response.output_text.delta", item_id=self.opened[i]["id"], output_index=i,
+                                         content_index=0, delta=final[i]["content"][0]["text"], logprobs=[]))
+            else:  # a call never streamed: not expected (streamed answers' calls are the scanner's)
+                self.opened.append({**final[i], "arguments": ""})
+                out.append(self.send("response.output_item.added", output_index=i, item=self.opened[i]))
+        out += self._close_upto(len(final), final)
+        return out + [self.send(f"response.{done['status']}", response=done)]
