@@ -20,7 +20,26 @@ from llama_demo.weights.checkpoint import expected_shapes, save_sharded  # noqa:
 from llama_demo.config import ModelArgs  # noqa: E402
 from llama_demo.model import cpu_kernels  # noqa: E402
 
-NATIVE = pytest.mark.skipif(not cpu_kernels.native(), reason="no C compiler here: the native kernels are not built")
+# Tests of the C kernels (qkernels.c) carry NATIVE: skipped only where the kernels are not to be
+# built (no compiler, LLAMA_DEMO_NATIVE_KERNELS=0); where a compiler fails on them, they fail with
+# its error line, and so does the run as a whole: a broken build must not pass as a skip.
+NATIVE = pytest.mark.native_kernels
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "native_kernels: needs the C kernels of model/qkernels.c")
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("native_kernels") and cpu_kernels.native() is None:
+        if cpu_kernels.native_failure():
+            pytest.fail(f"qkernels.c did not build: {cpu_kernels.native_failure()}", pytrace=False)
+        pytest.skip("the C kernels are off here (no C compiler, or LLAMA_DEMO_NATIVE_KERNELS=0)")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if cpu_kernels.native_failure() and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED  # even when no selected test needed them
 
 # Small shapes the tests share: multi-head, grouped-query (with a non-trivial FFN multiplier and
 # Llama 3's rope theta), and a single KV head (replicated when there are more ranks).

@@ -72,6 +72,10 @@ def build_engine(a: argparse.Namespace, dist_timeout: float = DEFAULT_DIST_TIMEO
     dtype = parse_dtype(a.dtype)
     check_dtype(dtype, info.device)
     check_kv_cache_fits(a, info, dtype)
+    if info.device.type == "cpu":
+        from ..model.cpu_kernels import native
+
+        native()  # build (or load) the C kernels now: a compiler's failure is said at start-up, not at a first request
     try:
         model = load_model(a.ckpt_dir, info, dtype, a.max_seq_len, a.max_batch_size, quantize=a.quantize)
     except torch.OutOfMemoryError:

@@ -119,13 +119,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 
 # ----------------------------------------------------------------------------- the C kernels
-# The C kernels (qkernels.c) are compiled once per source, compiler and CPU into the cache folder
-# and loaded with ctypes; with no compiler, or LLAMA_DEMO_NATIVE_KERNELS=0, `native()` is None:
-# float32 single rows go to OpenBLAS, decode steps to torch ops, and quant.py falls back to fbgemm
-# (int8) or dequantizing products.
+# The C kernels (qkernels.c) are compiled once per source, compiler, flags and CPU into the cache
+# folder and loaded with ctypes; with no compiler, or LLAMA_DEMO_NATIVE_KERNELS=0, `native()` is
+# None: float32 single rows go to OpenBLAS, decode steps to torch ops, and quant.py falls back to
+# fbgemm (int8) or dequantizing products. A compiler that fails says so in one line (rank 0, at the
+# first call: build_engine makes it at start-up), and native_failure() keeps it for the tests.
 
 _SOURCE = Path(__file__).with_name("qkernels.c")
 QK = 32  # the kernels' activation block: input sizes must be multiples of it
+# -fopenmp links libgomp.so.1, which resolves to the copy torch already loaded: one thread pool.
+# -march=native: this CPU's vector units (the AVX2 paths need avx2, fma and f16c); without it the
+# portable loops only (what a CPU without AVX2 runs).
+FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-std=c11")
+MARCH = ("-march=native",)
+COST = "the C kernels are off: CPU decode runs 2-3x slower"  # float32 19.6 -> 44, int8 36 -> 116 tok/s (README)
+
+
+class BuildError(RuntimeError):
+    """The compiler refused qkernels.c (or its flags); the message is its first error line."""
 
 
 def _cpu_flags() -> str:
@@ -143,45 +154,99 @@ def compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-def build(cc: str, out: Path, march: bool) -> bool:
-    """Compile qkernels.c into `out`; False when the compiler refuses. march=False: the portable
-    loops only (what a CPU without AVX2 runs)."""
-    # -march=native: this CPU's vector units (the AVX2 paths need avx2, fma and f16c); -fopenmp
-    # links libgomp.so.1, which resolves to the copy torch already loaded: one thread pool.
-    flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c11"] + (["-march=native"] if march else [])
+@functools.cache
+def compiler_identity(cc: str) -> str:
+    """The first line of `cc --version` (part of the cache key: an upgraded compiler rebuilds)."""
+    try:
+        proc = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    text = (proc.stdout or proc.stderr).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def first_error(output: str) -> str:
+    """The line of a compiler's output that says what went wrong: the first naming an error (gcc and
+    clang write `file:line:col: error: ...` or `gcc: error: ...`, after context lines such as
+    `In function ...`), else the first line at all."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    line = next((x for x in lines if "error:" in x), lines[0] if lines else "")
+    return line[:400]
+
+
+def build(cc: str, out: Path, march: bool, source: Path = _SOURCE, extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compile `source` (qkernels.c) into `out` with FLAGS (+ MARCH, + extra_flags) and return
+    `out`; raises BuildError with the compiler's first error line when it refuses."""
+    flags = [*FLAGS, *(MARCH if march else ()), *extra_flags]
     tmp = Path(tempfile.mkstemp(dir=out.parent, suffix=".so")[1])
     try:
-        proc = subprocess.run([cc, *flags, str(_SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True,
+        proc = subprocess.run([cc, *flags, str(source), "-o", str(tmp), "-lm"], capture_output=True, text=True,
                               timeout=120)
         if proc.returncode != 0:
-            return False
+            raise BuildError(first_error(proc.stderr + proc.stdout) or f"{cc} exited with status {proc.returncode}")
         os.replace(tmp, out)  # atomic: concurrent ranks each build, one file wins, all are whole
-        return True
-    except (OSError, subprocess.SubprocessError):
-        return False
+        return out
+    except subprocess.TimeoutExpired:
+        raise BuildError(f"{cc} took over 120 s") from None
+    except OSError as e:  # no such compiler, no space for the output
+        raise BuildError(f"{cc}: {e}") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def cache_key(cc: str, march: bool, source: bytes) -> str:
+    """What a build depends on: the source, the compiler (path and version), its flags, the CPU
+    (for -march=native) and torch (whose libgomp the library links against)."""
+    parts = [source, cc.encode(), compiler_identity(cc).encode(), " ".join(FLAGS + (MARCH if march else ())).encode(),
+             _cpu_flags().encode(), torch.__version__.encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 
 @functools.cache
 def native() -> ctypes.CDLL | None:
     """The C kernels' library for this CPU, compiled on first use; None when it cannot be."""
+    return _load()[0]
+
+
+def native_failure() -> str | None:
+    """Why a compiler here could not give the C kernels (its first error line); None when they
+    loaded, or were never to be built (LLAMA_DEMO_NATIVE_KERNELS=0, no compiler, not Linux)."""
+    return _load()[1]
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
     if os.environ.get("LLAMA_DEMO_NATIVE_KERNELS", "1") == "0" or sys.platform != "linux":
-        return None
+        return None, None
     cc = compiler()
     if not cc:
-        return None
+        return None, None
     source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + cc.encode() + _cpu_flags().encode() + torch.__version__.encode()).hexdigest()[:16]
     root = Path(os.environ.get("LLAMA_DEMO_CACHE", Path.home() / ".cache" / "llama_demo")).expanduser() / "kernels"
-    lib_path = root / f"qkernels-{key}.so"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        if not lib_path.is_file() and not (build(cc, lib_path, True) or build(cc, lib_path, False)):
-            return None
-        return load_library(lib_path)
-    except OSError:
-        return None
+    errors = []
+    for march in (True, False):  # a compiler that refuses -march=native may still build the portable loops
+        lib_path = root / f"qkernels-{cache_key(cc, march, source)}.so"
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if not lib_path.is_file():
+                build(cc, lib_path, march)
+            lib = load_library(lib_path)
+        except (BuildError, OSError) as e:  # OSError: an unwritable cache, a library that will not load
+            errors.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+            continue
+        if errors:
+            _say(f"warning: qkernels.c built without -march=native ({cc}: {errors[0]}): the C kernels run "
+                 "their portable loops, not this CPU's vector units")
+        return lib, None
+    _say(f"warning: {COST} ({cc} could not build qkernels.c: {errors[0]}); set CC to a working compiler, "
+         "or LLAMA_DEMO_NATIVE_KERNELS=0 to run without them and without this line")
+    return None, errors[0]
+
+
+def _say(line: str) -> None:
+    """One line on stderr, from rank 0 only (every rank builds, all would say the same)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)
 
 
 def load_library(path: Path) -> ctypes.CDLL:

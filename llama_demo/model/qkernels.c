@@ -358,9 +358,12 @@ static inline __attribute__((always_inline)) void q8_rows(const int8_t *w, const
 #define ROW_RUN 16
 
 
-void qk_mm_q4(const uint8_t *w, const uint16_t *sc, const uint16_t *ze, int64_t rows, int64_t cols, int64_t group,
-              const int8_t *xq, const float *xd, const float *xs, int64_t B, float *y) {
+/* Returns nonzero when a thread could not have the scratch its rows need (their output is then
+ * not written: the caller must not use y). */
+int qk_mm_q4(const uint8_t *w, const uint16_t *sc, const uint16_t *ze, int64_t rows, int64_t cols, int64_t group,
+             const int8_t *xq, const float *xd, const float *xs, int64_t B, float *y) {
     const int64_t nblk = cols / QK;
+    int failed = 0;
     for (int64_t c0 = 0; c0 < B; c0 += CHUNK_B) {
         const int64_t c1 = c0 + CHUNK_B < B ? c0 + CHUNK_B : B;
 #pragma omp parallel
@@ -378,10 +381,15 @@ void qk_mm_q4(const uint8_t *w, const uint16_t *sc, const uint16_t *ze, int64_t 
                 if (tmp)
                     q4_rows(w, sc, ze, r0, r1, cols, group, xq + c0 * cols, xd + c0 * nblk, xs + c0 * nblk,
                             (int)(c1 - c0), y + c0 * rows, rows, tmp);
+                else {
+#pragma omp atomic write
+                    failed = 1;
+                }
             }
             free(tmp);
         }
     }
+    return failed;
 }
 
 void qk_mm_q8(const int8_t *w, const float *sc, int64_t rows, int64_t cols, const int8_t *xq, const float *xd,
@@ -421,9 +429,9 @@ int qk_linear_q4(const float *x, int64_t B, const uint8_t *w, const uint16_t *sc
     if (!xq) return 1;
     float *xd = (float *)(xq + B * cols), *xs = xd + B * nblk;
     qk_quantize_x(x, B, cols, 1, xq, xd, xs);
-    qk_mm_q4(w, sc, ze, rows, cols, group, xq, xd, xs, B, y);
+    const int err = qk_mm_q4(w, sc, ze, rows, cols, group, xq, xd, xs, B, y);
     free(xq);
-    return 0;
+    return err;
 }
 
 int qk_linear_q8(const float *x, int64_t B, const int8_t *w, const float *sc, int64_t rows, int64_t cols, float *y) {
