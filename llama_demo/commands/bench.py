@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import tempfile
@@ -201,13 +202,24 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --weights: this model's GGUF, measured in llama.cpp as f32 / q8_0 / q4_0 beside ours when "
                         "llama-cpp-python is installed (default: the default model's own GGUF when --ckpt_dir is it)")
     p.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false", help="with --weights: leave llama.cpp out")
-    p.add_argument("--scenario", choices=["chat"], default=None,
+    p.add_argument("--scenario", choices=["chat", "serve"], default=None,
                    help="chat: a multi-turn conversation's time to first token with prefix reuse on and off, and "
-                        "running decodes' rate while a long prompt is prefilled (needs --ckpt_dir of a chat model)")
+                        "running decodes' rate while a long prompt is prefilled (needs --ckpt_dir of a chat model); "
+                        "serve: the HTTP server under streamed clients (--concurrency, --rates) beside llama-server")
+    p.add_argument("--rates", default="", help="with --scenario serve: comma-separated request rates (requests/s)")
+    p.add_argument("--requests", type=int, default=32, help="with --scenario serve: requests per load")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="with --scenario serve: threads of each server")
+    p.add_argument("--llama_server", default=None,
+                   help="with --scenario serve: llama.cpp's llama-server binary (default: $LLAMA_SERVER, then PATH)")
+    p.add_argument("--server_args", default="", help="with --scenario serve: extra app.py flags, space-separated")
     a = p.parse_args(argv)
     conc = [int(c) for c in a.concurrency.split(",")]
     if a.new_tokens < 2 or a.prompt_len < 1 or min(conc) < 1:
         p.error("--new_tokens must be >= 2, --prompt_len and every --concurrency >= 1")
+    if a.scenario == "serve":
+        if not a.ckpt_dir or a.ranks:
+            p.error("--scenario serve starts app.py on one rank: give --ckpt_dir")
+        return run_command(lambda: _bench_serve(a, conc))
     if a.scenario == "chat":
         if not a.ckpt_dir or a.ranks or a.weights:
             p.error("--scenario chat runs a chat model's folder (--ckpt_dir) on this process's ranks")
@@ -256,6 +268,26 @@ def _bench(a: argparse.Namespace, conc: list[int]) -> int:
     return 0
 
 
+def _bench_serve(a: argparse.Namespace, conc: list[int]) -> int:
+    from . import bench_http
+
+    server = bench_http.find_llama_server(a.llama_server)
+    gguf = Path(a.gguf) if a.gguf else _default_gguf(a.ckpt_dir) if server else None
+    if server and gguf is None:
+        print("no GGUF for llama-server (--gguf): measuring llama_demo alone", flush=True)
+    if server is None:
+        print("llama-server not found (--llama_server, $LLAMA_SERVER or PATH): measuring llama_demo alone", flush=True)
+    weights = [w for w, _, _ in parse_weights(a.weights)] if a.weights else ["float32"]
+    text = a.text if a.text != "assets/pride_and_prejudice.txt" else str(Path(__file__).resolve().parents[2] / a.text)
+    rows = bench_http.serve_scenario(a.ckpt_dir, weights, conc, [float(r) for r in a.rates.split(",") if r],
+                                     a.requests, a.new_tokens, text, a.threads, server, gguf, a.server_args.split(),
+                                     cache_root() / "bench" / "llama.cpp", cache_root() / "bench" / "serve-logs")
+    bench_http.print_ratios(rows)
+    if a.json:
+        print(json.dumps(rows))
+    return 0
+
+
 def _bench_chat(a: argparse.Namespace) -> int:
     from ..text.chat_format import chat_format_for
     from ..text.tokenizer import load_tokenizer
@@ -287,7 +319,7 @@ def _bench_chat(a: argparse.Namespace) -> int:
         last, first = turns[True][-1]["ttft_s"], turns[True][0]["ttft_s"]
         print(f"last turn / first turn with reuse: {last / first:.2f}x")
         print(f"{prefill['running']} running requests while a {prefill['long_prompt']}-token prompt is prefilled "
-              f"({prefill['prefill_tokens_per_step']} prompt tokens a step, {prefill['prefill_steps']} steps): "
+              f"({prefill['step_tokens']} tokens a step, {prefill['prefill_steps']} steps): "
               f"{prefill['decode_tok_s_during_prefill']:.1f} tok/s vs {prefill['decode_tok_s_alone']:.1f} alone "
               f"({prefill['ratio']:.2f}x)")
     return 0
@@ -389,6 +421,19 @@ def _bench_weights(a: argparse.Namespace, conc: list[int], weights: list[tuple[s
     return 0
 
 
+def _default_gguf(ckpt_dir: str) -> Path | None:
+    """The default model's own GGUF when ckpt_dir is the default model (what it was made from)."""
+    from ..weights.convert import ConvertError
+    from ..weights.default_model import default_model_dir, find_default_gguf
+
+    try:
+        if Path(ckpt_dir).resolve() == default_model_dir().resolve():
+            return find_default_gguf()
+    except ConvertError:
+        pass
+    return None
+
+
 def _peer_gguf(a: argparse.Namespace, base: Path) -> Path | None:
     """The GGUF llama.cpp runs beside us: --gguf, else the default model's own when --ckpt_dir is
     the default model; None when llama-cpp-python is not installed or --no-llama-cpp."""
@@ -398,15 +443,7 @@ def _peer_gguf(a: argparse.Namespace, base: Path) -> Path | None:
         return None
     if a.gguf:
         return Path(a.gguf)
-    from ..weights.convert import ConvertError
-    from ..weights.default_model import default_model_dir, find_default_gguf
-
-    try:
-        if a.ckpt_dir and Path(a.ckpt_dir).resolve() == default_model_dir().resolve():
-            return find_default_gguf()
-    except ConvertError:
-        pass
-    return None
+    return _default_gguf(a.ckpt_dir) if a.ckpt_dir else None
 
 
 def _print_weights(r: dict, conc: list[int]) -> None:

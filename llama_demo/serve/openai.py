@@ -506,6 +506,9 @@ def stream(api: OpenAIApi, choices: list[Choice], subs: list[Submission], req: p
     return EventStream(body(), lambda: [s.close() for s in subs])
 
 
+DISCONNECT_CHECK_S = 0.1  # how often a stream asks whether its client is still there
+
+
 async def answer_events(api: OpenAIApi, subs: list, request: Request) -> AsyncIterator[tuple[int, object]]:
     """Every choice's events as they come, as (choice, event): a TokenEvent, an ApiError when the
     request failed (the stream should end with it), or None when nothing arrived for a keep-alive
@@ -525,19 +528,26 @@ async def answer_events(api: OpenAIApi, subs: list, request: Request) -> AsyncIt
 
     pumps = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(subs)]
     left = len(subs)
+    checked = time.monotonic()
     try:
         while left:
-            try:
-                i, ev = await asyncio.wait_for(queue.get(), api.keepalive_s)
-            except asyncio.TimeoutError:
-                yield 0, None
-                continue
+            try:  # an event that is there already costs no timer task (wait_for makes one a call)
+                i, ev = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                try:
+                    i, ev = await asyncio.wait_for(queue.get(), api.keepalive_s)
+                except asyncio.TimeoutError:
+                    yield 0, None
+                    continue
             yield i, ev
             if isinstance(ev, ApiError):
                 return
             left -= ev.finished
-            if await request.is_disconnected():
-                return
+            # a gone client is noticed within DISCONNECT_CHECK_S, not asked about at every token
+            if time.monotonic() - checked >= DISCONNECT_CHECK_S:
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    return
     finally:
         for t in pumps:
             t.cancel()
