@@ -82,6 +82,7 @@ def walk(matcher: Matcher, tok, rng: random.Random, max_steps: int = 400) -> lis
         closing = (mask & closers).nonzero().flatten().tolist()
         t = rng.choice(closing if closing and rng.random() < 0.5 else allowed)
         matcher.consume(t)
+        assert matcher.fault is None, f"mask allowed {tok.token_bytes(t)!r}, the parser refused it: {matcher.fault}"
         ids.append(t)
         if matcher.done:
             return ids

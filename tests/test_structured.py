@@ -51,3 +51,15 @@ def test_every_tokenizer_family_gives_complete_documents_on_two_ranks(family, tm
         ids, text, reason = ranks[0][key]
         assert reason == "stop", (key, text, reason)
         check_document(json.loads(text), kind)
+
+
+def test_a_mask_the_parser_disagrees_with_ends_the_answer_not_the_request(ckpts, tmp_path):
+    """Issue 22: such a disagreement (our bug) was a 500. Now the answer ends at the refused token
+    with finish_reason "stop" on every rank alike, and the request beside it runs on."""
+    proc = torchrun(2, ["tests/workers/grammar_fault.py", str(ckpts["mha-2"]), str(tmp_path)])
+    ranks = [json.loads((tmp_path / f"fault{r}.json").read_text()) for r in range(2)]
+    assert ranks[1]["lying-mask"][0] == ranks[0]["lying-mask"][0]  # the followers ended it at the same token
+    ids, text, reason = ranks[0]["lying-mask"]
+    assert reason == "stop" and 0 < len(ids) < 40
+    assert ranks[0]["free"][2] == "length" and len(ranks[0]["free"][0]) == 20
+    assert "the grammar's parser refused a token its mask allowed" in proc.stdout + proc.stderr

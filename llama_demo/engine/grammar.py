@@ -8,6 +8,7 @@ text travels with the request's params (every rank sees it); only rank 0 builds 
 """
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 
 import torch
@@ -76,13 +77,21 @@ def ll_tokenizer(tok: Tokenizer, n_vocab: int, stop_ids: frozenset[int]):
 
 
 class Matcher:
-    """One answer's grammar state on rank 0."""
+    """One answer's grammar state on rank 0.
+
+    If the parser ever refuses a token its own mask allowed (a bug of ours: the vocabulary handed
+    to llguidance and the detokenizer disagree, as Llama 2's once did), the answer ends there, as
+    at a complete document (finish_reason "stop"), and the log says why: the user gets what was
+    generated, not a 500 (`fault`; tests/test_grammar_tokenizers.py walks the masks to keep it
+    from happening)."""
 
     def __init__(self, grammar: str, tok: Tokenizer, n_vocab: int, stop_ids: frozenset[int]):
         import llguidance
 
         self.n_vocab = n_vocab
-        self._m = llguidance.LLMatcher(ll_tokenizer(tok, n_vocab, frozenset(stop_ids)), grammar, log_level=0)
+        self.stop_ids = frozenset(stop_ids)
+        self.fault: str | None = None
+        self._m = llguidance.LLMatcher(ll_tokenizer(tok, n_vocab, self.stop_ids), grammar, log_level=0)
         self._check()
 
     def _check(self) -> None:
@@ -90,19 +99,35 @@ class Matcher:
             raise GrammarError((self._m.get_error().splitlines() or ["grammar error"])[0])
 
     def allowed(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """(V,) bool: the tokens the grammar allows next (the stop ids once the answer is complete)."""
+        """(V,) bool: the tokens the grammar allows next (the stop ids once the answer is complete,
+        or once the parser failed: then the answer ends with the next token)."""
         words = torch.frombuffer(bytearray(self._m.compute_bitmask()), dtype=torch.int32)
-        self._check()
+        if self._m.is_error():
+            self._failed(self._m.get_error())
+        if self.fault is not None:
+            mask = torch.zeros(self.n_vocab, dtype=torch.bool)
+            mask[[i for i in self.stop_ids if i < self.n_vocab]] = True
+            return mask.to(device)
         bits = (words[:, None] >> torch.arange(32, dtype=torch.int32)) & 1
         return bits.flatten()[: self.n_vocab].bool().to(device)
 
     @property
     def done(self) -> bool:
-        return self._m.is_stopped()
+        return self.fault is not None or self._m.is_stopped()
 
     def consume(self, token_id: int) -> None:
-        self._m.consume_token(token_id)
-        self._check()
+        if self.fault is not None:
+            return  # the answer ends with this token (the mask held only the stop ids)
+        accepted = self._m.consume_token(token_id)
+        if not accepted or self._m.is_error():
+            self._failed(self._m.get_error() or f"token {token_id} refused")
+
+    def _failed(self, report: str) -> None:
+        if self.fault is None:
+            self.fault = (report.splitlines() or ["parser error"])[0]
+            logging.getLogger("llama_demo").error(
+                "llama_demo: structured output: the grammar's parser refused a token its mask allowed (%s); "
+                "the answer ends here. This is a bug: please report it with the model's tokenizer", self.fault)
 
 
 def response_format_grammar(response_format: dict | None) -> str | None:
