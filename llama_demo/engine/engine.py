@@ -295,20 +295,29 @@ class Engine:
                 seqs[i].rank0.error = seqs[i].rank0.error or f"logprobs failed: {e}"
 
     def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """One batched draw; if it fails, row by row, so that only the request at fault ends."""
+        """One batched draw; if it fails, row by row, so that only the request at fault ends. The
+        uniforms are drawn first, one a row, and the retry uses the same ones: a seeded request
+        draws what it would have, whatever failed beside it (reproducible)."""
+        # a request with its own seed draws from its own generator, so it is reproducible whatever
+        # else shares the batch
+        u = torch.rand(len(seqs), generator=self.generator)
+        for i, s in enumerate(seqs):
+            if s.rank0.generator is not None:
+                u[i] = torch.rand(1, generator=s.rank0.generator)[0]
         try:
-            return self._sample(logits, seqs).tolist()
+            return self._sample(logits, seqs, u).tolist()
         except Exception:
             ids = []
             for i, s in enumerate(seqs):
                 try:
-                    ids.append(int(self._sample(logits[i:i + 1], [s])[0]))
+                    ids.append(int(self._sample(logits[i:i + 1], [s], u[i:i + 1])[0]))
                 except Exception as e:
                     s.rank0.error = s.rank0.error or f"sampling failed: {e}"
                     ids.append(0)
             return ids
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], u: torch.Tensor) -> torch.Tensor:
+        """Ids for `seqs` from their logits rows and uniforms `u` (_sample_rows draws them)."""
         params = [s.req.params for s in seqs]
         # penalties and biases change a copy: logprobs are reported from the model's own logits
         adjusted = [p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.logit_bias
@@ -336,12 +345,6 @@ class Engine:
         temp = torch.tensor([p.temperature for p in params], device=logits.device)
         top_p = torch.tensor([p.top_p for p in params], device=logits.device)
         top_k = torch.tensor([p.top_k for p in params], device=logits.device)
-        # one uniform draw per row; a request with its own seed draws from its own generator,
-        # so it is reproducible whatever else shares the batch
-        u = torch.rand(len(seqs), generator=self.generator)
-        for i, s in enumerate(seqs):
-            if s.rank0.generator is not None:
-                u[i] = torch.rand(1, generator=s.rank0.generator)[0]
         min_p = torch.tensor([p.min_p for p in params], device=logits.device)
         return sample(logits, temp, top_p, top_k, uniform=u.to(logits.device), min_p=min_p)
 
