@@ -32,6 +32,6 @@ def test_percentiles():
 def test_streamed_clients_are_timed_and_counted(family_server, load):
     requests = bench_http.workload(TEXT, 4, seed=3)
     r = asyncio.run(bench_http.drive(family_server.url, "m", requests, 4, **load))
-    assert r["requests"] == 4 and 4 <= r["output_tokens"] <= 16  # usage's completion tokens, at most 4 each
+    assert r["requests"] == 4 and r["lost"] == 0 and 4 <= r["output_tokens"] <= 16  # usage's completion tokens, at most 4 each
     assert r["tok_s"] > 0 and 0 < r["ttft_p50"] <= r["ttft_p99"] < r["wall_s"]
     assert 0 <= r["itl_p50"] <= r["itl_p99"]

@@ -107,7 +107,7 @@ async def drive(base: str, model: str, requests: list[list[dict]], new_tokens: i
     ttft = [r["ttft"] for r in results if r["ttft"] is not None]
     itl = [x for r in results for x in r["itl"]]
     tokens = sum(r["tokens"] for r in results)
-    return {"requests": len(results), "output_tokens": tokens, "tok_s": tokens / wall, "wall_s": wall,
+    return {"requests": len(results), "lost": sum(1 for r in results if not r["tokens"]), "output_tokens": tokens, "tok_s": tokens / wall, "wall_s": wall,
             "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
             "itl_p50": percentile(itl, 50), "itl_p99": percentile(itl, 99)}
 
@@ -216,7 +216,7 @@ def serve_scenario(ckpt_dir: str, weights: list[str], concurrency: list[int], ra
 def print_row(r: dict) -> None:
     print(f"{r['server']:>12} {r['weights']:>7} {r['load']:>10}: {r['tok_s']:6.1f} tok/s  TTFT p50 {r['ttft_p50']:.2f} "
           f"p99 {r['ttft_p99']:.2f} s  ITL p50 {1000 * r['itl_p50']:.0f} p99 {1000 * r['itl_p99']:.0f} ms "
-          f"({r['requests']} requests, {r['output_tokens']} tokens)", flush=True)
+          f"({r['requests']} requests, {r['output_tokens']} tokens, {r['lost']} without an answer)", flush=True)
 
 
 def print_ratios(rows: list[dict]) -> None:
