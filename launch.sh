@@ -50,6 +50,8 @@ if ! [[ "$NPROC" =~ ^[0-9]+$ ]] || [ "$NPROC" -lt 1 ]; then
   echo "launch.sh: the rank count must be a positive integer, got '$NPROC'" >&2
   exit 2
 fi
+# exec: signals reach torchrun itself. A rank's start-up error comes once more after torchrun's
+# report of the failed ranks (llama_demo/commands/startup.py say_after_torchrun).
 # No --tokenizer_path: app.py takes the model folder's own tokenizer, its original/ one, or
 # $LLAMA_DIR/tokenizer.model (LLaMA 1/2), and says in one line when there is none.
 exec "$VENV/bin/torchrun" --nproc_per_node "$NPROC" --master_addr 127.0.0.1 --master_port "${MASTER_PORT:-29500}" \

@@ -178,8 +178,11 @@ def main(argv: list[str] | None = None) -> int:
             print("\nllama_demo: shutting down", file=sys.stderr)
         return 0
     except (ValueError, OSError) as e:  # bad flags, folders, ports: the user's to fix
+        from .startup import say_after_torchrun
+
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
+        say_after_torchrun(f"error: {e}")  # last, after torchrun's report
         return 2
     except StepOutOfMemory as e:  # this rank's device memory, not a lost rank
         print(f"error: {e}; the job stops", file=sys.stderr, flush=True)

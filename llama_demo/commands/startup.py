@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import sys
+import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -128,8 +131,60 @@ def run_command(body: Callable[[], int]) -> int:
     except (ValueError, OSError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
+        say_after_torchrun(f"error: {e}")
         return 2
     finally:
         shutdown_distributed()
+
+
+def say_after_torchrun(line: str, wait_s: float = 600) -> None:
+    """Under torchrun, write `line` to stderr again once torchrun has exited: its report of the
+    failed ranks (~30 lines of traceback) would otherwise be the last thing the user reads. The
+    first rank of the job to fail says it (a marker file elects it: torchrun may kill rank 0 when
+    another rank fails first), from a child in its own session (torchrun kills each rank's
+    process group) that waits for torchrun, the rank's parent, to exit."""
+    torchrun, run_id = os.getppid(), os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id is None or torchrun <= 1:
+        return
+    marker = Path(tempfile.gettempdir()) / f"llama_demo-reason-{torchrun}-{run_id}"
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except OSError:
+        return  # another rank says it
+    try:
+        pid = os.fork()
+    except OSError:  # torchrun's report stays last
+        marker.unlink(missing_ok=True)
+        return
+    if pid:
+        return
+    try:  # the child: plain os calls only (the rank had threads when it forked)
+        os.setsid()
+        os.closerange(0, 2)
+        os.closerange(3, 1 << 16)  # the rank's sockets close when it exits, not when we do
+        _wait_for_exit(torchrun, wait_s)
+        os.write(2, (line + "\n").encode())
+    finally:
+        try:
+            os.unlink(marker)
+        finally:
+            os._exit(0)
+
+
+def _wait_for_exit(pid: int, timeout_s: float) -> None:
+    try:
+        fd = os.pidfd_open(pid)  # readable once the process has exited
+    except ProcessLookupError:
+        return
+    except OSError:  # no pidfd (Linux before 5.3): poll
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+        return
+    select.select([fd], [], [], timeout_s)
 
 
