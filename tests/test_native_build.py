@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, make_checkpoint, subprocess_env
+from conftest import NATIVE, ROOT, make_checkpoint, subprocess_env
 from llama_demo.model import cpu_kernels
 
 CC = cpu_kernels.compiler()
@@ -57,11 +57,24 @@ def test_a_failing_compiler_is_one_line_at_start_up_and_fails_the_suite(tmp_path
     assert len(lines) == 1, proc.stderr
     assert "C kernels are off" in lines[0] and "2-3x slower" in lines[0] and "-mno-such-flag-anywhere" in lines[0]
     assert proc.stdout.startswith("None ") and "-mno-such-flag-anywhere" in proc.stdout
-    test = "tests/test_native_decode.py::test_native_float32_product_matches_float64"
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{test}[7-5]"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "tests/test_native_build.py::test_the_c_kernels_load"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "1 error" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-3000:]
     assert "qkernels.c did not build: " in proc.stdout and "-mno-such-flag-anywhere" in proc.stdout
+    # a compiler refusing only -march=native: the portable loops, and one line saying so
+    cc.write_text(f'#!/bin/sh\ncase "$*" in *-march=native*) echo "cc: error: no -march=native here" >&2; exit 1;; esac\n'
+                  f'exec {CC} "$@"\n')
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 0 and proc.stdout.endswith(" None\n") and not proc.stdout.startswith("None ")
+    assert len(lines) == 1 and "without -march=native" in lines[0] and "no -march=native here" in lines[0], proc.stderr
+
+
+@NATIVE
+def test_the_c_kernels_load():
+    """Here, where a compiler exists: the library builds (or the run fails, see above)."""
+    assert cpu_kernels.native() is not None and cpu_kernels.native_failure() is None
 
 
 def _greedy(ckpt, native: str) -> list[list[int]]:
