@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}/"
             print(f"llama_demo: serving {client.model_name} on {engine.world_size} rank(s) "
                   f"({'chat' if chat_format else 'completion'} mode) at {url}  (OpenAI API: {url}v1)", flush=True)
-            measured = getattr(engine, "calibration", None)  # prompt tokens/s beside a full batch, per chunk
+            measured = engine.calibration  # prompt tokens/s beside a full batch, per chunk
             print(f"llama_demo: {engine.step_tokens} tokens a step (decodes first, then prompts"
                   + (f"; measured prompt tokens/s per chunk: {measured})" if measured else ")"), flush=True)
             if cfg.share:

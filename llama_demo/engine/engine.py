@@ -97,6 +97,7 @@ class Engine:
         self.step_tokens = step_tokens if step_tokens is not None else 512 if self.device.type == "cuda" else 256
         if self.step_tokens < 1:
             raise ValueError(f"step_tokens must be at least 1, got {step_tokens}")
+        self.calibration: dict[int, float] | None = None  # calibrate(): prompt tokens/s per candidate chunk
         self.scheduler = Scheduler(model.args.max_batch_size, self.max_seq_len, prefix_cache)
         self.steps = 0
         if rank == 0:
@@ -181,7 +182,7 @@ class Engine:
         if self.world_size > 1:
             broadcast_from_first(out, None)
         self.step_tokens = int(out.item())
-        self.calibration = {n: round(r, 1) for n, r in rates.items()}  # prompt tokens/s per chunk, for the log
+        self.calibration = {n: round(r, 1) for n, r in rates.items()}
         return self.step_tokens
 
     # ----------------------------------------------------------------- the step
