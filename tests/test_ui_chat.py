@@ -191,8 +191,9 @@ def test_regenerate_draws_a_fresh_seed_edit_resends_and_drops_later_turns_undo_r
 
 def test_copy_a_message_and_the_conversation_as_markdown(page):
     ask(page, "copy me")
-    page.locator('#chatbot .bot-row button[aria-label="Copy message"]').first.click()
-    page.wait_for_function("t => navigator.clipboard.readText().then(c => c === t)", arg=MARKDOWN)
+    # the answer's copy button (0 is the question's): its Markdown as written, then its stats note
+    page.locator('#chatbot button[aria-label="Copy message"]').nth(1).click()
+    page.wait_for_function("t => navigator.clipboard.readText().then(c => c.startsWith(t))", arg=MARKDOWN)
     page.click("#copy-md")
     page.wait_for_function("() => (document.body.dataset.copied || '').includes('## You')")
     copied = page.evaluate("() => navigator.clipboard.readText()")
@@ -223,6 +224,8 @@ def test_conversations_are_listed_renamed_deleted_and_reopened_on_reload_in_this
     ask(page, "about llamas")
     page.click("#new-chat")
     ask(page, "about alpacas", notes=1)
+    title = "#chat-title input, #chat-title textarea"
+    page.wait_for_function("s => document.querySelector(s).value === 'about alpacas'", arg=title)  # the list caught up
     page.fill("#chat-title input, #chat-title textarea", "Alpaca notes")
     page.click("#rename")
     page.wait_for_function("() => document.querySelector('#chat-list').innerText.includes('Alpaca notes')")
@@ -294,7 +297,6 @@ def test_the_page_works_at_a_phones_width(site, page):
         phone.goto(f"{server.url}/")
         phone.wait_for_selector("#message textarea")
         phone.wait_for_function("() => !document.querySelector('#sidebar.open')")  # the chat, not the sidebar
-        phone.click("#new-chat") if phone.is_visible("#new-chat") else None
         ask(phone, "hello from a phone", notes=len(messages(phone, "note")) + 1)
         assert phone.evaluate("() => document.documentElement.scrollWidth") <= 375
         for button in ("#send", "#stop"):

@@ -164,7 +164,7 @@ def build_ui(client: EngineClient, gate: Gate, cfg: ServerConfig, system_prompt:
         answering.append(chatbot.retry(regenerate, [chatbot, inbox], [chatbot], queue=False, **private)
                          .then(**drain_kw))
         if chat_mode:
-            answering.append(chatbot.edit(resend_edited, [chatbot, inbox], [chatbot], queue=False, **private)
+            answering.append(chatbot.edit(resend_edited, [chatbot, inbox], [chatbot], **private)  # queued: its toast shows
                              .then(**drain_kw))
 
         def undo(history, store):
@@ -183,6 +183,7 @@ def build_ui(client: EngineClient, gate: Gate, cfg: ServerConfig, system_prompt:
             waiting = [t.text for t in box.queue] + ([typed] if typed and typed.strip() else [])
             box.queue.clear()
             history = [ui_chats.plain(m) for m in history or []]
+            history = box.latest if ui_chats.extends(box.latest, history) else history
             if history and history[-1]["role"] == "assistant" and not ui_chats.is_stats(history[-1]) and line:
                 history.append(ui_chats.stats_message(line.replace("**", "") + " · stopped", "Stopped by you"))
             return history, "\n\n".join(waiting) or gr.skip(), "", ui_chats.save(store, history)

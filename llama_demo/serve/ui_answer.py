@@ -76,6 +76,9 @@ class Inbox:
     """One tab's messages waiting for the model (gr.State: per session, never shared)."""
     queue: list[Turn] = field(default_factory=list)
     busy: str | None = None  # the token of the drain answering them, None when idle
+    # the chat as last sent to the browser: Stop keeps this, which may be a chunk ahead of the
+    # value the browser sends with the click (the chunk was on its way)
+    latest: list[dict] = field(default_factory=list)
 
     def shown(self) -> str:
         """The queued messages as the page shows them above the input box."""
@@ -163,11 +166,12 @@ class Answerer:
                 history = before + [{"role": "user", "content": turn.text}]
                 yield history, "", inbox.shown(), gr.skip()
                 async for text, line in self.answer(turn.text, before, s, seed, rate):
-                    yield history + [{"role": "assistant", "content": text}], line, gr.skip(), gr.skip()
+                    inbox.latest = history + [{"role": "assistant", "content": text}]
+                    yield inbox.latest, line, gr.skip(), gr.skip()
                 history = history + [{"role": "assistant", "content": text}]
                 if line:  # a refused question gets no stats note
                     history.append(ui_chats.stats_message(line.replace("**", ""), self.details(rate, s, seed)))
-                store = ui_chats.save(store, history)
+                store, inbox.latest = ui_chats.save(store, history), history
                 yield history, line, inbox.shown(), store
         finally:
             if inbox.busy == token:

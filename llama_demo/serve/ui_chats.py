@@ -43,6 +43,16 @@ def plain(message: dict) -> dict:
     return out
 
 
+def extends(ahead: list[dict], shown: list[dict]) -> bool:
+    """Whether `ahead` is `shown` with its last message grown (a streamed chunk the browser had not
+    drawn yet)."""
+    if not ahead or len(ahead) != len(shown):
+        return False
+    ahead, shown = [plain(m) for m in ahead], [plain(m) for m in shown]
+    return ahead[:-1] == shown[:-1] and ahead[-1]["role"] == shown[-1]["role"] \
+        and ahead[-1]["content"].startswith(shown[-1]["content"])
+
+
 def stats_message(line: str, details: str) -> dict:
     return {"role": "assistant", "content": details, "metadata": {"title": line, "status": "done"}}
 
