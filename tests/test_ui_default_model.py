@@ -1,5 +1,6 @@
 """The real thing in a real browser: `python app.py` serving the embedded default model
-(SmolLM2-135M-Instruct), asked a question in the chat page by headless Chromium."""
+(SmolLM2-135M-Instruct), asked two questions in the chat page by headless Chromium; it leaves
+the desktop and phone screenshots the README shows."""
 from __future__ import annotations
 
 import importlib.util
@@ -34,9 +35,19 @@ def test_default_model_answers_in_the_browser(tmp_path):
                 # the stats line shows the finish reason once the answer is complete
                 page.wait_for_function("() => /· (stop|length)/.test(document.querySelector('#stats').innerText)")
                 answer = bot_texts(page)[0]
+                # a second turn with code, for the README's screenshots (test-output/chat-desktop.png
+                # and chat-phone.png; copied into assets/ by hand when the page changes)
+                send(page, "Write a Python function that adds two numbers.")
+                page.wait_for_function("() => document.querySelectorAll('#chatbot .thought').length === 2")
                 out = ROOT / "test-output"
                 out.mkdir(exist_ok=True)
-                page.screenshot(path=str(out / "chat-default-model.png"), full_page=True)
+                page.screenshot(path=str(out / "chat-desktop.png"))
+                page.set_viewport_size({"width": 375, "height": 812})
+                page.reload()
+                page.wait_for_function("() => document.querySelectorAll('#chatbot .thought').length === 2")
+                page.wait_for_function("() => !document.querySelector('#sidebar.open')")
+                page.wait_for_timeout(500)
+                page.screenshot(path=str(out / "chat-phone.png"))
             finally:
                 browser.close()
         assert "Paris" in answer, answer
