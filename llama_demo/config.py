@@ -318,6 +318,10 @@ MAX_CHOICES = 128
 DEFAULT_MAX_WAITING = 64
 DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20  # a request body larger than this is a 413
 RETRY_AFTER_S = 2  # what a 429 tells clients to wait
+# SIGTERM or Ctrl-C drains (serve.shutdown): requests in flight get this many seconds to finish.
+# Below the 30 s that torchrun (TORCH_ELASTIC_SHUTDOWN_TIMEOUT) and Kubernetes
+# (terminationGracePeriodSeconds) wait before they kill, leaving time to exit after the drain.
+DEFAULT_DRAIN_TIMEOUT = 20.0
 # /v1/responses keeps stored answers (for previous_response_id and GET) in rank 0's memory, the
 # oldest dropped first past either bound; dropped ids are remembered (ids only, 10x as many) so a
 # client is told its response expired rather than that it never existed.
@@ -350,3 +354,4 @@ class ServerConfig:
     page: SamplingDefaults = PAGE_SAMPLING  # the chat page's sliders; max_new_tokens is also chat's API default
     cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API; none by default
     sse_keepalive_s: float = SSE_KEEPALIVE_S
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT  # seconds a stop signal leaves requests in flight

@@ -1,7 +1,8 @@
 """`python app.py ...` / `torchrun ... app.py ...`: serve a model to the browser and the OpenAI API.
 
 Every rank loads its slice of the model and runs the same serving loop; rank 0 alone binds the
-web port and the request bus.
+web port and the request bus. A stop signal drains the job (serve.shutdown): rank 0 decides, and
+every rank leaves the serving loop at the same step.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 from ..config import API_KEY_ENV, AUTH_ENV, PAGE_SAMPLING, ConfigError, ServerConfig, page_sampling
 from ..engine.engine import StepOutOfMemory
 from ..model.parallel import shutdown_distributed
-from ..serve.auth import exposure_warnings, parse_login, read_secret
+from ..serve.auth import exposure_warnings, page_login_note, parse_login, read_secret
 
 log = logging.getLogger("llama_demo")
 
@@ -43,6 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--zmq_port", type=int, default=d.zmq_port, help="rank 0's request bus port")
     p.add_argument("--dist_timeout", type=float, default=d.dist_timeout, help="collective timeout in seconds")
     p.add_argument("--heartbeat_interval", type=float, default=d.heartbeat_interval, help="seconds between idle collectives")
+    p.add_argument("--drain_timeout", type=float, default=d.drain_timeout,
+                   help="on SIGTERM or Ctrl-C, seconds that running and waiting requests get to finish while new "
+                        "ones are refused (503); a second signal stops at once. Keep it below torchrun's "
+                        "--shutdown_timeout (30 s), after which torchrun kills the ranks")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="use the model's chat format (default: yes for chat/instruct models)")
     p.add_argument("--system_prompt", default=None, help="initial system prompt in the UI")
@@ -58,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.heartbeat_interval <= 0 or a.heartbeat_interval >= a.dist_timeout:
         p.error("--heartbeat_interval must be positive and below --dist_timeout")
+    if a.drain_timeout < 0:
+        p.error("--drain_timeout must be >= 0 (0: stop without waiting for requests in flight)")
     if a.max_waiting < 0 or a.max_request_bytes < 1024 or a.max_new_tokens < 1:
         p.error("--max_waiting must be >= 0, --max_request_bytes >= 1024 and --max_new_tokens >= 1")
     return a
@@ -68,7 +75,7 @@ def server_config(a: argparse.Namespace) -> ServerConfig:
                         auth=parse_login(read_secret(a.auth, AUTH_ENV)), api_key=read_secret(a.api_key, API_KEY_ENV),
                         max_batch_size=a.max_batch_size, max_waiting=a.max_waiting,
                         max_request_bytes=a.max_request_bytes, dist_timeout=a.dist_timeout,
-                        heartbeat_interval=a.heartbeat_interval, chat=a.chat,
+                        heartbeat_interval=a.heartbeat_interval, drain_timeout=a.drain_timeout, chat=a.chat,
                         page=page_sampling(None, a.temperature, a.top_p, a.max_new_tokens),
                         cors_origins=[o.strip() for o in (a.cors_origins or "").split(",") if o.strip()])
 
@@ -120,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
     web = heartbeat = bus = None
+    stopped = False  # the serving loop ended on a stop (a drain), not an error
 
     def on_sigterm(signum, frame):
+        # Until the job serves, SIGTERM ends the rank at once; serving, it drains (serve.shutdown).
         # torchrun sends SIGTERM to every rank when one of them fails or the job is stopped; a
         # one-rank server runs without torchrun, where SIGTERM is `kill` or a service manager
         why = ("another rank failed, or torchrun was stopped; see torchrun's report below"
@@ -132,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from ..serve.bus import Bus
         from ..serve.loop import EngineClient, Heartbeat, ServingLoop
+        from ..serve.shutdown import Drain, StopSignals, follow_rank0
         from ..text.chat_format import chat_format_for, is_chat_model
         from .startup import build_engine
 
@@ -153,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
 
             for warning in exposure_warnings(cfg.host, cfg.share, cfg.auth, cfg.api_key):
                 print(f"warning: {warning}", file=sys.stderr, flush=True)
+            if note := page_login_note(cfg.auth, cfg.api_key):
+                print(f"llama_demo: {note}", flush=True)
             client = EngineClient(bus, engine, Path(a.ckpt_dir).name, cfg.max_batch_size, cfg.max_waiting)
             app = build_app(client, chat_format, cfg, system_prompt=a.system_prompt or "")
             web = WebServer(app, cfg.host, cfg.port)
@@ -171,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"llama_demo: public link {open_share_tunnel(cfg.host, cfg.port)}", flush=True)
                 except ShareError as e:  # no internet: say so, keep serving locally
                     print(f"warning: {e}", file=sys.stderr, flush=True)
-        ServingLoop(engine, bus, cfg.heartbeat_interval, client).run()
+        loop = ServingLoop(engine, bus, cfg.heartbeat_interval, client)
+        StopSignals(rank, follow_rank0(rank, loop.health) if rank else Drain(client, bus, cfg.drain_timeout).begin)
+        loop.run()  # returns once every rank has applied rank 0's stop
+        stopped = True
         return 0
     except KeyboardInterrupt:
         if rank == 0:
@@ -199,3 +214,5 @@ def main(argv: list[str] | None = None) -> int:
         if bus:
             bus.close()
         shutdown_distributed()
+        if stopped:
+            print(f"llama_demo: rank {rank} stopped", file=sys.stderr, flush=True)

@@ -1,5 +1,7 @@
-"""Who may use the server: an OpenAI API key for /v1, a login for the chat page, and where those
-secrets come from (environment or a file, so they are not on every rank's command line)."""
+"""Who may use the server: an OpenAI API key for /v1, a login for the chat page (and Gradio's API
+behind it), and where those secrets come from (environment or a file, so they are not on every
+rank's command line). Every credential guards every way to the model: with only an API key, the
+page's login takes the key as its password."""
 from __future__ import annotations
 
 import base64
@@ -8,8 +10,11 @@ import ipaddress
 import os
 import secrets
 from pathlib import Path
+from typing import Callable
 
 from fastapi import Depends, Request
+from fastapi.responses import JSONResponse
+from starlette.routing import Mount
 
 from ..config import API_KEY_ENV, AUTH_ENV, ConfigError
 from .errors import ApiError
@@ -95,3 +100,71 @@ def require_api_access(api_key: str | None, login: tuple[str, str] | None) -> li
                            code="invalid_api_key", headers={"WWW-Authenticate": f'{"Bearer" if api_key else "Basic"} realm="llama_demo"'})
 
     return [Depends(check)]
+
+
+PageLogin = tuple[str, str] | Callable[[str, str], bool]
+KEY_LOGIN_MESSAGE = "This server takes its API key as the password (any user name)."
+
+
+def page_login(login: tuple[str, str] | None, api_key: str | None) -> PageLogin | None:
+    """What the chat page's login form (Gradio's) checks: the page login when there is one; with
+    only an API key, the key as the password, whatever the user name, so that neither the page nor
+    its Gradio API is a way around the key; with neither, nothing (the page is open)."""
+    if login is not None:
+        return login
+    if not api_key:
+        return None
+    want = api_key.encode()
+
+    def key_as_password(user: str, password: str) -> bool:
+        return secrets.compare_digest(password.encode(), want)
+
+    return key_as_password
+
+
+def page_login_note(login: tuple[str, str] | None, api_key: str | None) -> str | None:
+    """The start-up line saying how the page is guarded when that is not its own login."""
+    if login is None and api_key:
+        return (f"the chat page and its Gradio API ask for a login: the API key is the password, any user name "
+                f"(gradio_client: Client(url, auth=('any', KEY))); set ${AUTH_ENV} for a separate page login")
+    return None
+
+
+GRADIO_API = "/gradio_api/"
+# Routes Gradio's own login form calls before there is a session; the check itself answers 401
+BEFORE_LOGIN = frozenset({"/gradio_api/login_check", "/gradio_api/login_check/"})
+
+
+class GradioApiGuard:
+    """ASGI middleware: with a page login, every /gradio_api/ route needs the session that login
+    gave (Gradio's cookie). Gradio checks it itself on most routes (queue/join, call, upload, info,
+    file); this also closes those it leaves open (cancel, heartbeat, stream, startup-events, run
+    history), so no route of the page serves anyone without the credential."""
+
+    def __init__(self, app, gradio_app):
+        self.app, self.gradio = app, gradio_app
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] not in ("http", "websocket") or not path.startswith(GRADIO_API) or path in BEFORE_LOGIN \
+                or self._has_session(Request(scope)):
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008})
+        refusal = JSONResponse({"detail": "Not authenticated: log in on the chat page first (gradio_client: "
+                                          "Client(url, auth=(USER, PASSWORD)))"}, status_code=401)
+        await refusal(scope, receive, send)
+
+    def _has_session(self, request: Request) -> bool:
+        # the two cookies Gradio's /login sets (secure, and one for plain http), as its own check reads them
+        cookie_id = self.gradio.cookie_id
+        token = request.cookies.get(f"access-token-{cookie_id}") or request.cookies.get(f"access-token-unsecure-{cookie_id}")
+        return token is not None and token in self.gradio.tokens
+
+
+def guard_gradio_api(app):
+    """Put Gradio's API routes on `app` (mounted by gr.mount_gradio_app) behind the page's login."""
+    mounted = [r.app for r in app.routes if isinstance(r, Mount) and hasattr(r.app, "tokens")]
+    assert len(mounted) == 1, "guard_gradio_api needs exactly one mounted Gradio app"
+    app.add_middleware(GradioApiGuard, gradio_app=mounted[0])
+    return app

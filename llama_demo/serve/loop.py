@@ -6,13 +6,16 @@ Order of events, identical on every rank:
      rank then applies exactly the messages up to N (requests, cancels, heartbeat ticks);
   3. one engine step (prefill chunk + decode), whose collectives therefore line up.
 A heartbeat tick is just a bus message that every rank turns into an all-reduce at step 2, so it
-can never interleave with a generation collective.
+can never interleave with a generation collective. So is the stop (serve.shutdown): every rank
+leaves the loop at the seal that applies it, before the next step, so all take the same last
+collective.
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
+import math
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -40,6 +43,7 @@ class Health:
     waiting: int = 0
     loop_alive: bool = True
     error: str | None = None
+    draining_until: float | None = None  # monotonic end of the drain once a stop signal came (serve.shutdown)
 
     def ok(self) -> bool:
         # while busy every step is a collective; while idle the heartbeat ticks are
@@ -49,6 +53,15 @@ class Health:
 
 class QueueFull(RuntimeError):
     """More requests are waiting than --max_waiting allows: the client should retry later (429)."""
+
+
+class Draining(RuntimeError):
+    """The server is stopping and takes nothing new (503): retry after `retry_after` seconds, when
+    this server is gone and a restarted one or another replica answers."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class EngineClient:
@@ -81,10 +94,14 @@ class EngineClient:
     def submit_many(self, requests: list[tuple[list[int], SamplingParams]]) -> list["Submission"]:
         """Publish several checked requests (a response's choices: n, a batch of prompts) all or
         none: QueueFull unless the queue has room for every one of them now."""
-        if not self.health.loop_alive:
+        if not self.health.loop_alive and self.health.draining_until is None:
             raise RuntimeError(f"the model is not serving: {self.health.error}")
         loop = asyncio.get_running_loop()
-        with self._lock:
+        with self._lock:  # under the lock: once begin_drain returns, nothing new is in flight
+            if self.health.draining_until is not None:
+                left = max(1, math.ceil(self.health.draining_until - time.monotonic()))
+                raise Draining(f"the server is stopping: it finishes the requests it has (at most {left} s more) "
+                               "and takes no new ones; retry on another server or once this one is back", left)
             if len(self._queues) + len(requests) > self.capacity:
                 raise QueueFull(f"the server is busy: {len(self._queues)} requests are running or waiting and "
                                 f"this one needs {len(requests)} more (limit {self.capacity}); retry shortly")
@@ -96,6 +113,12 @@ class EngineClient:
         for sub, (prompt_ids, params) in zip(subs, requests):
             self.bus.publish("req", id=sub.id, prompt_ids=list(prompt_ids), params=asdict(params))
         return subs
+
+    def begin_drain(self, timeout_s: float) -> int:
+        """Refuse new requests from now on (Draining); returns how many are in flight."""
+        with self._lock:
+            self.health.draining_until = time.monotonic() + timeout_s
+            return len(self._queues)
 
     def _forget(self, rid: str, cancel: bool) -> None:
         with self._lock:
@@ -160,6 +183,7 @@ class ServingLoop:
         self.bus_timeout = bus_timeout
         self.applied = 0  # seq of the last bus message applied
         self.inbox: list[dict] = []
+        self.stopped = False  # a `stop` was applied: every rank leaves the loop at this same seal
         self.health = client.health if client else Health(time.time(), time.monotonic(), heartbeat_interval)
         self.health.heartbeat_interval = heartbeat_interval
 
@@ -170,12 +194,17 @@ class ServingLoop:
                 if self.engine.idle:
                     self._wait_for_message()
                 self._seal_and_apply()
+                if self.stopped:
+                    break
                 events = self.engine.step()
                 self.health.running, self.health.waiting = len(self.engine.running), len(self.engine.waiting)
                 if events:
                     self._mark_collective()
                     if self.client is not None:
                         self.client.deliver(events)
+            if self.client is not None:  # the drain's time ran out with these unfinished
+                self.client.fail_all(RuntimeError("the server stopped before this answer was finished "
+                                                  "(its --drain_timeout ran out)"))
         except Exception as e:
             self.health.loop_alive = False
             self.health.error = str(e)
@@ -231,6 +260,11 @@ class ServingLoop:
                 self.client.deliver(events)
         elif kind == "tick":
             self._heartbeat()
+        elif kind == "drain":  # rank 0 began a drain (serve.shutdown); the stop follows
+            if self.health.draining_until is None:
+                self.health.draining_until = time.monotonic() + msg["timeout"]
+        elif kind == "stop":
+            self.stopped = True
 
     def _heartbeat(self) -> None:
         """An all-reduce every rank reaches at the same point of the message stream."""

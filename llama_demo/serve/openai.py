@@ -1,6 +1,7 @@
 """Rank 0's web front: one FastAPI app on one port.
 
-- `GET /health`: 200 while every rank is in step, 503 with the reason otherwise;
+- `GET /health`: 200 while every rank is in step, 503 with the reason otherwise (draining, after a
+  stop signal: serve.shutdown);
 - `GET /metrics`: Prometheus metrics (serve.metrics);
 - `/v1/models`, `/v1/completions`, `/v1/chat/completions`: the OpenAI wire format
   (serve.protocol), streamed as server-sent events when asked; errors in OpenAI's shape
@@ -24,7 +25,8 @@ from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from ..config import API_SAMPLING, MAX_CHOICES, MAX_SEED, RETRY_AFTER_S, ServerConfig
@@ -37,7 +39,7 @@ from . import protocol as p
 from .auth import require_api_access
 from .errors import ApiError, BodyLimit, install_error_handlers
 from .gate import Gate, Job
-from .loop import EngineClient, QueueFull, Submission
+from .loop import Draining, EngineClient, QueueFull, Submission
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .logprobs import CompletionLogprobWriter, chat_logprobs
 from ..text.tool_format import ToolCallStream
@@ -50,7 +52,8 @@ T = TypeVar("T")
 def build_app(client: EngineClient, chat_format: ChatFormat | None, cfg: ServerConfig,
               system_prompt: str = "") -> FastAPI:
     gate = Gate(client.tokenizer, chat_format, client.max_seq_len, client.vocab_size, client.model_name)
-    app = FastAPI(title=f"llama_demo: {client.model_name}", docs_url="/v1/docs", openapi_url="/v1/openapi.json")
+    # the API's docs are served by docs_router, behind the same credential as /v1; FastAPI's own are off
+    app = FastAPI(title=f"llama_demo: {client.model_name}", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=cfg.max_request_bytes)
     if cfg.cors_origins:  # off by default: a page on another origin may not read the answers
@@ -61,6 +64,7 @@ def build_app(client: EngineClient, chat_format: ChatFormat | None, cfg: ServerC
     app.add_api_route("/metrics", lambda: Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST), methods=["GET"])
     api = OpenAIApi(client, gate, cfg, metrics)
     access = require_api_access(cfg.api_key, cfg.auth)
+    app.include_router(docs_router(app, access))  # before openai_router, whose catch-all answers 404
     app.include_router(tokenizer_router(api, access))
     from .messages import messages_router  # they build on this module's pieces: imported once it is loaded
     from .responses import responses_router
@@ -73,6 +77,11 @@ def build_app(client: EngineClient, chat_format: ChatFormat | None, cfg: ServerC
 
 def health_response(client: EngineClient) -> JSONResponse:
     h = client.health
+    if h.draining_until is not None:  # a load balancer should send no more requests here
+        left = max(0.0, h.draining_until - time.monotonic())
+        return JSONResponse({"status": "draining", "reason": f"the server is stopping: it finishes the requests it has "
+                             f"(at most {left:.0f} s more) and takes no new ones", "running": h.running,
+                             "waiting": h.waiting}, status_code=503)
     if h.ok():
         return JSONResponse({"status": "ok", "running": h.running, "waiting": h.waiting})
     if h.error or not h.loop_alive:
@@ -202,6 +211,9 @@ class OpenAIApi:
         except QueueFull as e:
             raise ApiError(429, str(e), type="rate_limit_error", code="server_busy",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except Draining as e:
+            raise ApiError(503, str(e), type="server_error", code="server_stopping",
+                           headers={"Retry-After": str(e.retry_after)}) from None
         except RuntimeError as e:  # the model stopped serving
             raise ApiError(503, str(e), type="server_error") from None
 
@@ -418,6 +430,22 @@ def openai_router(api: OpenAIApi, dependencies: list) -> APIRouter:
     async def unknown(path: str, request: Request):
         raise ApiError(404, f"{request.method} /v1/{path}: no such endpoint on this server (it serves /v1/models, "
                             "/v1/completions, /v1/chat/completions, /v1/responses and /v1/messages)", type="not_found_error", code="not_found")
+
+    return router
+
+
+def docs_router(app: FastAPI, dependencies: list) -> APIRouter:
+    """The API's OpenAPI schema at /v1/openapi.json and its Swagger page at /v1/docs, behind the
+    same credential as the rest of /v1 (open only when /v1 is)."""
+    router = APIRouter(prefix="/v1", dependencies=dependencies, include_in_schema=False)
+
+    @router.get("/openapi.json")
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @router.get("/docs")
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/v1/openapi.json", title=f"{app.title}: API")
 
     return router
 
