@@ -14,7 +14,12 @@ from pathlib import Path
 # --- defaults and limits: every other module imports these, none restates them ---------------------
 
 DEFAULT_MAX_SEQ_LEN = 2048  # KV cache length per sequence (prompt + answer)
-DEFAULT_MAX_BATCH_SIZE = 8  # KV cache rows: sequences decoded together
+DEFAULT_MAX_BATCH_SIZE = 32  # sequences running together (decoded in one step), at most
+# The KV cache is a pool of blocks of KV_BLOCK_SIZE positions (engine.kv_blocks); its default size
+# is the memory of DEFAULT_KV_ROWS sequences of max_seq_len tokens (--kv_cache_tokens,
+# --kv_cache_memory change it), which many more, shorter sequences share.
+KV_BLOCK_SIZE = 16  # vLLM's default: a prefix is shared to within 15 tokens
+DEFAULT_KV_ROWS = 8
 DEFAULT_DIST_TIMEOUT = 1800.0  # seconds a collective may wait (init_process_group's timeout)
 # Prompt chunks the start-up probe tries for a step's token budget (Engine.calibrate), on CPU and
 # on CUDA: past these a CPU step only gets slower per token (attention grows with the chunk), and
@@ -112,11 +117,11 @@ class ModelArgs:
             h = int(self.ffn_dim_multiplier * h)
         return self.multiple_of * ((h + self.multiple_of - 1) // self.multiple_of)
 
-    def kv_cache_bytes(self, world_size: int, element_size: int) -> int:
-        """One rank's static KV cache: keys and values for every layer, row and position, of the
-        KV heads this rank holds (replicated, not split, when there are more ranks than KV heads)."""
+    def kv_bytes_per_token(self, world_size: int, element_size: int) -> int:
+        """One rank's KV cache per token: keys and values for every layer, of the KV heads this rank
+        holds (replicated, not split, when there are more ranks than KV heads)."""
         local_kv = max(1, self.n_kv_heads // world_size)
-        return 2 * self.n_layers * self.max_batch_size * self.max_seq_len * local_kv * self.head_dim * element_size
+        return 2 * self.n_layers * local_kv * self.head_dim * element_size
 
     def validate(self) -> None:
         if self.dim <= 0 or self.n_layers <= 0 or self.n_heads <= 0:

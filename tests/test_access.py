@@ -89,15 +89,16 @@ def test_a_kv_cache_larger_than_free_memory_is_refused_at_start_up(tmp_path):
                           "--max_seq_len", str(10**9)])
     assert proc.returncode == 2, proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
-    assert "KV cache needs" in line and "--max_batch_size" in line and "--max_seq_len" in line
+    assert "KV cache needs" in line and "--kv_cache_tokens" in line and "--max_seq_len" in line
 
 
 def test_kv_cache_check_counts_this_ranks_heads(tmp_path, monkeypatch):
     from llama_demo.commands import startup
 
     folder = make_checkpoint(tmp_path / "m", "gqa", 1)  # 2 KV heads of 16, 3 layers
-    a = argparse.Namespace(ckpt_dir=str(folder), max_seq_len=1000, max_batch_size=4)
-    need = 2 * 3 * 4 * 1000 * 2 * 16 * 4  # k and v, layers, rows, positions, KV heads, head dim, float32
+    a = argparse.Namespace(ckpt_dir=str(folder), max_seq_len=1000, max_batch_size=4, kv_cache_tokens=4000,
+                           kv_cache_memory=None)
+    need = 2 * 3 * 4000 * 2 * 16 * 4  # k and v, layers, tokens, KV heads, head dim, float32
     info = DistInfo(0, 1, 0, torch.device("cpu"))
     monkeypatch.setattr(startup, "free_memory", lambda device: need)
     startup.check_kv_cache_fits(a, info, torch.float32)  # fits exactly
@@ -106,3 +107,19 @@ def test_kv_cache_check_counts_this_ranks_heads(tmp_path, monkeypatch):
         startup.check_kv_cache_fits(a, info, torch.float32)
     # two ranks hold one KV head each: half the bytes
     startup.check_kv_cache_fits(a, DistInfo(0, 2, 0, torch.device("cpu")), torch.float32)
+
+
+def test_kv_cache_flags():
+    """--kv_cache_tokens must hold one whole sequence; the default is the memory of 8 sequences of
+    --max_seq_len; --kv_cache_memory leaves the size to load time (measured in free memory)."""
+    from llama_demo.commands import startup
+
+    ns = lambda **kw: argparse.Namespace(**{"max_seq_len": 512, "kv_cache_tokens": None, "kv_cache_memory": None, **kw})  # noqa: E731
+    assert startup.kv_cache_tokens(ns()) == 8 * 512
+    assert startup.kv_cache_tokens(ns(kv_cache_tokens=600)) == 600
+    assert startup.kv_cache_tokens(ns(kv_cache_memory=0.5)) is None
+    with pytest.raises(ConfigError, match="cannot hold one sequence of --max_seq_len 512"):
+        startup.kv_cache_tokens(ns(kv_cache_tokens=100))
+    for bad in ("0", "1.5", "-0.1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            startup.fraction(bad)

@@ -47,13 +47,19 @@ def test_logits_and_greedy_tokens_match_transformers(ckpts, tmp_path, ckpt, worl
 CASE_PROMPTS = PROMPTS + [[1, 9, 99, 199, 299], [1, 250, 251]]
 
 
-def test_lock_step_cases_on_two_ranks(ckpts, tmp_path):
-    """Two KV rows on two ranks: more requests than rows, a cancel mid-answer whose row is reused,
+@pytest.fixture(scope="module")
+def engine_cases(ckpts, tmp_path_factory):
+    """One torchrun of tests/workers/engine_cases.py on two ranks: what each rank saw, per case."""
+    out = tmp_path_factory.mktemp("engine_cases")
+    torchrun(2, ["tests/workers/engine_cases.py", str(ckpts["gqa-2"]), str(out), json.dumps(CASE_PROMPTS), str(N_NEW)])
+    return [json.loads((out / f"cases{r}.json").read_text()) for r in range(2)]
+
+
+def test_lock_step_cases_on_two_ranks(ckpts, engine_cases):
+    """Two running at most, on two ranks: more requests than that, a cancel mid-answer whose blocks are reused,
     a per-request seed, a stop string, and a fault in one request's text: each request gets
     transformers' greedy tokens or ends where it should, and both ranks agree on every token."""
-    folder = ckpts["gqa-2"]
-    torchrun(2, ["tests/workers/engine_cases.py", str(folder), str(tmp_path), json.dumps(CASE_PROMPTS), str(N_NEW)])
-    r0, r1 = (json.loads((tmp_path / f"cases{r}.json").read_text()) for r in range(2))
+    folder, (r0, r1) = ckpts["gqa-2"], engine_cases
     for name in ("more_than_rows", "cancel", "seed_alone", "seed_batched", "stop", "fault"):
         assert r0[name]["tokens"] == r1[name]["tokens"] and r0[name]["reasons"] == r1[name]["reasons"], name
         assert all(t == "" for t in r1[name]["texts"].values()), "a follower rank produced text"
@@ -79,13 +85,11 @@ def test_lock_step_cases_on_two_ranks(ckpts, tmp_path):
     assert r0["bad_id"] not in fault["tokens"]["bad"] and fault["tokens"]["bad"] == solo["tokens"]["p1"][:len(fault["tokens"]["bad"])]
 
 
-def test_prefix_reuse_gives_the_tokens_of_a_full_prefill(ckpts, tmp_path):
-    """A conversation's next turns reuse the KV rows' tokens (a prefix ending inside the answer, a
-    row evicted by other conversations, a cancelled request's row) and get exactly transformers'
-    greedy tokens, as an engine without reuse does, on both ranks."""
-    folder = ckpts["gqa-2"]
-    torchrun(2, ["tests/workers/engine_cases.py", str(folder), str(tmp_path), json.dumps(CASE_PROMPTS), str(N_NEW)])
-    r0, r1 = (json.loads((tmp_path / f"cases{r}.json").read_text()) for r in range(2))
+def test_prefix_reuse_gives_the_tokens_of_a_full_prefill(ckpts, engine_cases):
+    """A conversation's next turns reuse the KV blocks of its earlier turns (a prefix ending inside
+    the answer, blocks kept while other conversations ran, a cancelled request's blocks) and get
+    exactly transformers' greedy tokens, as an engine without reuse does, on both ranks."""
+    folder, (r0, r1) = ckpts["gqa-2"], engine_cases
     for mode in ("reuse_on", "reuse_off"):  # both ranks placed and reused identically
         assert [(x["tokens"], x["reused"]) for x in r0[mode]["runs"]] == [(x["tokens"], x["reused"]) for x in r1[mode]["runs"]]
     on, off = r0["reuse_on"], r0["reuse_off"]
@@ -94,10 +98,23 @@ def test_prefix_reuse_gives_the_tokens_of_a_full_prefill(ckpts, tmp_path):
     first, second, others, third, cancelled, resumed = on["runs"]
     for name, run in (("t2", second), ("t3", third), ("c2", resumed)):
         assert run["tokens"][name] == hf_greedy(ref, on["prompts"][name], N_NEW), name
-    # what was reused: turn 2 all but its new tokens; turn 3 nothing (its row was taken); after
-    # the cancel, the cancelled prompt and its answer so far
-    t2, c2 = on["prompts"]["t2"], on["prompts"]["c2"]
-    assert second["reused"]["t2"] == len(t2) - 3
-    assert third["reused"]["t3"] <= 1  # at most BOS: another conversation's row
-    assert c2 and resumed["reused"]["c2"] == len(c2) - 2
+    # what was reused, in whole KV blocks: turn 2 all but its new tokens; turn 3 all but its new
+    # token (the other conversations left its blocks cached); after the cancel, the cancelled
+    # prompt and its answer so far
+    t2, t3, c2, bs = on["prompts"]["t2"], on["prompts"]["t3"], on["prompts"]["c2"], r0["block"]
+    assert second["reused"]["t2"] == (len(t2) - 3) // bs * bs > 0
+    assert third["reused"]["t3"] == (len(t3) - 1) // bs * bs > 0
+    assert resumed["reused"]["c2"] == (len(c2) - 2) // bs * bs > 0
     assert all(v == 0 for run in off["runs"] for v in run["reused"].values())
+
+
+def test_preempted_sequences_resume_with_their_own_tokens(ckpts, engine_cases):
+    """Four answers growing in a KV pool too small for all of them (20 blocks of 4 positions): the
+    youngest are preempted and prefilled again from their tokens, and every request still gets
+    transformers' greedy tokens, on both ranks alike (the worker of the lock-step cases runs it)."""
+    folder, (r0, r1) = ckpts["gqa-2"], engine_cases
+    assert r0["preemptions"] > 0 and r0["preemptions"] == r1["preemptions"]
+    assert r0["preempt"]["tokens"] == r1["preempt"]["tokens"]
+    ref = hf_model(folder)
+    for i in range(4):
+        assert r0["preempt"]["tokens"][f"p{i}"] == hf_greedy(ref, CASE_PROMPTS[i], N_NEW), i

@@ -50,7 +50,7 @@ def test_a_failed_batched_draw_keeps_a_seeded_request_reproducible(monkeypatch):
     engine.generator = torch.Generator().manual_seed(0)
 
     def seq(i: int, params: SamplingParams) -> Sequence:
-        s = Sequence(Request(i, PROMPT, params), row=i)
+        s = Sequence(Request(i, PROMPT, params))
         s.rank0 = _Rank0State(None, request_generator(params))
         return s
 

@@ -31,41 +31,55 @@ def test_native_float32_product_matches_float64(rows, cols):
 @NATIVE
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(6, 2, 64), (4, 4, 24), (8, 1, 128), (2, 1, 12)])
 def test_c_attention_matches_float64_softmax(heads, kv_heads, head_dim):
-    # qkernels.c's qk_attend_decode: positions in blocks of 64 with an online softmax, split into
-    # spans merged at the end when there are few (token, KV head) pairs; head_dim 64 / 128: the
-    # 8-row score and 64-float output registers; 24: 8-row scores, scalar output; 12: scalar
+    # qkernels.c's qk_attend_decode over the paged pool: a sequence's positions in runs of up to 64
+    # within its blocks (here 16 positions, anywhere in the pool, in table order), with an online
+    # softmax, split into spans merged at the end when there are few (token, KV head) pairs;
+    # head_dim 64 / 128: the 8-row score and 64-float output registers; 24: 8-row scores, scalar
+    # output; 12: scalar
     g = torch.Generator().manual_seed(heads * head_dim)
-    slots, max_seq, rows, pos = 4, 400, [2, 0, 3], [0, 130, 399]  # one position, 2 blocks + 2, a full cache
-    B = len(rows)
-    cache_k = torch.randn(slots, kv_heads, max_seq, head_dim, generator=g)
-    cache_v = torch.randn(slots, kv_heads, max_seq, head_dim, generator=g)
+    bs, max_seq, pos = 16, 400, [0, 130, 399]  # one position, 8 blocks + 3, a full table
+    per = max_seq // bs
+    blocks = 3 * per + 5
+    order = torch.randperm(blocks, generator=g)  # each sequence's blocks scattered over the pool
+    tables = torch.stack([order[i * per:(i + 1) * per] for i in range(3)])
+    B = len(pos)
+    cache_k = torch.randn(blocks, kv_heads, bs, head_dim, generator=g)
+    cache_v = torch.randn(blocks, kv_heads, bs, head_dim, generator=g)
     qkv = torch.randn(B, (heads + 2 * kv_heads) * head_dim, generator=g) * 2
     angles = torch.rand(max_seq, head_dim // 2, generator=g) * 6
     rope = torch.view_as_real(torch.polar(torch.ones_like(angles), angles)).contiguous()
     ref_k, ref_v, ref_qkv = cache_k.clone(), cache_v.clone(), qkv.clone()
     out = torch.empty(B, heads * head_dim)
     lib = cpu_kernels.native()
-    rows_t, pos_t, before = torch.tensor(rows), torch.tensor(pos), torch.get_num_threads()
+    pos_t, before = torch.tensor(pos), torch.get_num_threads()
+
+    def positions(cache, b, n):  # (kv_heads, n, head_dim): sequence b's first n positions, in order
+        return cache[tables[b]].transpose(0, 1).reshape(kv_heads, per * bs, head_dim)[:, :n]
+
     for threads in (1, 2):  # one thread: spans of the whole length; two: split spans
         torch.set_num_threads(threads)
         k, v, x = ref_k.clone(), ref_v.clone(), ref_qkv.clone()
-        assert lib.qk_attend_decode(x.data_ptr(), B, heads, kv_heads, head_dim, rows_t.data_ptr(), pos_t.data_ptr(),
-                                    rope.data_ptr(), k.data_ptr(), v.data_ptr(), max_seq, out.data_ptr()) == 0
-        for b, (row, p) in enumerate(zip(rows, pos)):
+        assert lib.qk_attend_decode(x.data_ptr(), B, heads, kv_heads, head_dim, tables.data_ptr(), per,
+                                    pos_t.data_ptr(), rope.data_ptr(), k.data_ptr(), v.data_ptr(), bs,
+                                    out.data_ptr()) == 0
+        for b, p in enumerate(pos):
             turn = torch.polar(torch.ones(head_dim // 2, dtype=torch.float64), angles[p].double())
             def rotate(t):  # Meta's apply_rotary_emb: interleaved pairs as complex numbers
                 return torch.view_as_real(torch.view_as_complex(t.double().reshape(-1, head_dim // 2, 2)) * turn).reshape(-1, head_dim)
             q = rotate(ref_qkv[b, :heads * head_dim])
             new_k = rotate(ref_qkv[b, heads * head_dim:(heads + kv_heads) * head_dim])
             new_v = ref_qkv[b, (heads + kv_heads) * head_dim:].double().view(kv_heads, head_dim)
-            assert torch.allclose(k[row, :, p].double(), new_k, atol=1e-5) and torch.equal(v[row, :, p].double(), new_v)
-            keys, values = k[row, :, :p + 1].double(), v[row, :, :p + 1].double()  # (kv_heads, p + 1, head_dim)
+            at = tables[b, p // bs], p % bs
+            assert torch.allclose(k[at[0], :, at[1]].double(), new_k, atol=1e-5)
+            assert torch.equal(v[at[0], :, at[1]].double(), new_v)
+            keys, values = positions(k, b, p + 1).double(), positions(v, b, p + 1).double()
             group = heads // kv_heads
             scores = torch.einsum("hd,htd->ht", q, keys.repeat_interleave(group, 0)) / head_dim ** 0.5
             want = torch.einsum("ht,htd->hd", scores.softmax(-1), values.repeat_interleave(group, 0))
             # float32 scores of order 10 in another summation order and a polynomial exp: ~1e-5
             assert torch.allclose(out[b].double().view(heads, head_dim), want, atol=2e-5, rtol=1e-4), (threads, b)
-        assert torch.equal(k[[r for r in range(slots) if r not in rows]], ref_k[[r for r in range(slots) if r not in rows]])
+        unused = order[3 * per:]  # blocks no table holds: untouched
+        assert torch.equal(k[unused], ref_k[unused]) and torch.equal(v[unused], ref_v[unused])
     torch.set_num_threads(before)
 
 
@@ -98,16 +112,17 @@ def test_portable_build_agrees_with_this_cpus_build(tmp_path):
         for group, (packed, scales, zeros) in q4.items():
             agree(lambda lib, y: lib.qk_linear_q4(x.data_ptr(), B, packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
                                                   24, 384, group, y.data_ptr()), (B, 24))
-    heads, kv_heads, hd, max_seq, rows, pos = 6, 2, 64, 300, torch.tensor([1, 0]), torch.tensor([5, 299])
-    cache = [torch.randn(2, kv_heads, max_seq, hd, generator=g) for _ in range(2)]
+    heads, kv_heads, hd, max_seq, pos = 6, 2, 64, 300, torch.tensor([5, 299])
+    tables = torch.tensor([list(range(19, 38)), list(range(19))])  # 2 x 19 blocks of 16 positions
+    cache = [torch.randn(38, kv_heads, 16, hd, generator=g) for _ in range(2)]
     qkv = torch.randn(2, (heads + 2 * kv_heads) * hd, generator=g)
     angles = torch.rand(max_seq, hd // 2, generator=g)
     rope = torch.view_as_real(torch.polar(torch.ones_like(angles), angles)).contiguous()
 
     def attend(lib, out):
         k, v, x = cache[0].clone(), cache[1].clone(), qkv.clone()
-        return lib.qk_attend_decode(x.data_ptr(), 2, heads, kv_heads, hd, rows.data_ptr(), pos.data_ptr(), rope.data_ptr(),
-                                    k.data_ptr(), v.data_ptr(), max_seq, out.data_ptr())
+        return lib.qk_attend_decode(x.data_ptr(), 2, heads, kv_heads, hd, tables.data_ptr(), 19, pos.data_ptr(),
+                                    rope.data_ptr(), k.data_ptr(), v.data_ptr(), 16, out.data_ptr())
     agree(attend, (2, heads * hd))
 
 
@@ -130,10 +145,13 @@ def test_c_decode_step_equals_the_torch_ops(tmp_path, world):
         for tag, r in got.items():
             assert r["plan"] == [True] * 6, (tag, r)
             # the same float32 arithmetic in another order (fused residual adds, a polynomial exp):
-            # a few ulps of values of order `scale`
-            assert r["logits"] <= 2e-5 * max(r["scale"], 1.0), (tag, r)
+            # a few ulps of values of order `scale`; quantized products round their activations to
+            # int8 on both paths, where an ulp's difference can flip one rounding (seen: 1.8e-3 of
+            # the scale, int4, 2 ranks, once the attention summed its positions in 16-position blocks)
+            tolerance = 2e-5 if "int" not in tag else 4e-3
+            assert r["logits"] <= tolerance * max(r["scale"], 1.0), (tag, r)
             assert r["cache"] <= 1e-5, (tag, r)
-            assert r["after_move"] <= 2e-5 * max(r["scale"], 1.0), (tag, r)  # a weight replaced: seen
+            assert r["after_move"] <= tolerance * max(r["scale"], 1.0), (tag, r)  # a weight replaced: seen
             assert r["past_the_cache"] == "IndexError", (tag, r)
             # float32 plans probe C against torch ops at 6 decode rows and a 64-token chunk (either may
             # win here: no limit, the probe's rows, or the C tile); the ranks agree

@@ -203,8 +203,10 @@ def main(argv: list[str] | None = None) -> int:
                         "llama-cpp-python is installed (default: the default model's own GGUF when --ckpt_dir is it)")
     p.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false", help="with --weights: leave llama.cpp out")
     p.add_argument("--scenario", choices=["chat", "serve"], default=None,
-                   help="chat: a multi-turn conversation's time to first token with prefix reuse on and off, and "
-                        "running decodes' rate while a long prompt is prefilled (needs --ckpt_dir of a chat model); "
+                   help="chat: a multi-turn conversation's time to first token with prefix reuse on and off, "
+                        "conversations sharing a long system prompt, 32 chats at once in the KV memory of 8 x 2048 "
+                        "positions, and running decodes' rate while a long prompt is prefilled (needs --ckpt_dir of "
+                        "a chat model); "
                         "serve: the HTTP server under streamed clients (--concurrency, --rates) beside llama-server")
     p.add_argument("--rates", default="", help="with --scenario serve: comma-separated request rates (requests/s)")
     p.add_argument("--requests", type=int, default=32, help="with --scenario serve: requests per load")
@@ -223,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.scenario == "chat":
         if not a.ckpt_dir or a.ranks or a.weights:
             p.error("--scenario chat runs a chat model's folder (--ckpt_dir) on this process's ranks")
-        return run_command(lambda: _bench_chat(a))
+        from .bench_serving import bench_chat
+
+        return run_command(lambda: bench_chat(a))
     if a.weights:
         if a.ranks or a.quantize or a.vs_hf:
             p.error("--weights compares precisions on one rank: drop --ranks, --quantize and --vs-hf")
@@ -285,43 +289,6 @@ def _bench_serve(a: argparse.Namespace, conc: list[int]) -> int:
     bench_http.print_ratios(rows)
     if a.json:
         print(json.dumps(rows))
-    return 0
-
-
-def _bench_chat(a: argparse.Namespace) -> int:
-    from ..text.chat_format import chat_format_for
-    from ..text.tokenizer import load_tokenizer
-    from .bench_serving import chat_turns, decode_during_prefill
-    from .startup import find_tokenizer
-
-    info = init_distributed(device=a.device)
-    tok = load_tokenizer(find_tokenizer(a.ckpt_dir, None))
-    model = load_model(a.ckpt_dir, info, parse_dtype(a.dtype), 2048, 5, progress=False, quantize=a.quantize)
-    engine = Engine(model, tok, info.rank, info.world_size, info.device, seed=0)
-    fmt = chat_format_for(a.ckpt_dir, tok)
-    turns = {}
-    for reuse in (True, False):
-        engine.scheduler.prefix_cache = reuse
-        engine.scheduler.cached.clear()
-        turns[reuse] = chat_turns(engine, fmt, new_tokens=100)
-    engine.calibrate()
-    prefill = decode_during_prefill(engine, model.args.vocab_size)
-    if info.rank == 0:
-        result = {"model": str(a.ckpt_dir), "ranks": info.world_size, "device": str(info.device),
-                  "chat_turns": {"reuse": turns[True], "no_reuse": turns[False]}, "decode_during_prefill": prefill}
-        if a.json:
-            print(json.dumps(result))
-            return 0
-        print(f"multi-turn chat, {Path(a.ckpt_dir).name}, 100 new tokens a turn: time to first token (s)")
-        print(f"{'turn':>4} {'prompt':>7} {'reused':>7} {'reuse on':>9} {'reuse off':>10}")
-        for on, off in zip(turns[True], turns[False]):
-            print(f"{on['turn']:>4} {on['prompt_tokens']:>7} {on['reused']:>7} {on['ttft_s']:>9.3f} {off['ttft_s']:>10.3f}")
-        last, first = turns[True][-1]["ttft_s"], turns[True][0]["ttft_s"]
-        print(f"last turn / first turn with reuse: {last / first:.2f}x")
-        print(f"{prefill['running']} running requests while a {prefill['long_prompt']}-token prompt is prefilled "
-              f"({prefill['step_tokens']} tokens a step, {prefill['prefill_steps']} steps): "
-              f"{prefill['decode_tok_s_during_prefill']:.1f} tok/s vs {prefill['decode_tok_s_alone']:.1f} alone "
-              f"({prefill['ratio']:.2f}x)")
     return 0
 
 

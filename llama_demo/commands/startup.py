@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import DEFAULT_DIST_TIMEOUT, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, ConfigError, ModelArgs
+from ..config import DEFAULT_DIST_TIMEOUT, DEFAULT_KV_ROWS, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, ConfigError, ModelArgs
 from ..engine.engine import Engine
-from ..model.parallel import DistInfo, check_dtype, init_distributed, parse_dtype, shutdown_distributed
+from ..model.parallel import DistInfo, check_dtype, free_memory, init_distributed, parse_dtype, shutdown_distributed
 from ..text.tokenizer import Tokenizer, load_tokenizer
 from ..weights.checkpoint import model_folder
 from ..weights.loading import load_model
@@ -42,7 +42,14 @@ def add_model_args(p: argparse.ArgumentParser, ckpt_help: str | None = None) -> 
     p.add_argument("--tokenizer_path", default=None, help="tokenizer.model / tokenizer.json (default: found beside the checkpoint)")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, the checkpoint's half type on GPU), float32, float16, bfloat16")
     p.add_argument("--max_seq_len", type=int, default=DEFAULT_MAX_SEQ_LEN, help="context length: prompt + answer")
-    p.add_argument("--max_batch_size", type=int, default=DEFAULT_MAX_BATCH_SIZE, help="sequences decoded together")
+    p.add_argument("--max_batch_size", type=positive_int, default=DEFAULT_MAX_BATCH_SIZE,
+                   help="sequences running together at most (they share the KV cache's blocks)")
+    kv = p.add_mutually_exclusive_group()
+    kv.add_argument("--kv_cache_tokens", type=positive_int, default=None,
+                    help=f"KV cache size in tokens, shared by every running sequence (default: {DEFAULT_KV_ROWS} x "
+                         "--max_seq_len); at least --max_seq_len")
+    kv.add_argument("--kv_cache_memory", type=fraction, default=None,
+                    help="KV cache size as this fraction (0..1) of the device memory free once the weights are loaded")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--step_tokens", "--prefill_chunk", dest="step_tokens", type=positive_int, default=None,
                    help="tokens one step feeds: every running decode, then waiting prompts in arrival order, a "
@@ -58,6 +65,25 @@ def add_quantize_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default=None, choices=["int8", "int4"],
                    help="quantize linear weights at load (round-to-nearest); a checkpoint written by "
                         "python -m llama_demo.quantize needs no flag")
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    x = float(text)
+    if not 0 < x <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text}")
+    return x
+
+
+def kv_cache_tokens(a: argparse.Namespace) -> int | None:
+    """The KV pool's size in tokens from the flags; None when it is measured in memory at load."""
+    if getattr(a, "kv_cache_memory", None):
+        return None
+    tokens = getattr(a, "kv_cache_tokens", None) or DEFAULT_KV_ROWS * a.max_seq_len
+    if tokens < a.max_seq_len:
+        raise ConfigError(f"--kv_cache_tokens {tokens} cannot hold one sequence of --max_seq_len {a.max_seq_len}: "
+                          "raise it or lower --max_seq_len")
+    return tokens
 
 
 def positive_int(text: str) -> int:
@@ -80,11 +106,12 @@ def build_engine(a: argparse.Namespace, dist_timeout: float = DEFAULT_DIST_TIMEO
 
         native()  # build (or load) the C kernels now: a compiler's failure is said at start-up, not at a first request
     try:
-        model = load_model(a.ckpt_dir, info, dtype, a.max_seq_len, a.max_batch_size, quantize=a.quantize)
+        model = load_model(a.ckpt_dir, info, dtype, a.max_seq_len, a.max_batch_size, quantize=a.quantize,
+                           kv_cache_tokens=kv_cache_tokens(a), kv_cache_memory=getattr(a, "kv_cache_memory", None))
     except torch.OutOfMemoryError:
         raise ConfigError(f"rank {info.rank} ran out of {info.device.type} memory loading the model and its KV cache "
-                          f"({a.max_batch_size} rows x {a.max_seq_len} tokens): lower --max_batch_size or "
-                          "--max_seq_len, use --quantize, or more ranks") from None
+                          f"({kv_cache_tokens(a) or 'a fraction of the free memory in'} tokens): lower --kv_cache_tokens "
+                          "or --kv_cache_memory, use --quantize, or more ranks") from None
     if tokenizer.vocab_size > model.args.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}: wrong tokenizer for {a.ckpt_dir}?")
     engine = Engine(model, tokenizer, info.rank, info.world_size, info.device, seed=getattr(a, "seed", None),
@@ -94,30 +121,23 @@ def build_engine(a: argparse.Namespace, dist_timeout: float = DEFAULT_DIST_TIMEO
     return engine, tokenizer
 
 
-def free_memory(device: torch.device) -> int:
-    """Bytes this rank can still allocate on its device (0: unknown)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    from ..model.cpu_kernels import available_memory
-
-    return available_memory()
-
-
 def check_kv_cache_fits(a: argparse.Namespace, info: DistInfo, dtype: torch.dtype | None) -> None:
     """Refuse at start-up, with the flags to lower, a KV cache that cannot fit in free memory
     (it is allocated whole, up front). Weights are loaded after this check: with them the job can
-    still run short, which load_model's out-of-memory error then reports."""
+    still run short, which load_model's out-of-memory error then reports. A pool sized with
+    --kv_cache_memory is sized from the free memory itself (at load)."""
     params = model_folder(a.ckpt_dir) / "params.json"
-    if not params.is_file():
+    tokens = kv_cache_tokens(a)
+    if not params.is_file() or tokens is None:
         return  # load_model names what is missing
     args = ModelArgs.from_params_file(params, max_seq_len=a.max_seq_len, max_batch_size=a.max_batch_size)
     element = torch.finfo(dtype).bits // 8 if dtype is not None else 4 if info.device.type == "cpu" else 2
-    need, free = args.kv_cache_bytes(info.world_size, element), free_memory(info.device)
+    need, free = tokens * args.kv_bytes_per_token(info.world_size, element), free_memory(info.device)
     if free and need > free:
         raise ConfigError(
-            f"the KV cache needs {need / 2**30:.1f} GiB on rank {info.rank} ({a.max_batch_size} rows x {a.max_seq_len} "
-            f"tokens) but only {free / 2**30:.1f} GiB of {info.device.type} memory is free: lower --max_batch_size or "
-            "--max_seq_len (or use more ranks)")
+            f"the KV cache needs {need / 2**30:.1f} GiB on rank {info.rank} ({tokens} tokens) but only "
+            f"{free / 2**30:.1f} GiB of {info.device.type} memory is free: lower --kv_cache_tokens (default "
+            f"{DEFAULT_KV_ROWS} x --max_seq_len) or --max_seq_len, size it with --kv_cache_memory, or use more ranks")
 
 
 def run_command(body: Callable[[], int]) -> int:

@@ -9,10 +9,11 @@ A fault that concerns one request (its sampling, its text, its stop strings) end
 with finish code ERROR on every rank alike; the other requests and the loop go on. Only a failed
 collective or a dead rank ends the job; running out of device memory is reported as such.
 
-Continuous batching with a token budget (vLLM's chunked prefill): each sequence owns a row of the
-static KV cache (scheduler.Scheduler). Every step decodes one token for every running sequence,
-then fills the rest of `step_tokens` with waiting prompts in arrival order; a prompt is split over
-steps only when it does not fit what is left of the budget. `calibrate` chooses the budget on this
+Continuous batching with a token budget (vLLM's chunked prefill) over a paged KV cache: each
+sequence holds the cache blocks its tokens fill, shared by prefix (scheduler.Scheduler,
+kv_blocks). Every step decodes one token for every running sequence, then fills the rest of
+`step_tokens` with waiting prompts in arrival order; a prompt is split over steps only when it
+does not fit what is left of the budget. `calibrate` chooses the budget on this
 machine: the prompt chunk that a full batch of decodes takes in with the most prompt tokens a
 second, which is what both the time to first token and the throughput under load depend on.
 """
@@ -25,7 +26,7 @@ import torch
 
 from ..config import STEP_TOKEN_CANDIDATES
 from ..model.parallel import broadcast_from_first
-from ..model.transformer import Part, Transformer, slot_runs
+from ..model.transformer import Part, Transformer, padded_tables
 from ..text.detok import TextStream
 from ..text.tokenizer import Tokenizer
 from .sampler import (apply_logit_bias, apply_penalties, apply_repetition_penalty, repeat_window, repeats_itself,
@@ -98,7 +99,8 @@ class Engine:
         if self.step_tokens < 1:
             raise ValueError(f"step_tokens must be at least 1, got {step_tokens}")
         self.calibration: dict[int, float] | None = None  # calibrate(): prompt tokens/s per candidate chunk
-        self.scheduler = Scheduler(model.args.max_batch_size, self.max_seq_len, prefix_cache)
+        self.scheduler = Scheduler(model.args.max_batch_size, self.max_seq_len, model.kv_blocks, model.block_size,
+                                   prefix_cache)
         self.steps = 0
         if rank == 0:
             self.generator = torch.Generator(device="cpu")
@@ -133,8 +135,9 @@ class Engine:
             return [TokenEvent(request_id, None, "", True, "cancelled")]
         return []
 
-    def _admit(self) -> None:
-        for seq in self.scheduler.admit():
+    def _start(self, admitted: list[Sequence]) -> None:
+        """Rank 0's state of sequences admitted for the first time (a preempted one keeps its own)."""
+        for seq in admitted:
             if self.rank != 0:
                 continue
             p = seq.req.params
@@ -152,8 +155,9 @@ class Engine:
         its length over that rate, and under load the same rate bounds throughput. A candidate
         within 5% of the best but smaller wins (a shorter step: steadier token times for the
         decodes). Rank 0's choice is broadcast: every rank must plan the same steps. Uses the
-        KV cache before any request has (nothing cached yet)."""
-        assert self.idle and not self.scheduler.cached, "calibrate before serving"
+        KV cache's first blocks (every timed row shares them), so it drops every cached prefix."""
+        assert self.idle, "calibrate before serving"
+        self.scheduler.forget_cached()
         dev = self.device
         rows = self.model.args.max_batch_size
         decodes = max(0, rows - 1)
@@ -162,10 +166,12 @@ class Engine:
         rates = {}
         # the first one once more, first: it warms caches and kernels up; then every candidate
         # twice, in turns, the best of each kept: one step timed once can lose 5x to a neighbour
+        bs = self.model.block_size
         for n in [candidates[0]] + list(candidates) * PROBE_ROUNDS:
             at = n + 1  # decodes attend over n + 1 positions, as after a prompt of that length
-            parts = [Part.of(0, slice(0, decodes), torch.full((decodes, 1), at, device=dev))] if decodes else []
-            parts.append(Part.of(decodes, slice(decodes, decodes + 1), torch.arange(n, device=dev)[None]))
+            table = torch.arange(at // bs + 1, device=dev)[None]  # every row reads (and writes) the same blocks
+            parts = [Part.of(0, table.expand(decodes, -1), torch.full((decodes, 1), at, device=dev), bs)] if decodes else []
+            parts.append(Part.of(decodes, table, torch.arange(n, device=dev)[None], bs))
             pos = torch.cat([torch.full((decodes,), at, device=dev), torch.arange(n, device=dev)])
             logits_at = torch.arange(decodes + 1, device=dev)
             logits_at[-1] = decodes + n - 1
@@ -189,12 +195,12 @@ class Engine:
     def step(self) -> list[TokenEvent]:
         """One lock-step iteration: prefill (a chunk of) waiting prompts, decode one token for
         every running sequence, sample and decide on rank 0, broadcast, retire finished sequences."""
-        self._admit()
-        if not self.scheduler.running:
+        step = self.scheduler.schedule(self.step_tokens)
+        self._start(step.admitted)
+        decoding, plan = step.decoding, step.prefill
+        if not decoding and not plan:
             return []
         self.steps += 1
-        decoding = self.scheduler.decoding()
-        plan = self.scheduler.prefill_plan(self.step_tokens - len(decoding))
         try:
             seqs, logits = self._forward_step(decoding, plan)
         except torch.OutOfMemoryError as e:
@@ -214,32 +220,34 @@ class Engine:
         so each weight is read once per step; logits only at the positions that are sampled (and,
         for a request scoring its prompt, at its chunk's every position). Returns the sequences
         that get a token and their logits, in the same order."""
-        dev = self.device
+        dev, bs = self.device, self.model.block_size
         tokens, pos, parts, at = [], [], [], []
         seqs, picks = [], []  # sequences sampled this step, and their rows of the logits
-        done = 0
-        for rows in slot_runs([s.row for s in decoding]):  # consecutive cache rows attend as one view
-            run, done = decoding[done: done + rows.stop - rows.start], done + rows.stop - rows.start
-            parts.append(Part.of(len(tokens), rows, torch.tensor([[s.pos] for s in run], device=dev)))
-            tokens += [s.out_ids[-1] for s in run]
-            pos += [s.pos for s in run]
-            picks += range(len(at), len(at) + len(run))
-            at += range(len(tokens) - len(run), len(tokens))
-            seqs += run
+        if decoding:  # every decode row in one part: one batched attention over their block tables
+            parts.append(Part.of(0, padded_tables([s.blocks for s in decoding], dev),
+                                 torch.tensor([[s.pos] for s in decoding], device=dev), bs))
+            tokens += [s.out_ids[-1] for s in decoding]
+            pos += [s.pos for s in decoding]
+            picks += range(len(decoding))
+            at += range(len(decoding))
+            seqs += decoding
         scored = []  # (sequence, first row of its logits, chunk length): prompt logprobs (echo)
         for s, n in plan:
-            start = s.prefilled
+            start = s.computed
+            # a prompt's last chunk is sampled (its last position gives the first answer token); a
+            # preempted sequence's prefill ends before its last sampled token, which it decodes next
+            sampled = not s.out_ids and start + n == len(s.req.prompt_ids)
             p = torch.arange(start, start + n, device=dev)[None]
-            parts.append(Part.of(len(tokens), slice(s.row, s.row + 1), p))
+            parts.append(Part.of(len(tokens), torch.tensor([s.blocks], device=dev), p, bs))
             first = len(tokens)
-            tokens += s.req.prompt_ids[start: start + n]
+            tokens += s.tokens(start, start + n)
             pos += range(start, start + n)
-            if s.req.params.prompt_logprobs is not None:  # on every rank: the same forward and gathers
+            if s.req.params.prompt_logprobs is not None and not s.out_ids:  # every rank: the same forward and gathers
                 scored.append((s, len(at), n))
                 at += range(first, first + n)
-            elif start + n == len(s.req.prompt_ids):
+            elif sampled:
                 at.append(first + n - 1)
-            if start + n == len(s.req.prompt_ids):  # the prompt is in: its last position is sampled
+            if sampled:
                 picks.append(len(at) - 1)
                 seqs.append(s)
         logits = self.model.step(torch.tensor(tokens, device=dev), torch.tensor(pos, dtype=torch.long, device=dev), parts,
@@ -247,15 +255,17 @@ class Engine:
         for s, row, n in scored:
             if self.rank == 0:
                 self._note_prompt_logprobs(s, logits[row: row + n])
+        for s in decoding:
+            self.scheduler.computed(s, 1)
         for s, n in plan:
-            s.prefilled += n
+            self.scheduler.computed(s, n)
         return seqs, logits[picks] if picks else logits[:0]
 
     def _note_prompt_logprobs(self, s: Sequence, logits: torch.Tensor) -> None:
         """Rank 0: logprobs of the prompt tokens this chunk's logits (n, V) predict. Position j's
         logits predict token j + 1; the chunk's last position predicts the next chunk's first token,
         or (last chunk) the first answer token, which _decide scores as usual."""
-        st, start, ids = s.rank0, s.prefilled, s.req.prompt_ids
+        st, start, ids = s.rank0, s.computed, s.req.prompt_ids
         try:
             if st.prompt_logprobs is None:
                 st.prompt_logprobs = [(ids[0], None, [])]  # nothing predicts the first token

@@ -1,4 +1,4 @@
-"""Requests, their KV-cache rows, and which tokens each step feeds.
+"""Requests, the KV-cache blocks they hold, and which tokens each step feeds.
 
 Every rank keeps the same scheduler state: it changes only through `add`/`cancel` (applied at the
 same bus seal on every rank) and through the step's broadcast outcome, so all ranks plan the same
@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .kv_blocks import ROOT, BlockPool, block_digest, prefix_digests
 from .sampler import SamplingParams
 
 
@@ -54,43 +55,89 @@ def check_token_ids(ids: list[int], vocab_size: int, what: str = "token id") -> 
 @dataclass
 class Sequence:
     req: Request
-    row: int  # the KV-cache row it owns
-    prefilled: int = 0  # prompt tokens already in the cache
-    reused: int = 0  # of which were found in the row, left there by an earlier sequence
+    computed: int = 0  # tokens whose keys and values are in the cache: positions 0 .. computed - 1
+    reused: int = 0  # of the prompt, tokens found in the cache at its first admission (not prefilled)
     out_ids: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)  # its block table: the cache blocks of its positions, in order
+    names: list[bytes] = field(default_factory=list)  # the names of its full blocks (kv_blocks.block_digest)
+    admitted: bool = False  # it has been admitted once (a preempted one keeps its answer and rank 0's state)
+    preemptions: int = 0
     # rank 0 only: what sampling and stop decisions need (engine.Engine fills them in)
     rank0: Any = None
 
     @property
     def pos(self) -> int:
-        """Tokens in the cache (the position the next fed token takes)."""
-        return self.prefilled + max(0, len(self.out_ids) - 1)
+        """The position the next fed token takes."""
+        return self.computed
+
+    @property
+    def length(self) -> int:
+        """Tokens of the sequence so far: prompt and answer."""
+        return len(self.req.prompt_ids) + len(self.out_ids)
+
+    @property
+    def target(self) -> int:
+        """Tokens to have in the cache before the next decode: the prompt, or after a preemption,
+        everything but the last sampled token (which the next decode feeds)."""
+        return len(self.req.prompt_ids) if not self.out_ids else self.length - 1
 
     @property
     def prompt_left(self) -> int:
-        return len(self.req.prompt_ids) - self.prefilled
+        """Tokens still to prefill before the sequence decodes."""
+        return self.target - self.computed
+
+    @property
+    def decoding(self) -> bool:
+        return bool(self.out_ids) and self.computed == self.length - 1
+
+    def tokens(self, start: int, stop: int) -> list[int]:
+        """Its tokens at positions start .. stop - 1 (prompt, then answer)."""
+        prompt = self.req.prompt_ids
+        if stop <= len(prompt):
+            return prompt[start:stop]
+        return (prompt[start:] if start < len(prompt) else []) + self.out_ids[max(0, start - len(prompt)): stop - len(prompt)]
+
+
+@dataclass
+class StepPlan:
+    """What one step feeds: the sequences first admitted now, the running ones that decode a
+    token, and (sequence, tokens) prompt chunks; every fed position already has its block."""
+    admitted: list[Sequence]
+    decoding: list[Sequence]
+    prefill: list[tuple[Sequence, int]]
 
 
 class Scheduler:
-    """The waiting queue and the KV rows. A request waits until a row is free, is prefilled in
-    chunks (oldest first, within a per-step budget), then decodes one token per step.
+    """The waiting queue, the running sequences and the KV blocks they hold (kv_blocks.BlockPool).
 
-    Prefix reuse (llama.cpp's cache_prompt, vLLM's prefix caching, on one KV row per sequence): a
-    finished sequence's row keeps the tokens whose keys and values it holds until the row is
-    needed. A new request takes the free row whose tokens share the longest prefix with its prompt
-    and is prefilled only from the first differing token; with no such row, a row never used, else
-    the least recently freed. Every input to that choice is state every rank already holds, so
-    every rank places every request identically."""
+    A request waits until it may run: at most `max_running` sequences run, and one is admitted
+    only when the free blocks cover its prompt and a first answer token beyond what the running
+    prompts still need. Each step decodes one token for every running sequence that has its
+    prompt in, then fills the rest of the budget with prompt chunks in arrival order. A sequence
+    takes a new block when its tokens cross into one; when none is left, the youngest running
+    sequence is preempted: its blocks go back (their named prefix stays cached), and it waits at
+    the head of the queue to be prefilled again from its tokens, prompt and answer so far, its
+    stream and rank 0's state kept (vLLM's recompute preemption).
 
-    def __init__(self, rows: int, max_seq_len: int, prefix_cache: bool = True):
-        self.max_seq_len = max_seq_len
+    Prefix reuse: at admission a sequence takes the cached blocks whose names its tokens' full
+    blocks have (at least its last prompt token is prefilled again: its logits give the first
+    answer token), and prefills only from there. A request whose next block is being prefilled by
+    a running sequence right now (the `n` choices of one request, concurrent chats with one system
+    prompt) waits until that block is in, then takes it. Every input to every decision is state
+    every rank holds, so every rank plans the same steps and places every token alike."""
+
+    def __init__(self, max_running: int, max_seq_len: int, num_blocks: int, block_size: int,
+                 prefix_cache: bool = True):
+        if num_blocks * block_size < max_seq_len:
+            raise ValueError(f"a KV cache of {num_blocks * block_size} tokens cannot hold one sequence of "
+                             f"max_seq_len {max_seq_len} tokens")
+        self.max_running, self.max_seq_len = max_running, max_seq_len
         self.prefix_cache = prefix_cache
-        self.waiting: deque[Request] = deque()
-        self.running: dict[int | str, Sequence] = {}  # insertion order = admission order
-        # free rows, least recently freed first; rows never used come first, lowest first, which
-        # keeps a batch's rows together (consecutive rows are attended as one view of the cache)
-        self.free_rows: list[int] = list(range(rows))
-        self.cached: dict[int, list[int]] = {}  # row -> the tokens its KV holds (free rows only)
+        self.pool = BlockPool(num_blocks, block_size)
+        self.block_size = block_size
+        self.waiting: deque[Sequence] = deque()
+        self.running: dict[int | str, Sequence] = {}  # insertion order = admission order (youngest last)
+        self.preempted_total = 0
 
     @property
     def idle(self) -> bool:
@@ -99,12 +146,12 @@ class Scheduler:
     def add(self, req: Request) -> None:
         # the gate checked it; a violation here is our bug, and would differ from no rank to another
         assert 0 < len(req.prompt_ids) < self.max_seq_len, "request was not checked before it was added"
-        self.waiting.append(req)
+        self.waiting.append(Sequence(req))
 
     def cancel(self, request_id) -> bool:
         """Drop a waiting or running request; False if it is unknown (already finished)."""
-        for i, r in enumerate(self.waiting):
-            if r.id == request_id:
+        for i, s in enumerate(self.waiting):
+            if s.req.id == request_id:
                 del self.waiting[i]
                 return True
         seq = self.running.get(request_id)
@@ -113,72 +160,164 @@ class Scheduler:
         self.retire(seq)
         return True
 
-    def admit(self) -> list[Sequence]:
-        """Move waiting requests into free rows; returns the newly admitted sequences (their
-        `prefilled` already counts the reused prefix)."""
+    # ----------------------------------------------------------------- one step's plan
+    def schedule(self, budget: int) -> StepPlan:
+        """The next step: blocks for every decode (preempting the youngest when none is left),
+        admissions into what remains, then prompt chunks within `budget` tokens less the decodes."""
+        decoding = []
+        for seq in list(self.running.values()):  # oldest first: the youngest are preempted first
+            if seq.req.id in self.running and seq.decoding and self._grow(seq, seq.computed + 1):
+                decoding.append(seq)
+        admitted = self._admit()
+        return StepPlan(admitted, [s for s in decoding if s.req.id in self.running],
+                        self._prefill_plan(budget - len(decoding), decoding))
+
+    def _grow(self, seq: Sequence, tokens: int) -> bool:
+        """Blocks for `tokens` positions of seq, preempting the youngest running sequence while the
+        pool has none; False when seq itself was the one preempted."""
+        while len(seq.blocks) * self.block_size < tokens:
+            block = self.pool.allocate()
+            if block is None:
+                victim = next(reversed(self.running.values()))
+                self.preempt(victim)
+                if victim is seq:
+                    return False
+                continue
+            seq.blocks.append(block)
+        return True
+
+    def _blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def _admit(self) -> list[Sequence]:
+        """Move waiting sequences in, oldest first, while they fit; returns those admitted for the
+        first time (a preempted one resumes with its state)."""
         new = []
-        while self.waiting and self.free_rows:
-            req = self.waiting.popleft()
-            # a request scoring its prompt (echo) needs the logits of every prompt position: no reuse
-            row, reused = self._place(req.prompt_ids, reuse=req.params.prompt_logprobs is None)
-            self.free_rows.remove(row)
-            self.cached.pop(row, None)
-            seq = Sequence(req, row, prefilled=reused, reused=reused)
-            self.running[req.id] = seq
-            new.append(seq)
+        # blocks the running prompts still need to get in, and their first answer token
+        owed = sum(max(0, self._blocks_for(s.target + 1) - len(s.blocks)) for s in self.running.values()
+                   if not s.decoding)
+        for seq in list(self.waiting):
+            if len(self.running) >= self.max_running:
+                break
+            names, hits = self._prefix(seq)
+            if names is None:  # its next block is being prefilled by a running sequence: after it
+                continue
+            evicted_by_hits = sum(1 for b in hits if self.pool.holders[b] == 0)
+            need = self._blocks_for(seq.target + 1) - len(hits)
+            if self.pool.available - evicted_by_hits - owed < need:
+                break  # arrival order: nobody overtakes a request that waits for memory
+            self.waiting.remove(seq)
+            for b in hits:
+                self.pool.hold(b)
+            seq.blocks, seq.names = list(hits), names[:len(hits)]
+            seq.computed = len(hits) * self.block_size
+            if not seq.admitted:
+                seq.admitted, seq.reused = True, seq.computed
+                new.append(seq)
+            self.running[seq.req.id] = seq
+            owed += need
         return new
 
-    def _place(self, prompt: list[int], reuse: bool = True) -> tuple[int, int]:
-        """(row, prompt tokens whose KV it already holds). At least the last prompt token is
-        always prefilled again: its logits give the first answer token."""
-        best_row, best = self.free_rows[0], 0
-        if self.prefix_cache and reuse:
-            for row in self.free_rows:
-                n = common_prefix(self.cached.get(row, ()), prompt)
-                if n > best:
-                    best_row, best = row, n
-        return best_row, min(best, len(prompt) - 1)
+    def _prefix(self, seq: Sequence) -> tuple[list[bytes] | None, list[int]]:
+        """(names of seq's full blocks before its last token to prefill, the cached blocks of the
+        longest run of them); (None, []) when the first block not cached is being prefilled by a
+        running sequence now, which seq should wait for rather than compute again."""
+        if not self.prefix_cache or (not seq.out_ids and seq.req.params.prompt_logprobs is not None):
+            return [], []  # a request scoring its prompt (echo) needs the logits of every prompt position
+        # the last prompt token is fed again for its logits (a preempted sequence needs none: it has
+        # its next token)
+        usable = seq.target - (0 if seq.out_ids else 1)
+        names = prefix_digests(seq.tokens(0, usable), self.block_size, usable // self.block_size)
+        hits = self.pool.find(names)
+        if len(hits) < len(names):
+            nxt, i = names[len(hits)], len(hits)
+            if any(len(other.names) == i and self._will_name(other, i) == nxt for other in self.running.values()):
+                return None, []
+        return names, hits
 
-    def decoding(self) -> list[Sequence]:
-        """Sequences with a token to feed, by cache row: consecutive rows are attended as one view."""
-        return sorted((s for s in self.running.values() if s.out_ids), key=lambda s: s.row)
+    def _will_name(self, seq: Sequence, i: int) -> bytes | None:
+        """The name seq's block i will have once full, if its tokens are known (its prompt)."""
+        end = (i + 1) * self.block_size
+        if end > seq.target:
+            return None
+        parent = seq.names[i - 1] if i else ROOT
+        return block_digest(parent, seq.tokens(i * self.block_size, end))
+
+    def _prefill_plan(self, budget: int, decoding: list[Sequence]) -> list[tuple[Sequence, int]]:
+        """(sequence, tokens to prefill this step) within the budget (at least one token, so that
+        prompts always advance), in arrival order, each chunk's blocks allocated. A prompt that does
+        not fit what is left takes only half of it while another prompt waits behind it: a long
+        prompt spreads over steps and cannot hold short ones back for all of them. A chunk shrinks
+        to the blocks to be had; with no decode and no chunk able to run, the youngest other
+        running sequence is preempted (else nothing would ever free a block)."""
+        budget = max(1, budget)
+        while True:
+            pending = [s for s in self.running.values() if not s.decoding and s.prompt_left > 0]
+            plan = []
+            for i, s in enumerate(pending):
+                if budget <= 0:
+                    break
+                n = min(s.prompt_left, budget)
+                if n < s.prompt_left and i + 1 < len(pending):
+                    n = max(1, budget // 2)
+                room = len(s.blocks) * self.block_size - s.computed
+                while room < n and (block := self.pool.allocate()) is not None:
+                    s.blocks.append(block)
+                    room += self.block_size
+                n = min(n, room)
+                if n > 0:
+                    plan.append((s, n))
+                    budget -= n
+            if plan or decoding or not pending or len(self.running) < 2:
+                return plan
+            self.preempt(next(s for s in reversed(self.running.values()) if s is not pending[0]))
 
     def prefill_plan(self, budget: int) -> list[tuple[Sequence, int]]:
-        """(sequence, tokens to prefill this step) within the budget (at least one token, so that
-        prompts always advance), in arrival order. A prompt that does not fit what is left takes
-        only half of it while another prompt waits behind it: a long prompt spreads over steps
-        and cannot hold short ones back for all of them."""
-        budget = max(1, budget)
-        pending = [s for s in self.running.values() if not s.out_ids and s.prompt_left > 0]
-        plan = []
-        for i, s in enumerate(pending):
-            if budget <= 0:
-                break
-            n = min(s.prompt_left, budget)
-            if n < s.prompt_left and i + 1 < len(pending):
-                n = max(1, budget // 2)
-            plan.append((s, n))
-            budget -= n
-        return plan
+        """The prompt chunks of a step that decodes nothing else (the planner's rule on its own)."""
+        return self._prefill_plan(budget, [s for s in self.running.values() if s.decoding])
+
+    def admit(self) -> list[Sequence]:
+        return self._admit()
+
+    # ----------------------------------------------------------------- after the step
+    def computed(self, seq: Sequence, n: int) -> None:
+        """n more of seq's tokens are in the cache: name the blocks they filled."""
+        seq.computed += n
+        if not self.prefix_cache:
+            return
+        while len(seq.names) < seq.computed // self.block_size:
+            i = len(seq.names)
+            name = block_digest(seq.names[-1] if seq.names else ROOT,
+                                seq.tokens(i * self.block_size, (i + 1) * self.block_size))
+            seq.names.append(name)
+            self.pool.name(seq.blocks[i], name)
 
     def length_reached(self, seq: Sequence, generated: int) -> bool:
         """Whether an answer of `generated` tokens has reached its max_new_tokens or the context."""
         return generated >= seq.req.params.max_new_tokens or len(seq.req.prompt_ids) + generated >= self.max_seq_len
 
-    def retire(self, seq: Sequence) -> None:
-        """Free the row; it keeps the tokens whose KV it holds (the last sampled token was never fed)."""
+    def preempt(self, seq: Sequence) -> None:
+        """Take seq's blocks back (named ones stay cached) and put it first in the queue, to be
+        prefilled again from its tokens when blocks are free."""
         del self.running[seq.req.id]
-        self.free_rows.append(seq.row)  # most recently freed last
-        if self.prefix_cache and seq.pos > 0:
-            self.cached[seq.row] = (seq.req.prompt_ids[:seq.prefilled] + seq.out_ids)[:seq.pos]
+        self._release(seq)
+        seq.preemptions += 1
+        self.preempted_total += 1
+        self.waiting.appendleft(seq)
 
+    def retire(self, seq: Sequence) -> None:
+        """A finished sequence: its blocks go back; the full ones keep their names, for reuse."""
+        del self.running[seq.req.id]
+        self._release(seq)
 
-def common_prefix(a, b) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    def _release(self, seq: Sequence) -> None:
+        for block in reversed(seq.blocks):  # the deepest blocks first: evicted before the shared start
+            self.pool.release(block)
+        seq.blocks, seq.names, seq.computed = [], [], 0
+
+    def forget_cached(self) -> None:
+        """Drop every cached prefix (a benchmark's cold start)."""
+        self.pool.forget()
 
 
 def request_generator(params: SamplingParams) -> torch.Generator | None:

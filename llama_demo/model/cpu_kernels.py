@@ -257,7 +257,7 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib.qk_linear_q8.argtypes = [p, i64, p, p, i64, i64, p]
     lib.qk_linear_f32.argtypes = [p, i64, p, i64, i64, p]
     lib.qk_rmsnorm.argtypes = [p, p, p, i64, i64, ctypes.c_float, p]
-    lib.qk_attend_decode.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, i64, p]
+    lib.qk_attend_decode.argtypes = [p, i64, i64, i64, i64, p, i64, p, p, p, p, i64, p]
     lib.qk_decode_attention.argtypes = [p, p, p, p, p]
     lib.qk_decode_ffn.argtypes = [p, p, p, p, p]
     lib.qk_decode_layers.argtypes = [p, p, i64, p, p]
@@ -361,8 +361,9 @@ class LayerSpec(ctypes.Structure):
 class StepSpec(ctypes.Structure):
     """What every layer of one decode step shares (qkernels.c's qk_step)."""
     _fields_ = [("B", ctypes.c_int64), ("dim", ctypes.c_int64), ("heads", ctypes.c_int64),
-                ("kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("max_seq", ctypes.c_int64),
-                ("rows", ctypes.c_void_p), ("pos", ctypes.c_void_p), ("rope", ctypes.c_void_p),
+                ("kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("block_size", ctypes.c_int64),
+                ("table_width", ctypes.c_int64), ("tables", ctypes.c_void_p), ("pos", ctypes.c_void_p),
+                ("rope", ctypes.c_void_p),
                 ("eps", ctypes.c_float)]
 
 

@@ -49,16 +49,13 @@ class DecodePlan:
         self.layer_at = [ctypes.addressof(spec) for spec in self.specs]
         att = model.layers[0].attention
         self.heads, self.kv_heads, self.head_dim = att.n_local_heads, att.n_local_kv_heads, att.head_dim
-        self.max_seq = att.cache_k.shape[2]
+        self.blocks, self.block_size = model.kv_blocks, model.block_size
+        self.max_seq = model.args.max_seq_len
         self.eps = model.layers[0].attention_norm.eps
-        # every tensor the plan holds an address of, with that address; and the modules whose norm
-        # weights it holds (a weight replaced by a new tensor keeps the old one's address alive here)
+        # the tensors the plan holds addresses of, kept alive here: a weight replaced by a new tensor
+        # (which must call model.invalidate_decode_plan) leaves the old memory valid, not freed
         self.tensors = [t for layer in layers for spec in (layer.qkv, layer.wo, layer.w13, layer.w2) for t in spec.tensors]
         self.tensors += [t for layer in layers for t in (layer.attention_norm, layer.ffn_norm, layer.cache_k, layer.cache_v)]
-        self.addresses = [t.data_ptr() for t in self.tensors]
-        self.norms = [(block.attention_norm._parameters, layer.attention_norm) for layer, block in zip(layers, model.layers)]
-        self.norms += [(block.ffn_norm._parameters, layer.ffn_norm) for layer, block in zip(layers, model.layers)]
-        self.caches = [(block.attention, layer.cache_k, layer.cache_v) for layer, block in zip(layers, model.layers)]
         # Steps of more rows than this take the torch ops: float32 weights only (quantized ones have
         # no faster torch product here), as a probe at build time finds (float_rows_limit)
         self.max_rows = None
@@ -85,19 +82,15 @@ class DecodePlan:
             layers.append(_Layer(*specs, block.attention_norm.weight, block.ffn_norm.weight, att.cache_k, att.cache_v))
         return cls(model, layers)
 
-    def current(self, model) -> bool:
-        """Whether every weight and cache is still where the plan points (a model moved, reloaded
-        or given a new cache is not). Runs every step: kept to plain list and identity checks."""
-        return ([t.data_ptr() for t in self.tensors] == self.addresses
-                and all(params["weight"] is w for params, w in self.norms)
-                and all(a.cache_k is k and a.cache_v is v for a, k, v in self.caches))
 
 
 def plan_for(model) -> DecodePlan | None:
-    """The model's plan, built at its first decode step and rebuilt when a weight moved; None for a
-    model whose steps cannot run in C (remembered as False, so it is not re-examined each step)."""
+    """The model's plan: built at its first CPU step after load (or after
+    model.invalidate_decode_plan, which setup_cache and fusing call), never re-examined per step,
+    so every rank builds it (and votes in its probe) at the same step; None for a model whose
+    steps cannot run in C (remembered as False)."""
     plan = model._decode_plan
-    if plan is None or (plan and not plan.current(model)):
+    if plan is None:
         plan = model._decode_plan = DecodePlan.for_model(model) or False
     return plan or None
 
@@ -116,7 +109,7 @@ def float_rows_limit(model, plan: DecodePlan) -> int | None:
     because the answer depends on the CPU: oneDNN uses AVX-512 and AMX where a CPU has them, the
     C kernel does not. Runs once per model, at its first CPU step (~1 s here), on every rank
     together (both paths make the same collectives); the ranks agree on the answer. The probes
-    write cache positions of the first rows, restored after."""
+    write the cache's first blocks, restored after."""
     import time
 
     from .transformer import Part  # here: transformer.py imports this module
@@ -126,12 +119,13 @@ def float_rows_limit(model, plan: DecodePlan) -> int | None:
         return None
     at = min(63, model.args.max_seq_len - 1)
     chunk = min(PROBE_CHUNK, model.args.max_seq_len)
+    bs = model.block_size
+    table = torch.arange(-(-max(at + 1, chunk) // bs))[None]  # every probe row reads and writes these blocks
     caches = [(b.attention.cache_k, b.attention.cache_v) for b in model.layers]
-    touched = [(slice(0, rows), at), (0, slice(0, chunk))]  # (cache rows, positions) the probes write
-    saved = [[(k[r, :, t].clone(), v[r, :, t].clone()) for r, t in touched] for k, v in caches]
+    saved = [(k[:table.shape[1]].clone(), v[:table.shape[1]].clone()) for k, v in caches]
     probes = {
-        "decode": (torch.full((rows,), at, dtype=torch.long), [Part.of(0, slice(0, rows), torch.full((rows, 1), at))]),
-        "chunk": (torch.arange(chunk), [Part.of(0, slice(0, 1), torch.arange(chunk)[None])]),
+        "decode": (torch.full((rows,), at, dtype=torch.long), [Part.of(0, table.expand(rows, -1), torch.full((rows, 1), at), bs)]),
+        "chunk": (torch.arange(chunk), [Part.of(0, table, torch.arange(chunk)[None], bs)]),
     }
     wins = []
     with torch.inference_mode():
@@ -148,9 +142,8 @@ def float_rows_limit(model, plan: DecodePlan) -> int | None:
                         model.torch_step(h, pos, parts, last)
                     times[path].append(time.perf_counter() - t0)
             wins.append(1.0 if min(times["c"]) <= min(times["torch"]) else 0.0)
-        for (k, v), kept in zip(caches, saved):
-            for (r, t), (k0, v0) in zip(touched, kept):
-                k[r, :, t], v[r, :, t] = k0, v0
+        for (k, v), (k0, v0) in zip(caches, saved):
+            k[:len(k0)], v[:len(v0)] = k0, v0
         votes = all_reduce_sum(torch.tensor(wins), get_model_parallel_group()).tolist()
     everyone = torch.distributed.get_world_size(get_model_parallel_group())
     decode_wins, chunk_wins = (v == everyone for v in votes)
@@ -158,22 +151,24 @@ def float_rows_limit(model, plan: DecodePlan) -> int | None:
 
 
 def decode_step(model, plan: DecodePlan, h: torch.Tensor, pos: torch.Tensor, parts, logits_at) -> torch.Tensor:
-    """Transformer.step for steps whose every part is one token per cache row. h (N, dim): the
+    """Transformer.step through the C layers: decode rows and prompt chunks alike. h (N, dim): the
     tokens' embeddings. Returns float32 logits at logits_at (or every token when None)."""
     lib, group = cpu_kernels.native(), get_model_parallel_group()
     N, dim = h.shape
-    rows = torch.empty(N, dtype=torch.long)
-    for p in parts:  # a prompt chunk is T tokens of one row: the C attention writes every token's
-        # k, v before any token attends, each over its row's positions 0..pos: causal, as the mask
-        rows[p.tokens] = torch.arange(p.rows.start, p.rows.stop).repeat_interleave(p.pos.shape[1])
+    width = max(p.tables.shape[1] for p in parts)
+    tables = torch.zeros(N, width, dtype=torch.long)  # each token's sequence's block table
+    for p in parts:  # a prompt chunk is T tokens of one sequence: the C attention writes every
+        # token's k, v before any token attends, each over its positions 0..pos: causal, as the mask
+        tables[p.tokens, :p.tables.shape[1]] = p.tables.repeat_interleave(p.pos.shape[1], 0)
     pos = pos.to(torch.long).contiguous()
-    slots = plan.layers[0].cache_k.shape[0]
     # C indexes the cache with these unchecked: a bad one is an error here, not a stray write
-    if int(pos.min()) < 0 or int(pos.max()) >= plan.max_seq or int(rows.min()) < 0 or int(rows.max()) >= slots:
-        raise IndexError(f"decode step outside the KV cache ({slots} rows of {plan.max_seq} positions)")
+    if (int(pos.min()) < 0 or int(pos.max()) >= min(plan.max_seq, width * plan.block_size)
+            or int(tables.min()) < 0 or int(tables.max()) >= plan.blocks):
+        raise IndexError(f"decode step outside the KV cache ({plan.blocks} blocks of {plan.block_size} positions, "
+                         f"{plan.max_seq} positions a sequence)")
     rope = torch.view_as_real(model.rope)  # (max_seq, head_dim/2, 2): cos, sin
-    step = ctypes.byref(StepSpec(N, dim, plan.heads, plan.kv_heads, plan.head_dim, plan.max_seq, rows.data_ptr(),
-                                 pos.data_ptr(), rope.data_ptr(), plan.eps))
+    step = ctypes.byref(StepSpec(N, dim, plan.heads, plan.kv_heads, plan.head_dim, plan.block_size, width,
+                                 tables.data_ptr(), pos.data_ptr(), rope.data_ptr(), plan.eps))
     h = h.contiguous().clone()  # the residual stream, added to in place
     delta = torch.empty(N, dim)  # the last layer's (all-reduced) FFN output, added to h by the next call
     if torch.distributed.get_world_size(group) == 1:  # nothing to all-reduce: every layer in one call

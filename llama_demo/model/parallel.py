@@ -154,6 +154,15 @@ def shutdown_distributed() -> None:
             pass
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes this rank can still allocate on its device (0: unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    from .cpu_kernels import available_memory
+
+    return available_memory()
+
+
 def default_dtype(device: torch.device, checkpoint_dtype: torch.dtype | None = None) -> torch.dtype:
     """float32 on CPU (half precision is ~70x slower there); on a GPU the checkpoint's half type,
     bfloat16 only where the GPU supports it (pre-Ampere GPUs get float16)."""

@@ -573,18 +573,23 @@ static inline __m256 dot_8_rows(const float *q, const float *k, int64_t hd) {
 }
 #endif
 
-/* Attention of the g query heads q (g, hd) that share one KV head, over positions [t0, t1) of its
- * k and v rows (hd floats each), as an online softmax (block by block, rescaling what came before
- * when the running maximum grows). Leaves m[i] the largest score of head i, s[i] the sum of
- * exp(score - m[i]) and o (g, hd) the sum of exp(score - m[i]) v, not yet divided by s[i].
- * p: scratch, g * ATT_BLOCK floats. */
-static void attend_range(const float *q, int64_t g, int64_t hd, const float *k, const float *v, int64_t t0,
-                         int64_t t1, float scale, float *m, float *s, float *o, float *p) {
+/* Attention of the g query heads q (g, hd) that share KV head j, over positions [t0, t1) of one
+ * sequence, as an online softmax (a run of positions at a time, rescaling what came before when the
+ * running maximum grows). The sequence's keys and values are in the pool cache_k, cache_v (blocks,
+ * kvh, bs, hd): position t is row t % bs of block table[t / bs]. Leaves m[i] the largest score of
+ * head i, s[i] the sum of exp(score - m[i]) and o (g, hd) the sum of exp(score - m[i]) v, not yet
+ * divided by s[i]. p: scratch, g * ATT_BLOCK floats. */
+static void attend_range(const float *q, int64_t g, int64_t hd, const float *cache_k, const float *cache_v,
+                         const int64_t *table, int64_t kvh, int64_t j, int64_t bs, int64_t t0, int64_t t1,
+                         float scale, float *m, float *s, float *o, float *p) {
     for (int64_t i = 0; i < g; i++) m[i] = -INFINITY, s[i] = 0.f;
     memset(o, 0, g * hd * sizeof(float));
-    for (int64_t b0 = t0; b0 < t1; b0 += ATT_BLOCK) {
-        const int64_t n = t1 - b0 < ATT_BLOCK ? t1 - b0 : ATT_BLOCK;
-        const float *kb = k + b0 * hd, *vb = v + b0 * hd;
+    for (int64_t b0 = t0, n; b0 < t1; b0 += n) {
+        const int64_t off = b0 % bs;  /* a run: up to ATT_BLOCK positions, within one cache block */
+        n = t1 - b0 < ATT_BLOCK ? t1 - b0 : ATT_BLOCK;
+        n = n < bs - off ? n : bs - off;
+        const int64_t at = ((table[b0 / bs] * kvh + j) * bs + off) * hd;
+        const float *kb = cache_k + at, *vb = cache_v + at;
         for (int64_t i = 0; i < g; i++) {
             float *pi = p + i * ATT_BLOCK, *oi = o + i * hd, top = m[i];
             const float *qi = q + i * hd;
@@ -621,11 +626,12 @@ static void attend_range(const float *q, int64_t g, int64_t hd, const float *k, 
     }
 }
 
-/* One new token for each of B cache rows. qkv (B, (h + 2 kvh) hd): the fused q, k, v product of
- * the tokens, rotated here in place; rows[b], pos[b]: the token's cache row and position; rope
- * (max_seq, hd/2, 2): cos, sin per position; cache_k, cache_v (slots, kvh, max_seq, hd). Writes the
- * token's k and v at pos, then out[b] (h hd) = softmax(q k^T / sqrt(hd)) v over positions 0..pos,
- * query head i reading KV head i / (h / kvh). Returns nonzero when scratch memory could not be had.
+/* Attention of B tokens, each of one sequence at its own position. qkv (B, (h + 2 kvh) hd): the
+ * fused q, k, v product of the tokens, rotated here in place; tables (B, width): each token's
+ * sequence's block table, pos[b]: the token's position; rope (max_seq, hd/2, 2): cos, sin per
+ * position; cache_k, cache_v (blocks, kvh, bs, hd), the paged pool. Writes every token's k and v at
+ * its position first, then out[b] (h hd) = softmax(q k^T / sqrt(hd)) v over positions 0..pos, query
+ * head i reading KV head i / (h / kvh) (tokens of one prompt chunk: causal, as the torch mask). Returns nonzero when scratch memory could not be had.
  * Work goes to threads as (token, KV head, span of positions): with fewer (token, KV head) pairs
  * than threads can share evenly (batch 1, 3 KV heads, 2 threads) each pair's positions are split
  * into spans, whose partial softmaxes are merged at the end (flash-decoding). Measured on the AVX2
@@ -633,16 +639,17 @@ static void attend_range(const float *q, int64_t g, int64_t hd, const float *k, 
  * at 170 positions, 72 -> 38 at 1000, against one dot product per (head, position) before; the
  * gain is the 8-row scores and 8 output registers (dependent FMA chains were the cost), not the
  * split, which alone changed nothing measurable. */
-int qk_attend_decode(float *qkv, int64_t B, int64_t h, int64_t kvh, int64_t hd, const int64_t *rows,
-                     const int64_t *pos, const float *rope, float *cache_k, float *cache_v, int64_t max_seq,
-                     float *out) {
+int qk_attend_decode(float *qkv, int64_t B, int64_t h, int64_t kvh, int64_t hd, const int64_t *tables,
+                     int64_t table_width, const int64_t *pos, const float *rope, float *cache_k, float *cache_v,
+                     int64_t bs, float *out) {
     const int64_t width = (h + 2 * kvh) * hd, g = h / kvh;
     int64_t longest = 0;
     for (int64_t b = 0; b < B; b++) {
         float *t = qkv + b * width;
+        const int64_t block = tables[b * table_width + pos[b] / bs], off = pos[b] % bs;
         rope_heads(t, h + kvh, hd, rope + pos[b] * hd);  /* q heads, then k heads: same angles */
         for (int64_t j = 0; j < kvh; j++) {
-            const int64_t at = ((rows[b] * kvh + j) * max_seq + pos[b]) * hd;
+            const int64_t at = ((block * kvh + j) * bs + off) * hd;
             memcpy(cache_k + at, t + (h + j) * hd, hd * sizeof(float));
             memcpy(cache_v + at, t + (h + kvh + j) * hd, hd * sizeof(float));
         }
@@ -676,9 +683,8 @@ int qk_attend_decode(float *qkv, int64_t B, int64_t h, int64_t kvh, int64_t hd, 
             const int64_t b = i / (kvh * spans), j = i / spans % kvh, c = i % spans, n = pos[b] + 1;
             const int64_t per = (n + spans - 1) / spans, t0 = c * per < n ? c * per : n;
             const int64_t t1 = t0 + per < n ? t0 + per : n;
-            const int64_t base = (rows[b] * kvh + j) * max_seq * hd;
-            attend_range(qkv + b * width + j * g * hd, g, hd, cache_k + base, cache_v + base, t0, t1, scale,
-                         ms + i * g, ss + i * g, os + i * g * hd, p);
+            attend_range(qkv + b * width + j * g * hd, g, hd, cache_k, cache_v, tables + b * table_width, kvh, j,
+                         bs, t0, t1, scale, ms + i * g, ss + i * g, os + i * g * hd, p);
         }
         free(p);
     }
@@ -814,14 +820,15 @@ static int product(const qk_product *p, const float *x, int64_t B, float *y) {
 typedef struct {
     const qk_product *qkv, *wo, *w13, *w2;
     const float *attention_norm, *ffn_norm;
-    float *cache_k, *cache_v;  /* (slots, kv_heads, max_seq, head_dim) */
+    float *cache_k, *cache_v;  /* the paged pool: (blocks, kv_heads, block_size, head_dim) */
 } qk_layer;
 
-/* What every layer of one decode step shares: B tokens, one per cache row rows[b] at position
- * pos[b]; this rank's heads; rope (max_seq, head_dim/2, 2): cos, sin per position. */
+/* What every layer of one step shares: B tokens, token b of the sequence whose block table is
+ * tables (B, table_width) row b, at position pos[b]; this rank's heads; rope (max_seq,
+ * head_dim/2, 2): cos, sin per position. */
 typedef struct {
-    int64_t B, dim, heads, kv_heads, head_dim, max_seq;
-    const int64_t *rows, *pos;
+    int64_t B, dim, heads, kv_heads, head_dim, block_size, table_width;
+    const int64_t *tables, *pos;
     const float *rope;
     float eps;
 } qk_step;
@@ -836,8 +843,8 @@ int qk_decode_attention(float *h, const float *delta, const qk_layer *L, const q
     qk_rmsnorm(delta ? h : NULL, delta ? delta : h, L->attention_norm, B, dim, s->eps, x);
     int err = product(L->qkv, x, B, t);
     if (!err)
-        err = qk_attend_decode(t, B, s->heads, s->kv_heads, s->head_dim, s->rows, s->pos, s->rope, L->cache_k,
-                               L->cache_v, s->max_seq, a);
+        err = qk_attend_decode(t, B, s->heads, s->kv_heads, s->head_dim, s->tables, s->table_width, s->pos,
+                               s->rope, L->cache_k, L->cache_v, s->block_size, a);
     if (!err) err = product(L->wo, a, B, out);
     free(x);
     return err;

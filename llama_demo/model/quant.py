@@ -383,6 +383,7 @@ def fuse_quantized(model: nn.Module) -> None:
             att.qkv = FusedQuantColumns([att.wq, att.wk, att.wv])
         if fusable((ffn.w1, ffn.w3)):
             ffn.w13 = FusedQuantColumns([ffn.w1, ffn.w3])
+    model.invalidate_decode_plan()
 
 
 class Int8ColumnLinear(_Int8, ColumnLinear):

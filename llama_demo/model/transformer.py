@@ -4,8 +4,10 @@ Each rank holds 1/N of every split weight: column-parallel layers split output r
 w1, w3, output), row-parallel layers split input columns and all-reduce (wo, w2), and the
 embedding splits its feature dimension. References: Meta's llama/model.py, gpt-fast's model.py.
 
-The KV cache is static: one row ("slot") per concurrent sequence, so sequences of different
-lengths decode together, each at its own position. That is what continuous batching stands on.
+The KV cache is paged: one pool of blocks of `block_size` positions per layer, and per sequence
+a block table (engine.scheduler hands blocks out), so sequences of different lengths decode
+together, each at its own position, holding only the blocks their tokens fill, and sequences
+with the same prefix share its blocks. That is what continuous batching stands on.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import fairscale.nn.model_parallel.layers as fairscale_layers
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 from torch import nn
 
-from ..config import ModelArgs
+from ..config import KV_BLOCK_SIZE, ModelArgs
 from ..config import rope_frequencies as config_rope_frequencies
 from . import cpu_kernels, native_decode
 from .cpu_kernels import matmul_t
@@ -77,6 +79,7 @@ def fuse_linears(model: nn.Module) -> None:
             att.qkv = FusedColumns([att.wq, att.wk, att.wv])
         if all(type(m) is ColumnLinear for m in (ffn.w1, ffn.w3)):
             ffn.w13 = FusedColumns([ffn.w1, ffn.w3])
+    model.invalidate_decode_plan()
 
 
 class ColumnLinear(ColumnParallelLinear):
@@ -186,15 +189,15 @@ class Attention(nn.Module):
         self.wv = ColumnLinear(args.dim, self.n_kv_total * self.head_dim)
         self.wo = RowLinear(args.n_heads * self.head_dim, args.dim)
         self.qkv: FusedColumns | None = None  # fuse_linears
-        # (slots, local kv heads, max_seq_len, head_dim): heads before positions, so that a row's
-        # keys for one head are one contiguous run and attention reads them without a copy
+        # (blocks, local kv heads, block_size, head_dim): heads before positions, so that a block's
+        # keys for one head are one contiguous run (the C attention reads them in place)
         self.cache_k: torch.Tensor | None = None
         self.cache_v: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, parts: list["Part"]) -> torch.Tensor:
         """x: (1, N, dim), the step's tokens side by side, so each weight is read once per step;
-        rope: (1, N, head_dim/2); each part's tokens write their keys and values into its cache
-        rows and attend to them."""
+        rope: (1, N, head_dim/2); each part's tokens write their keys and values into their
+        sequences' cache blocks and attend to them."""
         _, N, _ = x.shape
         h, kvh, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
         if self.qkv is not None:
@@ -210,11 +213,10 @@ class Attention(nn.Module):
         outs = []
         for p in parts:
             B, T = p.pos.shape
-            qp, kp, vp = (t[p.tokens].view(B, T, -1, hd).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
-            where = p.pos[:, None, :, None].expand_as(kp)
-            self.cache_k[p.rows].scatter_(2, where, kp)  # a run of consecutive rows is a view: no copies
-            self.cache_v[p.rows].scatter_(2, where, vp)
-            keys, values = self.cache_k[p.rows, :, :p.kv_len], self.cache_v[p.rows, :, :p.kv_len]
+            self.cache_k[p.write_blocks, :, p.write_offsets] = k[p.tokens]  # (B T, kvh, hd) at their positions
+            self.cache_v[p.write_blocks, :, p.write_offsets] = v[p.tokens]
+            qp = q[p.tokens].view(B, T, h, hd).transpose(1, 2)  # (B, heads, T, hd)
+            keys, values = p.gather(self.cache_k), p.gather(self.cache_v)
             outs.append(attention(qp, keys, values, p.mask).transpose(1, 2).reshape(B * T, h * hd))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return self.wo(out[None])
@@ -222,34 +224,44 @@ class Attention(nn.Module):
 
 @dataclass
 class Part:
-    """Tokens of a step that attend alike: `pos.shape[0]` consecutive cache rows (`rows`), each
-    with `pos.shape[1]` new tokens at positions `pos`; they are `tokens` of the step's flat order."""
+    """Tokens of a step that attend alike: B sequences (the rows of `tables`, their block tables),
+    each with T new tokens at positions `pos` (B, T); they are `tokens` of the step's flat order.
+    The decode rows of a step are one part (T = 1), each prompt chunk another (B = 1)."""
     tokens: slice
-    rows: slice
+    tables: torch.Tensor  # (B, blocks) long: each sequence's cache blocks in position order
     pos: torch.Tensor  # (B, T) absolute positions
+    block_size: int
     kv_len: int  # keys to attend to: the largest position + 1
     mask: torch.Tensor | None  # (B, 1, T, kv_len): each query sees keys at or before its position
+    write_blocks: torch.Tensor  # (B T,) the block and offset in it where each token's keys go
+    write_offsets: torch.Tensor
 
     @classmethod
-    def of(cls, first_token: int, rows: slice, pos: torch.Tensor) -> "Part":
+    def of(cls, first_token: int, tables: torch.Tensor, pos: torch.Tensor, block_size: int) -> "Part":
         B, T = pos.shape
         kv_len = int(pos.max()) + 1
-        # one token of one row sees its whole cache row (kv_len = position + 1): no mask needed
+        if kv_len > tables.shape[1] * block_size:
+            raise IndexError(f"position {kv_len - 1} is past its block table ({tables.shape[1]} blocks of {block_size})")
+        # one token of one sequence sees all its keys (kv_len = position + 1): no mask needed; in a
+        # batch, a shorter sequence's table is padded (with any block) past its own keys: masked
         mask = None if B * T == 1 else (torch.arange(kv_len, device=pos.device)[None, None, :] <= pos[:, :, None])[:, None]
-        return cls(slice(first_token, first_token + B * T), rows, pos, kv_len, mask)
+        write_blocks = tables.gather(1, torch.div(pos, block_size, rounding_mode="floor")).reshape(-1)
+        return cls(slice(first_token, first_token + B * T), tables, pos, block_size, kv_len, mask, write_blocks,
+                   (pos % block_size).reshape(-1))
+
+    def gather(self, cache: torch.Tensor) -> torch.Tensor:
+        """(B, kv heads, kv_len, hd): the part's keys (or values) from the pool (blocks, kv heads,
+        block_size, hd), in position order (a copy: blocks are anywhere in the pool)."""
+        B, blocks = self.tables.shape[0], -(-self.kv_len // self.block_size)
+        picked = cache[self.tables[:, :blocks]]  # (B, blocks, kvh, block_size, hd)
+        return picked.transpose(1, 2).flatten(2, 3)[:, :, :self.kv_len]
 
 
-def slot_runs(slots: slice | list[int] | torch.Tensor) -> list[slice]:
-    """Cache rows of a batch as runs of consecutive rows, in batch order: [3, 4, 5, 9] -> 3:6, 9:10."""
-    if isinstance(slots, slice):
-        return [slots]
-    slots = slots.tolist() if isinstance(slots, torch.Tensor) else list(slots)
-    runs, start = [], 0
-    for i in range(1, len(slots) + 1):
-        if i == len(slots) or slots[i] != slots[i - 1] + 1:
-            runs.append(slice(slots[start], slots[i - 1] + 1))
-            start = i
-    return runs
+def padded_tables(tables: list[list[int]], device: torch.device | str = "cpu") -> torch.Tensor:
+    """(B, longest) long tensor of block tables, the shorter ones padded with block 0 (a position
+    past a sequence's own keys is masked, never read as its own)."""
+    width = max(len(t) for t in tables)
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=device)
 
 
 class FeedForward(nn.Module):
@@ -290,6 +302,8 @@ class Transformer(nn.Module):
         # float32 single-row CPU steps run their products in OpenBLAS (matmul_t) when the C
         # kernels are not built; quantized layers (quant.prepare_quantized) run in torch's pool only
         self.single_row_openblas = True
+        self.block_size = 0  # setup_cache: positions per KV block, and blocks in the pool
+        self.kv_blocks = 0
         self._decode_plan: native_decode.DecodePlan | bool | None = None  # native_decode.plan_for
 
     def products(self):
@@ -302,28 +316,53 @@ class Transformer(nn.Module):
             yield ffn.w2
         yield self.output
 
-    def setup_cache(self, max_batch_size: int, max_seq_len: int, device: torch.device | str, dtype: torch.dtype) -> None:
-        """Allocate the static KV cache and the rotary table (after weights are loaded)."""
+    def setup_cache(self, max_batch_size: int, max_seq_len: int, device: torch.device | str, dtype: torch.dtype,
+                    kv_tokens: int | None = None, block_size: int = KV_BLOCK_SIZE) -> None:
+        """Allocate the KV pool and the rotary table (after weights are loaded): blocks for
+        `kv_tokens` positions (default: max_batch_size sequences of max_seq_len, which also lets
+        `forward` give sequence b of a batch the blocks of row b), shared by at most
+        max_batch_size running sequences of up to max_seq_len tokens each."""
         self.args.max_batch_size, self.args.max_seq_len = max_batch_size, max_seq_len
+        self.block_size = block_size
+        self.kv_blocks = -(-(kv_tokens or max_batch_size * self.blocks_per_row * block_size) // block_size)
         for layer in self.layers:
             att = layer.attention
-            shape = (max_batch_size, att.n_local_kv_heads, max_seq_len, att.head_dim)
+            shape = (self.kv_blocks, att.n_local_kv_heads, block_size, att.head_dim)
             att.cache_k = torch.zeros(shape, device=device, dtype=dtype)
             att.cache_v = torch.zeros(shape, device=device, dtype=dtype)
         self.rope = rope_table(self.args, max_seq_len, device)
+        self.invalidate_decode_plan()
+
+    @property
+    def blocks_per_row(self) -> int:
+        """Blocks of one sequence of max_seq_len positions."""
+        return -(-self.args.max_seq_len // self.block_size)
+
+    def row_tables(self, rows: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
+        """Block tables for callers that think in cache rows (`forward`, tests, GPTQ): row r owns the
+        blocks r * blocks_per_row onwards, as many as max_seq_len positions take."""
+        n = self.blocks_per_row
+        if (max(rows) + 1) * n > self.kv_blocks:
+            raise IndexError(f"cache row {max(rows)} is past a KV pool of {self.kv_blocks} blocks of {self.block_size}")
+        return torch.stack([torch.arange(r * n, (r + 1) * n, device=device) for r in rows])
+
+    def invalidate_decode_plan(self) -> None:
+        """Forget the C decode step's plan (its addresses of weights and caches): whoever changes a
+        weight or the cache calls this; the plan is built again at the next step, on every rank
+        alike (every rank changes its model at the same point of the job)."""
+        self._decode_plan = None
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, slots: slice | list[int] | torch.Tensor, kv_len: int,
                 logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, pos: (B, T) ids and their absolute positions; slots: the cache row of each of
-        the B sequences; kv_len: keys to attend to (max position + 1). Returns float32 logits at
-        `logits_at` (B,) indices into T, or at every position when None."""
+        the B sequences (row_tables); kv_len: keys to attend to (max position + 1). Returns float32
+        logits at `logits_at` (B,) indices into T, or at every position when None."""
         B, T = tokens.shape
-        parts, row = [], 0
-        for run in slot_runs(slots):  # each run of consecutive cache rows is one view of the cache
-            n = run.stop - run.start
-            parts.append(Part.of(row * T, run, pos[row:row + n]))
-            row += n
+        if isinstance(slots, slice):
+            slots = range(slots.start or 0, slots.stop)
+        rows = slots.tolist() if isinstance(slots, torch.Tensor) else list(slots)
+        parts = [Part.of(0, self.row_tables(rows, tokens.device), pos, self.block_size)]
         flat_at = None if logits_at is None else torch.arange(B, device=tokens.device) * T + logits_at
         logits = self.step(tokens.reshape(-1), pos.reshape(-1), parts, flat_at)
         return logits if logits_at is not None else logits.view(B, T, -1)

@@ -8,16 +8,19 @@ import torch
 
 from .checkpoint import ShardedCheckpoint, is_quantized_weight, iter_rank_state, open_checkpoint
 from ..config import ConfigError
-from ..model.parallel import DistInfo, default_dtype
+from ..model.parallel import DistInfo, default_dtype, free_memory
 from ..model.cpu_kernels import pack_for_cpu
 from ..model.transformer import Transformer, fuse_linears, skip_fairscale_init
 
 
 def load_model(ckpt_dir: str | Path, dist_info: DistInfo, dtype: torch.dtype | None = None,
                max_seq_len: int = 2048, max_batch_size: int = 8, progress: bool = True,
-               quantize: str | None = None, optimize: bool = True) -> Transformer:
-    """This rank's model: its slice of every split weight, in `dtype`, with a KV cache for
-    max_batch_size sequences of max_seq_len tokens; `quantize` ("int8"/"int4") quantizes the
+               quantize: str | None = None, optimize: bool = True, kv_cache_tokens: int | None = None,
+               kv_cache_memory: float | None = None) -> Transformer:
+    """This rank's model: its slice of every split weight, in `dtype`, with a KV pool shared by at
+    most max_batch_size running sequences of up to max_seq_len tokens: of `kv_cache_tokens`
+    positions, or `kv_cache_memory` of the device memory free once the weights are in, or by
+    default max_batch_size x max_seq_len positions (Transformer.setup_cache); `quantize` ("int8"/"int4") quantizes the
     linear layers' weights one tensor at a time as they load (quant.py: round-to-nearest). A
     checkpoint written by llama_demo.quantize (params.json "quantization") loads as stored, its
     integers straight into quantized layers: no float copy of its linear weights is ever made.
@@ -59,7 +62,9 @@ def load_model(ckpt_dir: str | Path, dist_info: DistInfo, dtype: torch.dtype | N
         from ..model.quant import prepare_quantized
 
         prepare_quantized(model, dtype)  # scales to the compute dtype; CUDA kernels' packing
-    model.setup_cache(max_batch_size, max_seq_len, dist_info.device, dtype)
+    if kv_cache_memory:
+        kv_cache_tokens = kv_tokens_in_memory(model, dist_info, dtype, kv_cache_memory)
+    model.setup_cache(max_batch_size, max_seq_len, dist_info.device, dtype, kv_tokens=kv_cache_tokens)
     if optimize and (ckpt.quant or on_the_fly):
         from ..model.quant import fuse_quantized
 
@@ -68,7 +73,27 @@ def load_model(ckpt_dir: str | Path, dist_info: DistInfo, dtype: torch.dtype | N
         fuse_linears(model)  # wq/wk/wv and w1/w3 as one product each
         if dist_info.device.type == "cpu" and dtype == torch.float32:
             pack_for_cpu(model)  # oneDNN's blocked weights for batched steps, when memory allows
-    return model.eval()
+    model.eval()
+    if optimize and dist_info.device.type == "cpu":
+        from ..model.native_decode import plan_for
+
+        plan_for(model)  # the C step's plan and its probe now, on every rank together, not at a first request
+    return model
+
+
+def kv_tokens_in_memory(model: Transformer, dist_info: DistInfo, dtype: torch.dtype, fraction: float) -> int:
+    """KV positions that `fraction` of this device's free memory holds, the least over the ranks:
+    every rank must have the same pool (their schedulers place every token alike)."""
+    per_token = model.args.kv_bytes_per_token(dist_info.world_size, torch.finfo(dtype).bits // 8)
+    tokens = torch.tensor([int(free_memory(dist_info.device) * fraction) // per_token], device=dist_info.device)
+    if dist_info.world_size > 1:
+        torch.distributed.all_reduce(tokens, op=torch.distributed.ReduceOp.MIN)
+    tokens = int(tokens.item())
+    if tokens < model.args.max_seq_len:
+        raise ConfigError(f"--kv_cache_memory {fraction} of the free {dist_info.device.type} memory holds {tokens} "
+                          f"KV positions, fewer than one sequence of --max_seq_len {model.args.max_seq_len}: raise it, "
+                          "lower --max_seq_len, or use more ranks")
+    return tokens
 
 
 def _checkpoint_dtype(ckpt: ShardedCheckpoint) -> torch.dtype:

@@ -103,7 +103,8 @@ def gptq_quantize(model, tokens: torch.Tensor, spec: QuantSpec, damp: float = 0.
 
     def run(block, h: torch.Tensor) -> torch.Tensor:
         # one sequence at a time (cache row b): attention scores of all of them at once would take GBs
-        return torch.cat([block(h[b: b + 1], rope, [Part.of(0, slice(b, b + 1), pos)]) for b in range(n_seq)])
+        return torch.cat([block(h[b: b + 1], rope, [Part.of(0, model.row_tables([b], device), pos, model.block_size)])
+                          for b in range(n_seq)])
 
     def quantize_layer(name: str, layer: nn.Module, H: torch.Tensor) -> None:
         packed, scales, zeros = gptq_int4(layer.weight, H, spec.group_size, damp=damp, act_order=act_order)

@@ -16,7 +16,9 @@ from llama_demo.weights.loading import load_model
 
 ckpt, out, prompts, n_new = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
 info = init_distributed()
-model = load_model(ckpt, info, dtype=torch.float32, max_seq_len=128, max_batch_size=2)  # two KV rows: requests must wait
+model = load_model(ckpt, info, dtype=torch.float32, max_seq_len=128, max_batch_size=2)  # two running at most: requests wait
+BLOCK = 4  # small KV blocks: these short prompts share some, and answers cross many block boundaries
+model.setup_cache(2, 128, info.device, torch.float32, block_size=BLOCK)
 tok = load_tokenizer(ckpt)
 greedy = SamplingParams(temperature=0.0, max_new_tokens=n_new)
 
@@ -48,7 +50,7 @@ def run(engine, plan):
 
 cases = {}
 engine = Engine(model, tok, info.rank, info.world_size, info.device, seed=1234)
-# five requests, two rows: three wait for a row, each still gets its own greedy tokens
+# five requests, two running at most: three wait, each still gets its own greedy tokens
 cases["more_than_rows"] = run(engine, {0: [("add", f"p{i}", p, greedy) for i, p in enumerate(prompts)]})
 # a cancel in the middle frees a row that a later request takes
 cases["cancel"] = run(engine, {0: [("add", "a", prompts[0], greedy), ("add", "b", prompts[1], greedy)],
@@ -96,11 +98,11 @@ def conversation(engine):
     first = run(engine, {0: [("add", "t1", prompts[0], greedy)]})
     turn2 = prompts[0] + first["tokens"]["t1"][:5] + [7, 8, 9]  # the prefix ends inside the answer
     second = run(engine, {0: [("add", "t2", turn2, greedy)]})
-    # two other conversations take both rows, evicting turn 2's cached tokens; then turn 3
+    # two other conversations run (the pool has room: turn 2's cached blocks stay); then turn 3
     others = run(engine, {0: [("add", "o1", prompts[3], greedy), ("add", "o2", prompts[4], greedy)]})
     turn3 = turn2 + second["tokens"]["t2"][:3] + [11]
     third = run(engine, {0: [("add", "t3", turn3, greedy)]})
-    # a cancelled request's row: its prompt and partial answer are reused by the next request
+    # a cancelled request's blocks: its prompt and partial answer are reused by the next request
     cancelled = run(engine, {0: [("add", "c1", prompts[1], greedy)], 3: [("cancel", "c1")]})
     after = prompts[1] + cancelled["tokens"]["c1"][:1] + [12, 13]
     resumed = run(engine, {0: [("add", "c2", after, greedy)]})
@@ -110,6 +112,15 @@ def conversation(engine):
 
 cases["reuse_on"] = conversation(Engine(model, tok, info.rank, info.world_size, info.device))
 cases["reuse_off"] = conversation(Engine(model, tok, info.rank, info.world_size, info.device, prefix_cache=False))
+cases["block"] = BLOCK
+
+# Preemption: four requests running at once in a pool of 20 blocks of 4 positions, where each
+# needs up to 9: the youngest are preempted as the answers grow (their blocks given back, prefilled
+# again later from prompt and answer so far) and still get their own greedy tokens.
+model.setup_cache(4, 80, info.device, torch.float32, kv_tokens=80, block_size=BLOCK)
+tight = Engine(model, tok, info.rank, info.world_size, info.device)
+cases["preempt"] = run(tight, {0: [("add", f"p{i}", p, greedy) for i, p in enumerate(prompts[:4])]})
+cases["preemptions"] = tight.scheduler.preempted_total
 
 out.mkdir(parents=True, exist_ok=True)
 (out / f"cases{info.rank}.json").write_text(json.dumps(cases))

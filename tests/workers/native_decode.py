@@ -1,5 +1,5 @@
 """Run under torchrun by tests/test_native_decode.py: for each `tag=folder[:quantize]` argument,
-decode a few steps of three sequences (cache rows 0, 2 and 3: two runs of rows) and of one, each
+decode a few steps of three sequences (cache rows 0, 2 and 3, in one batch) and of one, each
 step twice from the same cache: through the C decode step (model/native_decode.py) and through the
 torch ops every other step takes. Writes the largest logit and cache differences per model."""
 import json
@@ -46,24 +46,25 @@ for tag, model in models(sys.argv[2:], info, max_seq_len=64, max_batch_size=6):
         worst["logits"] = max(worst["logits"], (a - b).abs().max().item())
         worst["scale"] = max(worst["scale"], b.abs().max().item())
         worst["cache"] = max(worst["cache"], max(max((x - y).abs().max().item() for x, y in zip(p, q)) for p, q in zip(ca, cb)))
-    # a weight moved to new memory (here: zeroed in a copy) after the plan was built: the next C
-    # step must see the new weight (the plan re-checks its addresses), not read the old memory
+    # a weight moved to new memory (here: zeroed in a copy) after the plan was built, and the plan
+    # invalidated as whoever changes a weight must: the next C step reads the new weight
     model._decode_plan = None
     model(torch.tensor([[5]]), torch.tensor([[39]]), [1], 40, logits_at=torch.zeros(1, dtype=torch.long))
-    plan = model._decode_plan
-    assert isinstance(plan, DecodePlan)
+    assert isinstance(model._decode_plan, DecodePlan)
     wo = model.layers[-1].attention.wo
     wo.weight.data = torch.zeros_like(wo.weight)
+    model.invalidate_decode_plan()
     pos, tokens = torch.tensor([[40]]), torch.tensor([[7]])
     got = []
     for native in (True, False):
         saved = [(k.clone(), v.clone()) for k, v in caches]
-        model._decode_plan = plan if native else False  # the plan built before the change, kept
+        model._decode_plan = None if native else False
         got.append(model(tokens, pos, [1], 41, logits_at=torch.zeros(1, dtype=torch.long)))
         for (k, v), (k0, v0) in zip(caches, saved):
             k.copy_(k0), v.copy_(v0)
     worst["after_move"] = (got[0] - got[1]).abs().max().item()
-    model._decode_plan = plan
+    worst["rebuilt"] = isinstance(model._decode_plan, DecodePlan) or model._decode_plan is False
+    model._decode_plan = None
     try:  # a position past the cache: refused before C would write there
         model(torch.tensor([[5]]), torch.tensor([[64]]), [1], 65, logits_at=torch.zeros(1, dtype=torch.long))
         worst["past_the_cache"] = "ran"
