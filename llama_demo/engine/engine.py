@@ -26,7 +26,8 @@ import torch
 
 from ..config import STEP_TOKEN_CANDIDATES
 from ..model.parallel import broadcast_from_first
-from ..model.transformer import Part, Transformer, padded_tables
+from ..model.parts import Part, padded_tables
+from ..model.transformer import Transformer
 from ..text.detok import TextStream
 from ..text.tokenizer import Tokenizer
 from .sampler import (apply_logit_bias, apply_penalties, apply_repetition_penalty, repeat_window, repeats_itself,

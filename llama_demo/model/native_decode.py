@@ -22,6 +22,7 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_group
 from . import cpu_kernels
 from .cpu_kernels import LayerSpec, ProductSpec, StepSpec
 from .parallel import all_reduce_sum
+from .parts import Part
 
 
 @dataclass
@@ -111,8 +112,6 @@ def float_rows_limit(model, plan: DecodePlan) -> int | None:
     together (both paths make the same collectives); the ranks agree on the answer. The probes
     write the cache's first blocks, restored after."""
     import time
-
-    from .transformer import Part  # here: transformer.py imports this module
 
     rows = min(PROBE_ROWS, model.args.max_batch_size)
     if rows <= 4:

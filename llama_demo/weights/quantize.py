@@ -42,7 +42,7 @@ from .checkpoint import (TOKENIZER_FILES, QuantSpec, atomic_dir, check_out_dir, 
                          save_sharded)
 from ..config import ConfigError
 from ..model.quant import dequantize_int4, gptq_int4, quantize_weight, spec_for
-from ..model.transformer import Part
+from ..model.parts import Part
 
 DEFAULT_CALIB_TEXT = "assets/pride_and_prejudice.txt"
 # The eval figures use the text's first 2048 tokens: calibrating after 4096 keeps them unseen.
