@@ -124,16 +124,18 @@ def test_usage_counts_the_prompt_tokens_found_in_the_kv_cache(server):
     first = c.completions.create(model="x", prompt=prompt, max_tokens=3, temperature=0).usage
     assert first.prompt_tokens_details.cached_tokens <= 1  # at most the BOS another prompt left
     again = c.completions.create(model="x", prompt=prompt, max_tokens=3, temperature=0).usage
-    # every prompt token but the last, whose logits start the answer, was in the row the first left
-    assert again.prompt_tokens == first.prompt_tokens
-    assert again.prompt_tokens_details.cached_tokens == first.prompt_tokens - 1
+    # every whole KV block (16 positions) of the prompt but the last token, whose logits start the
+    # answer, was cached by the first request
+    whole = (first.prompt_tokens - 1) // 16 * 16
+    assert again.prompt_tokens == first.prompt_tokens and whole > 0
+    assert again.prompt_tokens_details.cached_tokens == whole
     streamed = [ch.usage for ch in c.completions.create(model="x", prompt=prompt, max_tokens=3, temperature=0,
                                                         stream=True, stream_options={"include_usage": True})]
-    assert streamed[-1].prompt_tokens_details.cached_tokens == first.prompt_tokens - 1
+    assert streamed[-1].prompt_tokens_details.cached_tokens == whole
     # n = 2 answers of one prompt: the prompt is counted once, cached as much as both found
     both = c.completions.create(model="x", prompt=prompt, max_tokens=3, temperature=0, n=2).usage
     assert both.prompt_tokens == first.prompt_tokens
-    assert both.prompt_tokens_details.cached_tokens <= first.prompt_tokens - 1
+    assert both.prompt_tokens_details.cached_tokens == whole  # both choices took the cached blocks
 
 
 def test_eight_concurrent_clients_get_their_own_answers(server, reference):
