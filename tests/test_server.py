@@ -191,3 +191,14 @@ def test_gradio_client_drives_the_chat_endpoint(server, reference):
     answer, stats = client.predict(PROMPTS[3], "", 0.0, 1.0, N_NEW, api_name="/chat")
     assert answer == reference[PROMPTS[3]]
     assert "tokens/s" in stats
+
+
+def test_metrics_show_the_kv_pool(server):
+    """/metrics on the real server: the pool's size, the blocks held now and the prefixes kept."""
+    c = _client(server)
+    c.completions.create(model="x", prompt="Another prompt no other test sends, long enough to fill one block", max_tokens=2)
+    text = httpx.get(f"{server.url}/metrics").text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line.startswith("llama_demo_kv_") or line.startswith("llama_demo_preemptions")}
+    assert values["llama_demo_kv_blocks"] > 0 and values["llama_demo_kv_blocks_cached"] >= 1
+    assert values["llama_demo_kv_blocks_used"] == 0 and values["llama_demo_preemptions"] == 0  # nothing runs now

@@ -74,9 +74,10 @@ class EngineClient:
         self.max_seq_len = engine.max_seq_len
         self.vocab_size = engine.vocab_size
         self.model_name = model_name
-        # requests in flight beyond the KV rows wait; beyond this many in flight, refuse (429)
+        # requests in flight beyond those running wait; beyond this many in flight, refuse (429)
         self.capacity = max_batch_size + max_waiting
         self.max_batch_size = max_batch_size
+        self.scheduler = engine.scheduler  # read (never changed) by /metrics: KV blocks, preemptions
         self.health = Health(time.time(), time.monotonic(), 60.0)
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count(1)

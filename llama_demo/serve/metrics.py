@@ -34,12 +34,21 @@ class Metrics:
         self.itl = Histogram("llama_demo_inter_token_latency_seconds", "Between successive tokens of one answer",
                              buckets=ITL_BUCKETS, registry=r)
         health = client.health
-        Gauge("llama_demo_requests_running", "Requests holding a KV-cache row (KV rows in use)",
+        Gauge("llama_demo_requests_running", "Requests running (holding KV blocks), at most --max_batch_size",
               registry=r).set_function(lambda: health.running)
-        Gauge("llama_demo_requests_waiting", "Requests admitted and waiting for a KV row (the queue)",
+        Gauge("llama_demo_requests_waiting", "Requests admitted and waiting to run (the queue, preempted ones first)",
               registry=r).set_function(lambda: health.waiting)
-        Gauge("llama_demo_kv_rows", "KV-cache rows (--max_batch_size)",
-              registry=r).set_function(lambda: getattr(client, "max_batch_size", 0))
+        sched = getattr(client, "scheduler", None)  # a fake engine client (tests) may have none
+        if sched is not None:
+            pool = sched.pool
+            Gauge("llama_demo_kv_blocks", f"KV-cache blocks ({pool.block_size} positions each)",
+                  registry=r).set_function(lambda: pool.num_blocks)
+            Gauge("llama_demo_kv_blocks_used", "KV-cache blocks held by running requests",
+                  registry=r).set_function(lambda: pool.used)
+            Gauge("llama_demo_kv_blocks_cached", "KV-cache blocks held by nobody that keep a named prefix for reuse",
+                  registry=r).set_function(lambda: len(pool.cached))
+            Gauge("llama_demo_preemptions", "Requests preempted (KV blocks ran out) since start",
+                  registry=r).set_function(lambda: sched.preempted_total)
         Gauge("llama_demo_in_flight", "Requests submitted and not finished (running + waiting + being published)",
               registry=r).set_function(lambda: client.in_flight)
 
