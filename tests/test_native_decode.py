@@ -159,3 +159,21 @@ def test_c_decode_step_equals_the_torch_ops(tmp_path, world):
         if rank:
             first = json.loads((tmp_path / "native.0.json").read_text())
             assert [r["max_rows"] for r in got.values()] == [r["max_rows"] for r in first.values()]
+
+
+@NATIVE
+def test_paged_attention_equals_the_gathered_torch_attention():
+    """The torch path's decode rows on CPU attend in C over their block tables in place
+    (cpu_kernels.paged_attention): the same as gathering their blocks and attending in torch ops."""
+    from llama_demo.model.parts import Part, padded_tables
+
+    g = torch.Generator().manual_seed(3)
+    heads, kv_heads, hd, bs = 6, 2, 32, 4
+    cache_k, cache_v = (torch.randn(40, kv_heads, bs, hd, generator=g) for _ in range(2))
+    tables = padded_tables([[5, 9, 1], [30, 2, 7, 8, 11, 12], [0]])  # ragged, padded with block 0
+    pos = torch.tensor([[10], [21], [2]])
+    q = torch.randn(3, heads, hd, generator=g)
+    got = cpu_kernels.paged_attention(q, tables, pos, cache_k, cache_v)
+    p = Part.of(0, tables, pos, bs)
+    want = cpu_kernels.attention(q[:, :, None], p.gather(cache_k), p.gather(cache_v), p.mask)
+    assert torch.allclose(got, want.reshape(3, heads * hd), atol=1e-5)

@@ -104,6 +104,26 @@ def set_cpu_threads(openblas_step: bool) -> None:
         torch.set_num_threads(n)
 
 
+def paged_attention(q: torch.Tensor, tables: torch.Tensor, pos: torch.Tensor, cache_k: torch.Tensor,
+                    cache_v: torch.Tensor) -> torch.Tensor | None:
+    """(B, heads * hd): one token per sequence, q (B, heads, hd) rotated, attending over positions
+    0..pos[b] of its sequence's blocks `tables` (B, width) in the pool cache_k, cache_v (blocks,
+    kv heads, block_size, hd), which already holds the token's own key and value. In C, reading
+    the blocks in place (the torch ops would gather every key and value of the batch first, per
+    layer: at 32 rows of 300 positions that copy was most of a decode step). None when the C
+    kernels are off or the tensors are not float32."""
+    lib = native()
+    if lib is None or q.dtype != torch.float32 or cache_k.dtype != torch.float32:
+        return None
+    B, h, hd = q.shape
+    q, tables, pos = q.contiguous(), tables.contiguous(), pos.reshape(-1).contiguous()
+    out = torch.empty(B, h * hd)
+    if lib.qk_attend_paged(q.data_ptr(), B, h, cache_k.shape[1], hd, tables.data_ptr(), tables.shape[1], pos.data_ptr(),
+                           cache_k.data_ptr(), cache_v.data_ptr(), cache_k.shape[2], out.data_ptr()):
+        raise MemoryError("no memory for the attention's scratch")
+    return out
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Attention on CPU as plain matrix products: torch's CPU flash kernel takes milliseconds per
     call for a one-token query (measured: 85% of a 110M decode step). Shapes as model.attention."""
@@ -258,6 +278,7 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib.qk_linear_f32.argtypes = [p, i64, p, i64, i64, p]
     lib.qk_rmsnorm.argtypes = [p, p, p, i64, i64, ctypes.c_float, p]
     lib.qk_attend_decode.argtypes = [p, i64, i64, i64, i64, p, i64, p, p, p, p, i64, p]
+    lib.qk_attend_paged.argtypes = [p, i64, i64, i64, i64, p, i64, p, p, p, i64, p]
     lib.qk_decode_attention.argtypes = [p, p, p, p, p]
     lib.qk_decode_ffn.argtypes = [p, p, p, p, p]
     lib.qk_decode_layers.argtypes = [p, p, i64, p, p]

@@ -639,11 +639,14 @@ static void attend_range(const float *q, int64_t g, int64_t hd, const float *cac
  * at 170 positions, 72 -> 38 at 1000, against one dot product per (head, position) before; the
  * gain is the 8-row scores and 8 output registers (dependent FMA chains were the cost), not the
  * split, which alone changed nothing measurable. */
+static int attend_tokens(const float *q, int64_t q_stride, int64_t B, int64_t h, int64_t kvh, int64_t hd,
+                         const int64_t *tables, int64_t table_width, const int64_t *pos, const float *cache_k,
+                         const float *cache_v, int64_t bs, float *out);
+
 int qk_attend_decode(float *qkv, int64_t B, int64_t h, int64_t kvh, int64_t hd, const int64_t *tables,
                      int64_t table_width, const int64_t *pos, const float *rope, float *cache_k, float *cache_v,
                      int64_t bs, float *out) {
-    const int64_t width = (h + 2 * kvh) * hd, g = h / kvh;
-    int64_t longest = 0;
+    const int64_t width = (h + 2 * kvh) * hd;
     for (int64_t b = 0; b < B; b++) {
         float *t = qkv + b * width;
         const int64_t block = tables[b * table_width + pos[b] / bs], off = pos[b] % bs;
@@ -653,8 +656,28 @@ int qk_attend_decode(float *qkv, int64_t B, int64_t h, int64_t kvh, int64_t hd, 
             memcpy(cache_k + at, t + (h + j) * hd, hd * sizeof(float));
             memcpy(cache_v + at, t + (h + kvh + j) * hd, hd * sizeof(float));
         }
-        longest = pos[b] + 1 > longest ? pos[b] + 1 : longest;
     }
+    return attend_tokens(qkv, width, B, h, kvh, hd, tables, table_width, pos, cache_k, cache_v, bs, out);
+}
+
+/* The attention alone, for the torch path's decode rows (their keys and values already in the
+ * pool): q (B, h, hd) rotated; the rest as qk_attend_decode. It reads each sequence's blocks in
+ * place, where the torch ops would first gather them into one tensor (a copy of every key and
+ * value of the batch, per layer). */
+int qk_attend_paged(const float *q, int64_t B, int64_t h, int64_t kvh, int64_t hd, const int64_t *tables,
+                    int64_t table_width, const int64_t *pos, const float *cache_k, const float *cache_v, int64_t bs,
+                    float *out) {
+    return attend_tokens(q, h * hd, B, h, kvh, hd, tables, table_width, pos, cache_k, cache_v, bs, out);
+}
+
+/* out[b] (h hd) = softmax(q k^T / sqrt(hd)) v over positions 0..pos[b] of token b's sequence; q of
+ * token b at q + b q_stride. */
+static int attend_tokens(const float *q, int64_t q_stride, int64_t B, int64_t h, int64_t kvh, int64_t hd,
+                         const int64_t *tables, int64_t table_width, const int64_t *pos, const float *cache_k,
+                         const float *cache_v, int64_t bs, float *out) {
+    const int64_t g = h / kvh;
+    int64_t longest = 0;
+    for (int64_t b = 0; b < B; b++) longest = pos[b] + 1 > longest ? pos[b] + 1 : longest;
     const int parallel = B * h * longest * hd >= (1 << 15);
     int64_t spans = 1;
 #ifdef _OPENMP
@@ -683,7 +706,7 @@ int qk_attend_decode(float *qkv, int64_t B, int64_t h, int64_t kvh, int64_t hd, 
             const int64_t b = i / (kvh * spans), j = i / spans % kvh, c = i % spans, n = pos[b] + 1;
             const int64_t per = (n + spans - 1) / spans, t0 = c * per < n ? c * per : n;
             const int64_t t1 = t0 + per < n ? t0 + per : n;
-            attend_range(qkv + b * width + j * g * hd, g, hd, cache_k, cache_v, tables + b * table_width, kvh, j,
+            attend_range(q + b * q_stride + j * g * hd, g, hd, cache_k, cache_v, tables + b * table_width, kvh, j,
                          bs, t0, t1, scale, ms + i * g, ss + i * g, os + i * g * hd, p);
         }
         free(p);

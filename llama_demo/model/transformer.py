@@ -215,6 +215,11 @@ class Attention(nn.Module):
             B, T = p.pos.shape
             self.cache_k[p.write_blocks, :, p.write_offsets] = k[p.tokens]  # (B T, kvh, hd) at their positions
             self.cache_v[p.write_blocks, :, p.write_offsets] = v[p.tokens]
+            if T == 1 and x.device.type == "cpu":  # decode rows: C reads their blocks in place
+                out = cpu_kernels.paged_attention(q[p.tokens], p.tables, p.pos, self.cache_k, self.cache_v)
+                if out is not None:
+                    outs.append(out)
+                    continue
             qp = q[p.tokens].view(B, T, h, hd).transpose(1, 2)  # (B, heads, T, hd)
             keys, values = p.gather(self.cache_k), p.gather(self.cache_v)
             outs.append(attention(qp, keys, values, p.mask).transpose(1, 2).reshape(B * T, h * hd))
