@@ -94,7 +94,7 @@ def make_checkpoint(folder: Path, shape: str = "mha", n_shards: int = 1, seed: i
 
 def hf_model(ckpt_dir: Path):
     """transformers' LlamaForCausalLM on the same weights, wq/wk permuted to its rotary layout."""
-    from llama_demo.commands.bench import hf_model_from_meta
+    from llama_demo.weights.hf import hf_model_from_meta
 
     return hf_model_from_meta(ckpt_dir, torch.float32, torch.device("cpu"))
 

@@ -56,7 +56,7 @@ def perplexity(model: Transformer, ids: list[int], window: int, device: torch.de
 
 def hf_perplexity(ckpt_dir: Path, ids: list[int], window: int) -> float:
     """The reference: transformers' LlamaForCausalLM on the same weights, float32, same windows."""
-    from .bench import hf_model_from_meta
+    from ..weights.hf import hf_model_from_meta
 
     model = hf_model_from_meta(ckpt_dir, torch.float32, torch.device("cpu"))
     nll, n = 0.0, 0

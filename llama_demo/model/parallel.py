@@ -163,6 +163,12 @@ def free_memory(device: torch.device) -> int:
     return available_memory()
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work: a timer read before it would measure only the launches."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def default_dtype(device: torch.device, checkpoint_dtype: torch.dtype | None = None) -> torch.dtype:
     """float32 on CPU (half precision is ~70x slower there); on a GPU the checkpoint's half type,
     bfloat16 only where the GPU supports it (pre-Ampere GPUs get float16)."""

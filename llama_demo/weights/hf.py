@@ -1,6 +1,8 @@
 """Hugging Face LlamaForCausalLM folders (config.json + safetensors or pytorch_model*.bin) into
 Meta's layout, and the facts both directions share: the tensor-name table and the per-head
-rotary permutation of wq/wk (Hugging Face rotates halves of each head, Meta interleaved pairs).
+rotary permutation of wq/wk (Hugging Face rotates halves of each head, Meta interleaved pairs);
+the other direction too: transformers' model on a Meta checkpoint (hf_model_from_meta, the
+reference beside ours in bench --vs-hf, eval --vs-hf and the tests).
 
     python -m llama_demo.convert --hf_dir Llama-2-7b-hf --out models/llama-2-7b --shards 2
 """
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import TOKENIZER_FILES, atomic_dir, check_out_dir
+from .checkpoint import TOKENIZER_FILES, atomic_dir, check_out_dir, open_checkpoint
 from .convert import CONVERTER_VERSION, ConvertError, ffn_params, resolve_dtype, save_converted
 from ..config import LLAMA3_ROPE_SCALING, ModelArgs
 
@@ -281,3 +283,30 @@ def _post_processor_adds_bos(tokenizer_json: Path, bos: str | None) -> bool:
     return False
 
 
+def hf_model_from_meta(folder: Path, dtype: torch.dtype, device: torch.device):
+    """transformers' LlamaForCausalLM on a one-rank view of a Meta checkpoint (rotary rows permuted)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ck = open_checkpoint(folder, 1)
+    a = ck.args
+    # Llama 3.1's scaled rotary frequencies (use_scaled_rope) are transformers' rope_type "llama3"
+    rope = {"rope_type": "default", "rope_theta": a.rope_theta}
+    if a.rope_scaling is not None:
+        rope = {**rope, "rope_type": "llama3", **a.rope_scaling}
+    cfg = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.ffn_hidden,
+                      num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
+                      rms_norm_eps=a.norm_eps, rope_parameters=rope, max_position_embeddings=4096,
+                      tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    sd = {}
+    for name in ck.full_shapes:
+        t = ck.rank_slice(name, 0, 1).to(dtype)
+        if name.endswith("attention.wq.weight"):
+            t = hf_from_meta_rotary(t, a.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            t = hf_from_meta_rotary(t, a.n_kv_heads)
+        sd[hf_name(name)] = t
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+    return model.eval()
