@@ -31,7 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .parallel import cpu_threads
+from ..config import cache_root
+from .parallel import available_memory, cpu_threads
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -68,27 +69,6 @@ def pack_for_cpu(model, batch_hint: int = 16) -> int:
     for p in products:
         p.packed = torch.ops.mkldnn._reorder_linear_weight(p.weight.detach(), batch_hint)
     return need
-
-
-def available_memory() -> int:
-    """Bytes this process may still take: the kernel's MemAvailable, capped by a cgroup v2 limit
-    (containers) when there is one. 0 when unknown, which turns packing off."""
-    free = 0
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    free = int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        return 0
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f_max, open("/sys/fs/cgroup/memory.current") as f_cur:
-            limit = f_max.read().strip()
-            if limit != "max":
-                free = min(free, int(limit) - int(f_cur.read()))
-    except (OSError, ValueError):
-        pass
-    return max(free, 0)
 
 
 def set_cpu_threads(openblas_step: bool) -> None:
@@ -242,7 +222,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     if not cc:
         return None, None
     source = _SOURCE.read_bytes()
-    root = Path(os.environ.get("LLAMA_DEMO_CACHE", Path.home() / ".cache" / "llama_demo")).expanduser() / "kernels"
+    root = cache_root() / "kernels"
     errors = []
     for march in (True, False):  # a compiler that refuses -march=native may still build the portable loops
         lib_path = root / f"qkernels-{cache_key(cc, march, source)}.so"

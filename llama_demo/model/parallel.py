@@ -158,9 +158,28 @@ def free_memory(device: torch.device) -> int:
     """Bytes this rank can still allocate on its device (0: unknown)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    from .cpu_kernels import available_memory
-
     return available_memory()
+
+
+def available_memory() -> int:
+    """Bytes this process may still take: the kernel's MemAvailable, capped by a cgroup v2 limit
+    (containers) when there is one. 0 when unknown (cpu_kernels.pack_for_cpu then packs nothing)."""
+    free = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return 0
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f_max, open("/sys/fs/cgroup/memory.current") as f_cur:
+            limit = f_max.read().strip()
+            if limit != "max":
+                free = min(free, int(limit) - int(f_cur.read()))
+    except (OSError, ValueError):
+        pass
+    return max(free, 0)
 
 
 def synchronize(device: torch.device) -> None:
