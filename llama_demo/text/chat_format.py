@@ -56,6 +56,23 @@ class Message:
 Dialog = list[Message]
 
 
+def call_arguments(call: dict) -> dict:
+    """An OpenAI tool call's arguments as an object (the API sends them as a JSON string)."""
+    args = call.get("function", {}).get("arguments") or "{}"
+    try:
+        value = json.loads(args) if isinstance(args, str) else args
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def llama3_call_text(call: dict) -> str:
+    """An assistant's earlier tool call as a Llama 3 model writes it (llama-models'
+    ToolUtils.encode_tool_call): part of the chat format, which renders earlier turns; the tool
+    formats read the model's new calls."""
+    return json.dumps({"type": "function", "name": call["function"]["name"], "parameters": call_arguments(call)})
+
+
 def check_messages(dialog: Sequence[Message], roles: Sequence[str] = ROLES, extras: Sequence[str] = (),
                    why: str = "") -> None:
     """The shape every format needs: at least one message, known roles, text content, and only
@@ -159,14 +176,12 @@ class Llama3ChatFormat(ChatFormat):
         return [self._start, *enc(role, bos=False), self._end, *enc("\n\n", bos=False)]
 
     def _encode(self, dialog: Sequence[Message]) -> list[int]:
-        from .tool_format import MetaJsonTools
-
         ids = [self._bot]
         for m in dialog:
             role = "ipython" if m.role == TOOL_ROLE else m.role  # Llama 3.1's role for tool results
             ids += self._header(role) + self.tokenizer.encode(m.content, bos=False)  # as written: Meta strips nothing
             if m.role == "assistant" and m.tool_calls:  # as llama-models writes an earlier call: its JSON, then
-                ids += self.tokenizer.encode("".join(map(MetaJsonTools.encode_call, m.tool_calls)), bos=False)
+                ids += self.tokenizer.encode("".join(map(llama3_call_text, m.tool_calls)), bos=False)
                 ids.append(self._eom)  # <|eom_id|>, where the model stopped for the tool's result
             else:
                 ids.append(self._eot)

@@ -26,7 +26,8 @@ from typing import Callable
 
 import regex  # tiktoken's dependency; partial matching tells a call's opening from text early
 
-from .chat_format import ChatFormat, JinjaChatFormat, Llama3ChatFormat, Message, TOOL_ROLE
+from .chat_format import (ChatFormat, JinjaChatFormat, Llama3ChatFormat, Message, TOOL_ROLE, call_arguments,
+                          llama3_call_text)
 
 CUSTOM_TOOL_CALL = re.compile(r"<function=(?P<function_name>[^}]+)>(?P<args>{.*?})")  # llama-models' tool_utils
 _JSON_STRING = r'"(?P<name>(?:[^"\\]|\\.)*)"'
@@ -36,16 +37,6 @@ def new_call(name: str, arguments) -> dict:
     """One tool call in OpenAI's shape (arguments as a JSON string)."""
     args = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
     return {"id": f"call_{secrets.token_hex(12)}", "type": "function", "function": {"name": name, "arguments": args}}
-
-
-def call_arguments(call: dict) -> dict:
-    """An OpenAI tool call's arguments as an object (the API sends them as a JSON string)."""
-    args = call.get("function", {}).get("arguments") or "{}"
-    try:
-        value = json.loads(args) if isinstance(args, str) else args
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 class ToolFormat:
@@ -110,10 +101,7 @@ class MetaJsonTools(ToolFormat):
                 "If none of the function can be used, please say so.\n"
                 "Here is a list of functions in JSON format:\n" + "".join(blocks) + "\nReturn function calls in JSON format.")
 
-    @staticmethod
-    def encode_call(call: dict) -> str:
-        """An assistant's earlier call as the model writes it (llama-models' ToolUtils.encode_tool_call)."""
-        return json.dumps({"type": "function", "name": call["function"]["name"], "parameters": call_arguments(call)})
+    encode_call = staticmethod(llama3_call_text)  # an earlier call as the model writes it (chat_format's)
 
     def parse(self, text: str) -> list[dict] | None:
         content = text.strip(" ").removeprefix("<|python_tag|>")
