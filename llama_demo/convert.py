@@ -1,7 +1,7 @@
-"""`python -m llama_demo.convert`: the command lives in llama_demo.weights.convert; this name stays for users' scripts."""
+"""`python -m llama_demo.convert`: the command lives in llama_demo.commands.convert; this name stays for users' scripts."""
 import sys
 
-from .weights.convert import main
+from .commands.convert import main
 
 if __name__ == "__main__":
     sys.exit(main())

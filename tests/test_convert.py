@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from llama_demo.weights import convert, default_model
+from llama_demo.commands import convert as convert_command
+from llama_demo.weights import default_model
 from llama_demo.weights.checkpoint import atomic_dir, open_checkpoint
 from llama_demo.config import ConfigError, ModelArgs
 from llama_demo.weights.convert import ConvertError, ffn_params
@@ -294,7 +295,7 @@ def test_file_that_is_not_gguf_is_refused(tmp_path):
 
 
 def test_cli_prints_one_line_error_and_exits_2(tmp_path, capsys):
-    assert convert.main(["--gguf", str(tmp_path / "nope.gguf"), "--out", str(tmp_path / "out")]) == 2
+    assert convert_command.main(["--gguf", str(tmp_path / "nope.gguf"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "nope.gguf does not exist" in err and err.count("\n") == 1
 
@@ -461,7 +462,7 @@ def test_hf_folder_of_another_architecture_is_refused(tmp_path, capsys):
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}))
     with pytest.raises(ConvertError, match="only LlamaForCausalLM"):
         convert_hf(tmp_path / "hf", tmp_path / "out")
-    assert convert.main(["--hf_dir", str(tmp_path / "hf"), "--out", str(tmp_path / "out")]) == 2
+    assert convert_command.main(["--hf_dir", str(tmp_path / "hf"), "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
 
 
