@@ -210,7 +210,7 @@ def test_missing_folder(tmp_path):
 def test_hugging_face_repo_folder_finds_its_original_subfolder(tmp_path):
     """Meta-Llama-3-8B-Instruct/original/{params.json, consolidated.00.pth, tokenizer.model}: the
     repo folder is enough for the loader and the tokenizer search."""
-    from llama_demo.commands.startup import find_tokenizer
+    from llama_demo.text.tokenizer import find_tokenizer
 
     repo = tmp_path / "Meta-Llama-3-8B-Instruct"
     make_checkpoint(repo / "original", "mha", 2, seed=4)
@@ -219,7 +219,7 @@ def test_hugging_face_repo_folder_finds_its_original_subfolder(tmp_path):
     assert ck.paths[0] == repo / "original" / "consolidated.00.pth" and ck.n == 2
     assert find_tokenizer(repo, None) == repo / "original" / "tokenizer.model"
     (repo / "tokenizer.json").write_text("{}")  # the repo's own Hugging Face tokenizer comes first
-    assert find_tokenizer(repo, None) == repo
+    assert find_tokenizer(repo, None) == repo / "tokenizer.json"
 
 
 def test_checklist_names_a_shard_that_is_missing(good):

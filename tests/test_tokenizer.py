@@ -427,3 +427,20 @@ def test_load_empty_folder_or_missing_file_says_what_was_expected(tmp_path):
 def test_load_unreadable_file_raises_one_line_error_naming_it(tmp_path, name, content, expected):
     (tmp_path / name).write_bytes(content)
     assert_one_line_error_naming(tmp_path / name, expected)
+
+
+def test_a_folder_finds_the_same_tokenizer_as_the_commands(tmp_path):
+    """load_tokenizer(folder) and find_tokenizer share one lookup: a Hugging Face repo of Meta's
+    files keeps tokenizer.model in original/, LLaMA 1/2 one level up beside the size folders."""
+    from llama_demo.text.tokenizer import find_tokenizer
+
+    repo = tmp_path / "repo"
+    (repo / "original").mkdir(parents=True)
+    shutil.copy(LLAMA2_TOKENIZER, repo / "original" / "tokenizer.model")
+    assert find_tokenizer(repo) == repo / "original" / "tokenizer.model"
+    assert isinstance(load_tokenizer(repo), SentencePieceTokenizer)
+    size = tmp_path / "7B"
+    size.mkdir()
+    shutil.copy(LLAMA2_TOKENIZER, tmp_path / "tokenizer.model")
+    assert find_tokenizer(size) == tmp_path / "tokenizer.model"
+    assert load_tokenizer(size).encode("Hello") == [1, 15043]

@@ -17,11 +17,10 @@ from ..config import cache_root
 from ..engine.engine import Engine
 from ..model.parallel import cpu_threads, init_distributed, parse_dtype
 from ..model.quant import weight_bytes, weights_label
-from ..text.tokenizer import load_tokenizer
+from ..text.tokenizer import find_tokenizer, load_tokenizer
 from ..weights.loading import load_model
 from .bench_measure import NoTextTokenizer, bench_engine, random_checkpoint
 from .eval import perplexity
-from .startup import find_tokenizer
 
 
 def parse_weights(spec: str) -> list[tuple[str, str | None, str | None]]:

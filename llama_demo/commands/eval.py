@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from ..model.parallel import init_distributed, parse_dtype
-from .startup import add_quantize_arg, find_tokenizer, run_command
+from .startup import add_quantize_arg, run_command
 from ..weights.loading import load_model
 from ..model.transformer import Transformer
 from ..model.quant import weights_label
-from ..text.tokenizer import load_tokenizer
+from ..text.tokenizer import find_tokenizer, load_tokenizer
 
 
 def window_nll(model: Transformer, ids: list[int], device: torch.device, chunk: int = 512) -> tuple[float, int]:

@@ -16,23 +16,9 @@ import torch
 from ..config import DEFAULT_DIST_TIMEOUT, DEFAULT_KV_ROWS, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, ConfigError, ModelArgs
 from ..engine.engine import Engine
 from ..model.parallel import DistInfo, check_dtype, free_memory, init_distributed, parse_dtype, shutdown_distributed
-from ..text.tokenizer import Tokenizer, load_tokenizer
+from ..text.tokenizer import Tokenizer, find_tokenizer, load_tokenizer
 from ..weights.checkpoint import model_folder
 from ..weights.loading import load_model
-
-
-def find_tokenizer(ckpt_dir: str | Path, tokenizer_path: str | Path | None) -> Path:
-    """--tokenizer_path, else the model folder's own tokenizer (Llama 3, converted models), else the
-    original/ subfolder's (a Hugging Face repo of Meta's files), else Meta's tokenizer.model one
-    level up (LLaMA 1/2 keep it beside the size folders)."""
-    if tokenizer_path:
-        return Path(tokenizer_path)
-    ckpt_dir = Path(ckpt_dir)
-    for cand in (ckpt_dir / "tokenizer.json", ckpt_dir / "tokenizer.model", ckpt_dir / "original" / "tokenizer.model",
-                 ckpt_dir.parent / "tokenizer.model"):
-        if cand.is_file():
-            return ckpt_dir if cand.name == "tokenizer.json" else cand
-    raise ConfigError(f"no tokenizer found: pass --tokenizer_path, or put tokenizer.model in {ckpt_dir} or {ckpt_dir.parent}")
 
 
 def add_model_args(p: argparse.ArgumentParser, ckpt_help: str | None = None) -> None:

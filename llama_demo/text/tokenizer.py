@@ -506,16 +506,41 @@ _BYTE_LEVEL_DECODE = _byte_level_table()
 # --- loading --------------------------------------------------------------------------------------
 
 
+def tokenizer_file(folder: str | Path) -> Path | None:
+    """A model folder's tokenizer: its own tokenizer.json (Hugging Face, converted models) or
+    tokenizer.model (Meta's Llama 3), else the original/ subfolder's (a Hugging Face repo of
+    Meta's files), else Meta's tokenizer.model one level up (LLaMA 1/2 keep it beside the size
+    folders); None when there is none. The one lookup: the commands, load_tokenizer and the
+    quantize command's copy all ask it."""
+    folder = Path(folder)
+    for cand in (folder / "tokenizer.json", folder / "tokenizer.model", folder / "original" / "tokenizer.model",
+                 folder.parent / "tokenizer.model"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def find_tokenizer(ckpt_dir: str | Path, tokenizer_path: str | Path | None = None) -> Path:
+    """--tokenizer_path, else the model folder's tokenizer (tokenizer_file)."""
+    if tokenizer_path:
+        return Path(tokenizer_path)
+    found = tokenizer_file(ckpt_dir)
+    if found is None:
+        ckpt_dir = Path(ckpt_dir)
+        raise TokenizerError(f"no tokenizer found: pass --tokenizer_path, or put tokenizer.json or tokenizer.model "
+                             f"in {ckpt_dir} (or tokenizer.model in {ckpt_dir.parent})")
+    return found
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer file, or the tokenizer of a model folder (tokenizer.json before tokenizer.model)."""
+    """Load a tokenizer file, or the tokenizer of a model folder (tokenizer_file)."""
     path = Path(path)
     if path.is_dir():
-        for name in ("tokenizer.json", "tokenizer.model"):
-            if (path / name).is_file():
-                path = path / name
-                break
-        else:
-            raise TokenizerError(f"{path}: no tokenizer.json or tokenizer.model in this folder")
+        found = tokenizer_file(path)
+        if found is None:
+            raise TokenizerError(f"{path}: no tokenizer.json or tokenizer.model in this folder, its original/ "
+                                 "or one level up")
+        path = found
     if not path.is_file():
         raise TokenizerError(f"{path}: no such tokenizer file (expected tokenizer.json or tokenizer.model)")
     if path.suffix == ".json":

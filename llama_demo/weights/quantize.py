@@ -43,6 +43,7 @@ from .checkpoint import (TOKENIZER_FILES, QuantSpec, atomic_dir, check_out_dir, 
 from ..config import ConfigError
 from ..model.quant import dequantize_int4, gptq_int4, quantize_weight, spec_for
 from ..model.parts import Part
+from ..text.tokenizer import tokenizer_file
 
 DEFAULT_CALIB_TEXT = "assets/pride_and_prejudice.txt"
 # The eval figures use the text's first 2048 tokens: calibrating after 4096 keeps them unseen.
@@ -170,9 +171,8 @@ def _run_gptq(ckpt_dir: Path, spec: QuantSpec, calib_text: str | None, calib_tok
               calib_seq_len: int, damp: float, act_order: bool, device: str | None,
               log: Callable[[str], None]) -> dict[str, torch.Tensor]:
     from ..model.parallel import init_distributed, shutdown_distributed
-    from ..commands.startup import find_tokenizer
     from .loading import load_model
-    from ..text.tokenizer import load_tokenizer
+    from ..text.tokenizer import find_tokenizer, load_tokenizer
 
     text_path = Path(calib_text or DEFAULT_CALIB_TEXT)
     if not text_path.is_file():
@@ -192,14 +192,14 @@ def _run_gptq(ckpt_dir: Path, spec: QuantSpec, calib_text: str | None, calib_tok
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
-    """The tokenizer files, copied as they are, so the quantized folder is served as is
-    (tokenizer.model may sit one level up, beside LLaMA 1/2's size folders: then from there)."""
+    """The tokenizer files, copied as they are, so the quantized folder is served as is (a
+    tokenizer.model found elsewhere, in original/ or one level up as LLaMA 1/2 keep it, is copied in)."""
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
-    if not (dst / "tokenizer.model").exists() and not (dst / "tokenizer.json").exists() \
-            and (src.parent / "tokenizer.model").is_file():
-        shutil.copy2(src.parent / "tokenizer.model", dst / "tokenizer.model")
+    found = tokenizer_file(src)
+    if found is not None and not (dst / found.name).exists():
+        shutil.copy2(found, dst / found.name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from llama_demo.commands.startup import find_tokenizer
+from llama_demo.text.tokenizer import find_tokenizer
 from llama_demo.engine import grammar
 from llama_demo.engine.engine import Engine, Request
 from llama_demo.engine.sampler import SamplingParams
