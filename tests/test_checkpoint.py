@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from conftest import make_checkpoint, python_module, random_state, torchrun
-from llama_demo.weights.checkpoint import (CheckpointError, QuantSpec, expected_shapes, kv_heads_of_part, open_checkpoint,
-                                           save_sharded, split_dim)
+from llama_demo.model.quant_format import QuantSpec
+from llama_demo.weights.checkpoint import (CheckpointError, expected_shapes, kv_heads_of_part, open_checkpoint, save_sharded,
+                                           split_dim)
 from llama_demo.config import ConfigError, ModelArgs
 
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import NATIVE, TOKENIZER_TEXT, make_tokenizer, python_module, random_state, torchrun
-from llama_demo.weights.checkpoint import CheckpointError, QuantSpec, open_checkpoint, save_sharded
+from llama_demo.weights.checkpoint import open_checkpoint, save_sharded
 from llama_demo.config import ModelArgs
-from llama_demo.model.quant import (QuantError, dequantize_int4, dequantize_int8, gptq_int4, pack_int4, quantize_int4_rtn,
-                              quantize_int8, spec_for, unpack_int4)
+from llama_demo.model.quant_format import (QuantError, QuantSpec, dequantize_int4, dequantize_int8, gptq_int4, pack_int4,
+                                           quantize_int4_rtn, quantize_int8, spec_for, unpack_int4)
 from llama_demo.weights.quantize import quantize_checkpoint
 from llama_demo.model import cpu_kernels
 
@@ -76,12 +76,12 @@ def test_bad_group_size_is_a_clear_error(tmp_path):
     args = ModelArgs(**WIDE)
     with pytest.raises(QuantError, match="does not divide"):
         spec_for("int4", args, 1, group_size=96)
-    with pytest.raises(CheckpointError, match="2 ranks would cut int4 groups"):
+    with pytest.raises(QuantError, match="2 ranks would cut int4 groups"):
         spec_for("int4", args, 2, group_size=256)
     # a checkpoint whose groups a rank count would cut: refused before any weight is read
     src = _float_checkpoint(tmp_path / "f")
     quantize_checkpoint(src, tmp_path / "q", "int4", group_size=256, algorithm="rtn")
-    with pytest.raises(CheckpointError, match="2 ranks would cut int4 groups"):
+    with pytest.raises(QuantError, match="2 ranks would cut int4 groups"):
         open_checkpoint(tmp_path / "q", 2)
     proc = python_module(["llama_demo.quantize", "--ckpt_dir", str(src), "--out", str(tmp_path / "bad"),
                           "--method", "int4", "--group_size", "48"])

@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..config import ConfigError, ModelArgs
+from ..model.quant_format import QUANT_AUX, QuantSpec
 
 
 class CheckpointError(ConfigError):
@@ -65,80 +66,6 @@ KV_NAMES = ("attention.wk.weight", "attention.wv.weight")
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 # The Column/RowParallelLinear weights: what a quantized checkpoint stores as integers.
 LINEAR_KEYS = tuple(k for k, d in SPLIT_DIM.items() if d is not None and k != "tok_embeddings.weight")
-QUANT_METHODS = ("int8", "int4")
-QUANT_ALGORITHMS = ("rtn", "gptq")
-QUANT_AUX = (".scales", ".zeros")  # suffixes of a quantized linear's companions of X.weight
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """params.json's "quantization" entry: how a checkpoint written by llama_demo.quantize stores
-    each linear layer's `X.weight`, and with `"embedding": true` the token embedding's as well
-    (a table of vocab rows, quantized like a row-parallel layer); the norms stay float.
-
-    int8: `X.weight` int8 (out, in) and `X.scales` (out,), w = q * scale (symmetric, per output row).
-    int4: `X.weight` uint8 (out, in/2), two 4-bit values per byte, column 2j in the high nibble and
-    2j+1 in the low one; `X.scales`, `X.zeros` (out, in/group_size) float16, w = (q - 8) * scale + zero
-    (asymmetric, per group of group_size input columns: the convention of torch's int4pack kernels).
-    Splits follow the split table: a column-parallel layer splits weight, scales and zeros along its
-    rows; a row-parallel one along its input columns, so int4 groups go with their columns (each
-    part must hold whole groups) and int8's per-row scales are replicated.
-    `algorithm` says how the integers were chosen (round-to-nearest or GPTQ); loading ignores it."""
-
-    method: str
-    group_size: int = 0  # int4 only
-    algorithm: str = "rtn"
-    embedding: bool = False  # tok_embeddings.weight quantized too (checkpoints before it: float)
-
-    def to_params(self) -> dict:
-        d: dict = {"method": self.method, "algorithm": self.algorithm}
-        if self.method == "int4":
-            d["group_size"] = self.group_size
-        if self.embedding:
-            d["embedding"] = True
-        return d
-
-    @classmethod
-    def from_params(cls, raw: object, source: str) -> "QuantSpec":
-        if not isinstance(raw, dict) or raw.get("method") not in QUANT_METHODS:
-            raise CheckpointError(f"{source}: \"quantization\" must be an object with \"method\" one of {', '.join(QUANT_METHODS)}; got {raw!r}")
-        algorithm = raw.get("algorithm", "rtn")
-        if algorithm not in QUANT_ALGORITHMS:
-            raise CheckpointError(f"{source}: quantization algorithm must be one of {', '.join(QUANT_ALGORITHMS)}; got {algorithm!r}")
-        group = raw.get("group_size", 0)
-        if raw["method"] == "int4" and (isinstance(group, bool) or not isinstance(group, int) or group < 2 or group % 2):
-            raise CheckpointError(f"{source}: int4 quantization needs an even integer group_size >= 2; got {group!r}")
-        embedding = raw.get("embedding", False)
-        if not isinstance(embedding, bool):
-            raise CheckpointError(f"{source}: quantization \"embedding\" must be true or false; got {embedding!r}")
-        return cls(raw["method"], group if raw["method"] == "int4" else 0, algorithm, embedding)
-
-    def check(self, args: ModelArgs, parts: int = 1, what: str = "rank") -> None:
-        """int4 groups must tile every linear layer's input, and each of `parts` row-parallel
-        slices must hold whole groups (a group cut between two ranks has no scale of its own)."""
-        if self.method != "int4":
-            return
-        g = self.group_size
-        for size, layers in ((args.dim, "wq/wk/wv/w1/w3/output (dim)"), (args.ffn_hidden, "w2 (FFN hidden size)")):
-            if size % g:
-                raise CheckpointError(f"int4 group size {g} does not divide the input size {size} of {layers}; "
-                                      f"choose a group size that divides {size}, e.g. {pow2_divisor(size, 128)}")
-        split = [(args.n_heads * args.head_dim, "wo"), (args.ffn_hidden, "w2")] + ([(args.dim, "the embedding")] if self.embedding else [])
-        for size, layer in split:
-            if parts > 1 and (size % parts or (size // parts) % g):
-                raise CheckpointError(f"{parts} {what}s would cut int4 groups: {layer}'s {size} inputs form {size // g} groups of {g} "
-                                      f"and each {what} must hold whole groups; use a {what} count that divides {size // g}, "
-                                      f"or quantize with a smaller --group_size")
-
-
-def pow2_divisor(n: int, cap: int) -> int:
-    """The largest power of two <= cap dividing n (a group size that tiles n)."""
-    g = cap
-    while g > 1 and n % g:
-        g //= 2
-    return g
-
-
 def _weight_name(name: str) -> str:
     """`X.scales` / `X.zeros` -> `X.weight`: companions split like their weight's rows or columns."""
     for suffix in QUANT_AUX:

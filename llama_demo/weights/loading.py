@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import ShardedCheckpoint, is_quantized_weight, iter_rank_state, open_checkpoint
+from .checkpoint import ShardedCheckpoint, is_quantized_weight, iter_rank_state, open_checkpoint, split_dim
 from ..config import ConfigError
 from ..model.parallel import DistInfo, default_dtype, free_memory
 from ..model.cpu_kernels import pack_for_cpu
@@ -34,7 +34,7 @@ def load_model(ckpt_dir: str | Path, dist_info: DistInfo, dtype: torch.dtype | N
                           f"or quantize its float source instead")
     on_the_fly = None
     if quantize and not ckpt.quant:
-        from ..model.quant import spec_for
+        from ..model.quant_format import spec_for
 
         on_the_fly = spec_for(quantize, args, dist_info.world_size)
     # Built on the meta device: fairscale's layers would otherwise allocate (and touch) a full
@@ -52,7 +52,7 @@ def load_model(ckpt_dir: str | Path, dist_info: DistInfo, dtype: torch.dtype | N
     for name, tensor in iter_rank_state(ckpt, dist_info.rank, dist_info.world_size, None if on_the_fly else dtype, bar):
         tensor = tensor.to(dist_info.device)
         if is_quantized_weight(name, on_the_fly):
-            state.update(quantize_weight(name, tensor, on_the_fly))
+            state.update(quantize_weight(name, tensor, on_the_fly, split_dim(name) == 1))
         else:
             state[name] = tensor.to(dtype) if on_the_fly and tensor.is_floating_point() else tensor
     model.load_state_dict(state, strict=True, assign=True)

@@ -6,7 +6,7 @@ calibration text (or by round-to-nearest).
         --calib_text assets/pride_and_prejudice.txt --calib_tokens 8192 --calib_skip 4096
 
 The output is Meta's layout (params.json + consolidated.NN.pth, --shards files) with params.json's
-"quantization" entry (checkpoint.QuantSpec describes the tensors); the tokenizer files are copied,
+"quantization" entry (model/quant_format.QuantSpec describes the tensors); the tokenizer files are copied,
 so the folder is served, evaluated and resharded like any other (any shard count on any rank count
 whose slices hold whole int4 groups).
 
@@ -38,10 +38,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import (TOKENIZER_FILES, QuantSpec, atomic_dir, check_out_dir, is_quantized_weight, open_checkpoint,
-                         save_sharded)
+from .checkpoint import (TOKENIZER_FILES, atomic_dir, check_out_dir, is_quantized_weight, open_checkpoint, save_sharded,
+                         split_dim)
 from ..config import ConfigError
-from ..model.quant import dequantize_int4, gptq_int4, quantize_weight, spec_for
+from ..model.quant import quantize_weight
+from ..model.quant_format import QuantSpec, dequantize_int4, gptq_int4, spec_for
 from ..model.parts import Part
 from ..text.tokenizer import tokenizer_file
 
@@ -158,7 +159,7 @@ def quantize_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
         if name in state:
             continue
         t = ckpt.rank_slice(name, 0, 1)
-        state.update(quantize_weight(name, t, spec) if is_quantized_weight(name, spec) else {name: t})
+        state.update(quantize_weight(name, t, spec, split_dim(name) == 1) if is_quantized_weight(name, spec) else {name: t})
     extra = {k: v for k, v in json.loads((ckpt.paths[0].parent / "params.json").read_text()).items()
              if k not in args.to_params() and k not in ("quantization", "converted_from")}
     with atomic_dir(out_dir) as tmp:
