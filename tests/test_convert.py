@@ -15,7 +15,8 @@ import torch
 
 from llama_demo.commands import convert as convert_command
 from llama_demo.weights import default_model
-from llama_demo.weights.checkpoint import atomic_dir, open_checkpoint
+from llama_demo.weights.checkpoint import open_checkpoint
+from llama_demo.weights.folder import atomic_dir
 from llama_demo.config import ConfigError, ModelArgs
 from llama_demo.weights.convert import ConvertError, ffn_params
 from llama_demo.weights.default_model import default_model_dir

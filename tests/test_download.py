@@ -10,7 +10,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from llama_demo.weights import download as dl
-from llama_demo.weights.download import DownloadError, download, parse_checklist
+from llama_demo.weights.download import DownloadError, download
+from llama_demo.weights.folder import CheckpointError, parse_checklist
 
 
 def md5(data: bytes) -> str:
@@ -194,6 +195,6 @@ def test_several_shards_all_come_from_the_checklist(tmp_path):
 
 
 def test_checklist_cannot_name_files_outside_the_folder():
-    with pytest.raises(DownloadError, match="plain file name"):
+    with pytest.raises(CheckpointError, match="plain file name"):
         parse_checklist(f"{'0' * 32}  ../../etc/passwd\n", "7B/checklist.chk")
     assert parse_checklist(f"{'a' * 32} *consolidated.00.pth\n\n", "x") == {"consolidated.00.pth": "a" * 32}

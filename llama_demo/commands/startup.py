@@ -17,7 +17,7 @@ from ..config import DEFAULT_DIST_TIMEOUT, DEFAULT_KV_ROWS, DEFAULT_MAX_BATCH_SI
 from ..engine.engine import Engine
 from ..model.parallel import DistInfo, check_dtype, free_memory, init_distributed, parse_dtype, shutdown_distributed
 from ..text.tokenizer import Tokenizer, find_tokenizer, load_tokenizer
-from ..weights.checkpoint import model_folder
+from ..weights.folder import model_folder
 from ..weights.loading import load_model
 
 

@@ -25,12 +25,13 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from .folder import CheckpointError, parse_checklist
+
 CHUNK = 1 << 20
 TIMEOUT_S = 60.0  # per socket operation: a stalled connection is retried, not waited on forever
 RETRIES = 5
 # Meta's shard counts (FORMATS.md), by parameter count: only used to warn about a short checklist.
 META_SHARDS = {"7B": 1, "8B": 1, "13B": 2, "30B": 4, "33B": 4, "65B": 8, "70B": 8}
-_MD5_RE = re.compile(r"^[0-9a-fA-F]{32}$")
 
 
 class DownloadError(Exception):
@@ -42,23 +43,6 @@ def file_url(url_template: str, rel_path: str) -> str:
     if "*" not in url_template:
         raise DownloadError("the URL must contain '*' where each file's path goes: paste the whole signed link from Meta's e-mail")
     return url_template.replace("*", urllib.parse.quote(rel_path, safe="/"), 1)
-
-
-def parse_checklist(text: str, source: str) -> dict[str, str]:
-    """`<md5>  <file name>` lines (md5sum's format) -> {file name: md5}."""
-    entries: dict[str, str] = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.strip().split(maxsplit=1)
-        if len(parts) != 2 or not _MD5_RE.match(parts[0]):
-            raise DownloadError(f"{source} line {n} is not '<md5>  <file name>': {line!r}")
-        md5, name = parts[0].lower(), parts[1].lstrip("*").strip()  # md5sum marks binary mode with '*'
-        # The checklist comes from the server: never let it write outside the folder.
-        if not name or Path(name).name != name or name in (".", "..") or "\\" in name:
-            raise DownloadError(f"{source} line {n} names {name!r}; expected a plain file name")
-        entries[name] = md5
-    return entries
 
 
 def md5_of(path: Path) -> str:
@@ -200,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [s.strip() for s in a.model_size.split(",") if s.strip()]
     try:
         files = download(a.url, sizes, a.folder, progress=not a.quiet)
-    except DownloadError as e:
+    except (DownloadError, CheckpointError) as e:  # CheckpointError: a checklist the server sent is malformed
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_dir, check_out_dir
+from .folder import atomic_dir, check_out_dir
 from .convert import CONVERTER_VERSION, ConvertError, ffn_params, resolve_dtype, save_converted
 from ..config import LLAMA3_ROPE_SCALING, ModelArgs, rope_frequencies
 from ..text.tokenizer import LLAMA3_PAT_STR

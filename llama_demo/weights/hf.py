@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import TOKENIZER_FILES, atomic_dir, check_out_dir, open_checkpoint
+from .checkpoint import open_checkpoint
+from .folder import TOKENIZER_FILES, atomic_dir, check_out_dir
 from .convert import CONVERTER_VERSION, ConvertError, ffn_params, resolve_dtype, save_converted
 from ..config import LLAMA3_ROPE_SCALING, ModelArgs
 

@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import (TOKENIZER_FILES, atomic_dir, check_out_dir, is_quantized_weight, open_checkpoint, save_sharded,
-                         split_dim)
+from .checkpoint import is_quantized_weight, open_checkpoint, save_sharded, split_dim
+from .folder import TOKENIZER_FILES, atomic_dir, check_out_dir
 from ..config import ConfigError
 from ..model.quant import quantize_weight
 from ..model.quant_format import QuantSpec, dequantize_int4, gptq_int4, spec_for
