@@ -32,6 +32,28 @@ class ConfigError(ValueError):
     """A model folder or a setting is wrong in a way the user can fix; the message says how."""
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's first line, for our one-line errors that quote a library's reason."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def read_json_object(path: Path, error: type[Exception] = ConfigError, missing: str | None = None) -> dict:
+    """A JSON file that must hold an object, failures raised as `error` naming the file. A missing
+    file is {} when `missing` is None, else an error saying `missing` (why it is needed)."""
+    if not path.is_file():
+        if missing is None:
+            return {}
+        raise error(f"{path} is missing: {missing}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, bad UTF-8
+        raise error(f"{path}: not readable JSON ({first_line(e)})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object")
+    return data
+
+
 # Llama 3.1's long-context rotary scaling behind params.json's use_scaled_rope: the constants
 # Meta's llama3 apply_scaling hard-codes ("values obtained from grid search"). Llama 3.2 1B/3B were
 # trained with factor 32 (their Hugging Face config.json, fixed after release), though Meta's

@@ -10,7 +10,8 @@ from llama_demo.text.chat_format import JinjaChatFormat
 from llama_demo.engine.engine import TokenEvent
 from llama_demo.engine.sampler import SamplingParams
 from llama_demo.serve.loop import Health, QueueFull
-from llama_demo.text.tokenizer import StreamDecoder, Tokenizer
+from llama_demo.text.detok import StreamDecoder
+from llama_demo.text.tokenizer import Tokenizer
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

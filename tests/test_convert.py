@@ -163,10 +163,10 @@ def write_tiny_gguf(path: Path, arch: str = "llama", ftype=np.float32, tied: boo
     """A 2-layer llama GGUF with a 256-byte BPE vocabulary (or, given spm, that SentencePiece
     model's vocabulary, stored as llama.cpp's converter does); returns its tensors (numpy order)."""
     import gguf
-    from llama_demo.weights.gguf import _bytes_to_unicode
+    from llama_demo.text.tokenizer_files import gpt2_bytes_to_unicode
     rng = np.random.default_rng(seed)
     dim, ffn, heads, kv, layers = 64, 176, 4, 2, 2
-    byte_tokens = list(_bytes_to_unicode().values())
+    byte_tokens = list(gpt2_bytes_to_unicode().values())
     tokens = ["<s>", "</s>"] + byte_tokens + ["Ġt", "he", "Ġthe", "<pad0>", "<pad1>", "<pad2>"]  # 264: splits in 2
     types = [3, 3] + [1] * (len(tokens) - 2)
     if spm is not None:

@@ -16,12 +16,12 @@ import pytest
 from llama_demo.text.tokenizer import (
     HFTokenizer,
     SentencePieceTokenizer,
-    StreamDecoder,
     TiktokenTokenizer,
     Tokenizer,
     TokenizerError,
     load_tokenizer,
 )
+from llama_demo.text.detok import StreamDecoder
 
 LLAMA2_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "llama2-tokenizer.model"
 

@@ -22,7 +22,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
-from .tokenizer import HFTokenizer, SentencePieceTokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer_config
+from .tokenizer import HFTokenizer, SentencePieceTokenizer, TiktokenTokenizer, Tokenizer
+from .tokenizer_files import load_tokenizer_config
 
 ROLES = ("system", "user", "assistant")
 TOOL_ROLE = "tool"  # OpenAI's role for a tool's result

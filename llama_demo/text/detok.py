@@ -1,5 +1,9 @@
 """Rank 0's view of an answer as text: streaming detokenization and stop strings.
 
+StreamDecoder turns a stream of ids into text pieces: it holds back incomplete UTF-8 and keeps
+SentencePiece's leading spaces by decoding each new id together with a few preceding ids and
+emitting only the difference (the prefix/read offsets of text-generation-inference).
+
 Only rank 0 runs this (engine.Engine consults it after sampling, and the stop decision travels
 with the step's token broadcast), so follower ranks never detokenize.
 
@@ -11,7 +15,57 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .tokenizer import StreamDecoder, Tokenizer
+from .tokenizer import Tokenizer
+
+REPLACEMENT_CHAR = "\ufffd"  # what a decoder yields for an incomplete UTF-8 byte sequence
+
+
+class StreamDecoder:
+    """Incremental detokenisation: push ids one at a time, get the text each one completes.
+
+    The concatenation of every push() and the final flush() equals
+    decode(context + generated)[len(decode(context)):], which is decode(generated) for byte-level
+    tokenizers. Two things make a per-token decode wrong, and the window fixes both:
+    - a character split over several byte tokens decodes to U+FFFD until complete: hold it back;
+    - SentencePiece drops the space (U+2581) of a text's first piece: decode each new id after
+      already-emitted ids (the prefix) and emit only what the new ids added.
+    Ids decode() never renders are dropped on arrival, so the window holds at most a few ids
+    (one character's bytes plus the prefix) and each push costs O(window), not O(length).
+    """
+
+    CONTEXT_IDS = 4  # prompt ids kept as the first prefix
+    MAX_HELD_IDS = 8  # a valid UTF-8 character needs at most 4 byte tokens; beyond this, emit anyway
+
+    def __init__(self, tokenizer: Tokenizer, context_ids: Sequence[int] = ()):
+        self._tok = tokenizer
+        context = [i for i in context_ids if i not in tokenizer.special_ids]
+        self._ids = context[-self.CONTEXT_IDS :] if self.CONTEXT_IDS else []
+        self._read = len(self._ids)  # ids before this offset are emitted; they are the prefix
+        self._prefix_text = tokenizer.decode(self._ids)
+
+    def push(self, token_id: int) -> str:
+        if token_id in self._tok.special_ids:
+            return ""
+        self._ids.append(token_id)
+        text = self._tok.decode(self._ids)
+        held = len(self._ids) - self._read
+        if (len(text) > len(self._prefix_text) and not text.endswith(REPLACEMENT_CHAR)) or held > self.MAX_HELD_IDS:
+            return self._emit(text)
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held (an incomplete character at the end of the stream)."""
+        if len(self._ids) == self._read:
+            return ""
+        return self._emit(self._tok.decode(self._ids))
+
+    def _emit(self, text: str) -> str:
+        new = text[len(self._prefix_text) :]
+        # The ids just emitted become the prefix for the next ones; older ids are no longer needed.
+        del self._ids[: self._read]
+        self._read = len(self._ids)
+        self._prefix_text = self._tok.decode(self._ids)
+        return new
 
 
 class StopMatcher:

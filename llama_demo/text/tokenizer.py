@@ -1,4 +1,4 @@
-"""Tokenizers behind one interface, and incremental (streaming) detokenisation.
+"""Tokenizers behind one interface, and where a model folder keeps its tokenizer.
 
 Three backends:
 - SentencePieceTokenizer: LLaMA 1 / Llama 2 `tokenizer.model` (32000 pieces, <s>=1, </s>=2).
@@ -13,29 +13,24 @@ of those characters, never the special id. `encode_with_special_tokens` is for t
 ourselves (a rendered chat template), where special-token strings must become their ids.
 `decode` never renders BOS/EOS/special tokens.
 
-StreamDecoder turns a stream of ids into text pieces: it holds back incomplete UTF-8 and keeps
-SentencePiece's leading spaces by decoding each new id together with a few preceding ids and
-emitting only the difference (the prefix/read offsets of text-generation-inference).
+The formats of the files behind them are tokenizer_files.py's; streaming decoding (StreamDecoder)
+is detok.py's.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import re
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-REPLACEMENT_CHAR = "\ufffd"  # what a decoder yields for an incomplete UTF-8 byte sequence
+from ..config import first_line
+from .tokenizer_files import (LLAMA3_PAT_STR, LLAMA3_SPECIAL_TOKENS, LLAMA31_TOKEN_ALIASES, TIKTOKEN_LINE_RE,
+                              TokenizerConfig, TokenizerError, gpt2_bytes_to_unicode, load_tokenizer_config,
+                              read_tiktoken_bpe, without_dummy_prefix)
 
 # Special tokens that end a model's turn, whatever the family; stop_ids holds those a vocabulary has.
 END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
-
-
-class TokenizerError(ValueError):
-    """A tokenizer file is missing or unreadable; the message names the file and what was expected."""
 
 
 class Tokenizer:
@@ -146,7 +141,7 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
         except (OSError, RuntimeError) as e:
-            raise TokenizerError(f"{self.path}: not a SentencePiece model ({_first_line(e)})") from e
+            raise TokenizerError(f"{self.path}: not a SentencePiece model ({first_line(e)})") from e
         sp = self._sp
         self.vocab_size = sp.vocab_size()
         self.bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
@@ -173,7 +168,7 @@ class SentencePieceTokenizer(Tokenizer):
     def _fragment_sp(self):
         import sentencepiece as spm
 
-        return spm.SentencePieceProcessor(model_proto=_without_dummy_prefix(self._sp.serialized_model_proto()))
+        return spm.SentencePieceProcessor(model_proto=without_dummy_prefix(self._sp.serialized_model_proto()))
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode(self._in_vocab(ids))
@@ -193,106 +188,11 @@ class SentencePieceTokenizer(Tokenizer):
         return self._specials
 
 
-def _without_dummy_prefix(proto: bytes) -> bytes:
-    """A SentencePiece ModelProto with normalizer_spec.add_dummy_prefix = false (sentencepiece has no
-    switch for it at encode time, and protobuf is not a dependency): the NormalizerSpec (field 3) gets
-    a last `add_dummy_prefix` (its field 3, varint 0), and protobuf's last occurrence of a field wins."""
-    def varint(at: int) -> tuple[int, int]:
-        value = shift = 0
-        while True:
-            byte = proto[at]
-            at += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                return value, at
-
-    def encode_varint(value: int) -> bytes:
-        out = bytearray()
-        while value > 0x7F:
-            out.append(value & 0x7F | 0x80)
-            value >>= 7
-        return bytes(out + bytes([value]))
-
-    out, at = bytearray(), 0
-    while at < len(proto):
-        start = at
-        key, at = varint(at)
-        kind = key & 7
-        if kind == 2:  # length-delimited: a message, string or bytes
-            size, body = varint(at)
-            at = body + size
-            if key >> 3 == 3:
-                spec = proto[body:at] + b"\x18\x00"
-                out += encode_varint(key) + encode_varint(len(spec)) + spec
-                continue
-        elif kind == 0:
-            _, at = varint(at)
-        else:  # fixed 64-bit (1) or 32-bit (5)
-            at += 8 if kind == 1 else 4
-        out += proto[start:at]
-    return bytes(out)
-
-
 # --- tiktoken (Llama 3) ---------------------------------------------------------------------------
 
-# meta-llama/llama3 llama/tokenizer.py: split regex and the 256 special tokens after the BPE ranks.
-LLAMA3_PAT_STR = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-LLAMA3_NUM_RESERVED_SPECIAL_TOKENS = 256
-LLAMA3_SPECIAL_TOKENS = [
-    "<|begin_of_text|>",
-    "<|end_of_text|>",
-    "<|reserved_special_token_0|>",
-    "<|reserved_special_token_1|>",
-    "<|reserved_special_token_2|>",
-    "<|reserved_special_token_3|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|reserved_special_token_4|>",
-    "<|eot_id|>",  # end of turn
-] + [f"<|reserved_special_token_{i}|>" for i in range(5, LLAMA3_NUM_RESERVED_SPECIAL_TOKENS - 5)]
-# Llama 3.1 (meta-llama/llama-models) names some reserved slots; same ids, so accept both names.
-LLAMA31_TOKEN_ALIASES = {
-    "<|finetune_right_pad_id|>": "<|reserved_special_token_2|>",
-    "<|step_id|>": "<|reserved_special_token_3|>",
-    "<|eom_id|>": "<|reserved_special_token_4|>",  # end of message (tool call)
-    "<|python_tag|>": "<|reserved_special_token_5|>",
-}
 # tiktoken panics on very long inputs (openai/tiktoken#195); Meta encodes in slices this long.
 TIKTOKEN_MAX_ENCODE_CHARS = 400_000
 MAX_NO_WHITESPACES_CHARS = 25_000
-_TIKTOKEN_LINE_RE = re.compile(rb"^[A-Za-z0-9+/]+={0,2} \d+$")
-
-
-def read_tiktoken_bpe(path: str | Path) -> dict[bytes, int]:
-    """Ranks of a tiktoken BPE file, as tiktoken.load.load_tiktoken_bpe reads them.
-
-    Not that function itself: it caches files under /tmp keyed by path only, so a changed file at
-    the same path would be served stale.
-    """
-    path = Path(path)
-    ranks: dict[bytes, int] = {}
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise TokenizerError(f"{path}: cannot read tiktoken BPE file ({e.strerror})") from e
-    for n, line in enumerate(data.splitlines(), 1):
-        if not line:
-            continue
-        try:
-            token, rank = line.split()
-            ranks[base64.b64decode(token, validate=True)] = int(rank)
-        except (ValueError, binascii.Error) as e:
-            raise TokenizerError(f"{path}:{n}: expected a tiktoken line 'base64token rank', got {line[:40]!r}") from e
-    if not ranks:
-        raise TokenizerError(f"{path}: empty tiktoken BPE file")
-    # Special tokens are numbered from len(ranks) on, so the ranks must be exactly 0..len-1.
-    if max(ranks.values()) != len(ranks) - 1 or len(set(ranks.values())) != len(ranks):
-        raise TokenizerError(f"{path}: tiktoken ranks must be 0..{len(ranks) - 1}, each once")
-    return ranks
 
 
 class TiktokenTokenizer(Tokenizer):
@@ -308,7 +208,7 @@ class TiktokenTokenizer(Tokenizer):
                 name=self.path.name, pat_str=LLAMA3_PAT_STR, mergeable_ranks=ranks, special_tokens=self.special_tokens
             )
         except ValueError as e:
-            raise TokenizerError(f"{self.path}: tiktoken rejected the BPE ranks ({_first_line(e)})") from e
+            raise TokenizerError(f"{self.path}: tiktoken rejected the BPE ranks ({first_line(e)})") from e
         self.vocab_size = self._n_base + len(LLAMA3_SPECIAL_TOKENS)
         self.bos_token, self.eos_token = "<|begin_of_text|>", "<|end_of_text|>"
         self.bos_id = self.special_tokens[self.bos_token]
@@ -373,49 +273,6 @@ def _split_long_runs(s: str, max_run: int) -> Iterator[str]:
 # --- Hugging Face tokenizer.json ------------------------------------------------------------------
 
 
-@dataclass
-class TokenizerConfig:
-    """What tokenizer_config.json (and friends) beside a tokenizer say; None where they are silent."""
-
-    bos_token: str | None = None
-    eos_token: str | None = None
-    add_bos_token: bool | None = None
-    chat_template: str | None = None
-    eos_token_ids: tuple[int, ...] = ()  # generation_config.json's eos_token_id (int or list)
-
-
-def load_tokenizer_config(folder: str | Path) -> TokenizerConfig:
-    """Read tokenizer_config.json, special_tokens_map.json, chat_template.jinja and
-    generation_config.json in `folder`, those that exist (HF spellings)."""
-    folder = Path(folder)
-    cfg = _read_json(folder / "tokenizer_config.json")
-    special_map = _read_json(folder / "special_tokens_map.json")
-    gen = _read_json(folder / "generation_config.json")
-
-    def token(key: str) -> str | None:
-        value = cfg.get(key, special_map.get(key))
-        if isinstance(value, dict):  # {"content": "<s>", "lstrip": false, ...}
-            value = value.get("content")
-        return value if isinstance(value, str) else None
-
-    template = cfg.get("chat_template")
-    if isinstance(template, list):  # [{"name": "default", "template": "..."}, {"name": "tool_use", ...}]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    if not isinstance(template, str) and (folder / "chat_template.jinja").is_file():
-        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    eos_ids = gen.get("eos_token_id")
-    eos_ids = (eos_ids,) if isinstance(eos_ids, int) else tuple(i for i in eos_ids or () if isinstance(i, int))
-    add_bos = cfg.get("add_bos_token")
-    return TokenizerConfig(
-        bos_token=token("bos_token"),
-        eos_token=token("eos_token"),
-        add_bos_token=add_bos if isinstance(add_bos, bool) else None,
-        chat_template=template if isinstance(template, str) else None,
-        eos_token_ids=eos_ids,
-    )
-
-
 class HFTokenizer(Tokenizer):
     """A `tokenizers.Tokenizer` plus the facts transformers keeps beside it (bos/eos, add_bos)."""
 
@@ -455,7 +312,7 @@ class HFTokenizer(Tokenizer):
         try:
             tok = _HFTok.from_file(str(path))
         except Exception as e:  # tokenizers raises its own Exception subclass for bad JSON/models
-            raise TokenizerError(f"{path}: not a Hugging Face tokenizer.json ({_first_line(e)})") from e
+            raise TokenizerError(f"{path}: not a Hugging Face tokenizer.json ({first_line(e)})") from e
         return cls(tok, load_tokenizer_config(path.parent), name=path.name)
 
     def _encode_text(self, text: str) -> list[int]:
@@ -476,7 +333,7 @@ class HFTokenizer(Tokenizer):
         if piece is None or token_id in self.special_ids or not self._byte_level:
             return super().token_bytes(token_id)
         try:  # byte-level BPE spells each byte as one printable character (GPT-2's table)
-            return bytes(_BYTE_LEVEL_DECODE[c] for c in piece)
+            return bytes(_BYTE_OF_CHAR[c] for c in piece)
         except KeyError:  # an added token spelled as plain text
             return piece.encode()
 
@@ -488,19 +345,7 @@ class HFTokenizer(Tokenizer):
         return self._specials
 
 
-def _byte_level_table() -> dict[str, int]:
-    """GPT-2's bytes_to_unicode, inverted: printable character -> the byte it spells."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), 256))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
-_BYTE_LEVEL_DECODE = _byte_level_table()
+_BYTE_OF_CHAR = {c: b for b, c in gpt2_bytes_to_unicode().items()}  # byte-level BPE pieces -> their bytes
 
 
 # --- loading --------------------------------------------------------------------------------------
@@ -551,7 +396,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     except OSError as e:
         raise TokenizerError(f"{path}: cannot read tokenizer file ({e.strerror})") from e
     # A tiktoken file is text, `base64token rank` a line; a SentencePiece model is a binary protobuf.
-    if _TIKTOKEN_LINE_RE.match(head.split(b"\n", 1)[0].rstrip(b"\r")):
+    if TIKTOKEN_LINE_RE.match(head.split(b"\n", 1)[0].rstrip(b"\r")):
         return TiktokenTokenizer(path)
     try:
         return SentencePieceTokenizer(path)
@@ -561,72 +406,3 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         ) from None
 
 
-# --- streaming ------------------------------------------------------------------------------------
-
-
-class StreamDecoder:
-    """Incremental detokenisation: push ids one at a time, get the text each one completes.
-
-    The concatenation of every push() and the final flush() equals
-    decode(context + generated)[len(decode(context)):], which is decode(generated) for byte-level
-    tokenizers. Two things make a per-token decode wrong, and the window fixes both:
-    - a character split over several byte tokens decodes to U+FFFD until complete: hold it back;
-    - SentencePiece drops the space (U+2581) of a text's first piece: decode each new id after
-      already-emitted ids (the prefix) and emit only what the new ids added.
-    Ids decode() never renders are dropped on arrival, so the window holds at most a few ids
-    (one character's bytes plus the prefix) and each push costs O(window), not O(length).
-    """
-
-    CONTEXT_IDS = 4  # prompt ids kept as the first prefix
-    MAX_HELD_IDS = 8  # a valid UTF-8 character needs at most 4 byte tokens; beyond this, emit anyway
-
-    def __init__(self, tokenizer: Tokenizer, context_ids: Sequence[int] = ()):
-        self._tok = tokenizer
-        context = [i for i in context_ids if i not in tokenizer.special_ids]
-        self._ids = context[-self.CONTEXT_IDS :] if self.CONTEXT_IDS else []
-        self._read = len(self._ids)  # ids before this offset are emitted; they are the prefix
-        self._prefix_text = tokenizer.decode(self._ids)
-
-    def push(self, token_id: int) -> str:
-        if token_id in self._tok.special_ids:
-            return ""
-        self._ids.append(token_id)
-        text = self._tok.decode(self._ids)
-        held = len(self._ids) - self._read
-        if (len(text) > len(self._prefix_text) and not text.endswith(REPLACEMENT_CHAR)) or held > self.MAX_HELD_IDS:
-            return self._emit(text)
-        return ""
-
-    def flush(self) -> str:
-        """Whatever is still held (an incomplete character at the end of the stream)."""
-        if len(self._ids) == self._read:
-            return ""
-        return self._emit(self._tok.decode(self._ids))
-
-    def _emit(self, text: str) -> str:
-        new = text[len(self._prefix_text) :]
-        # The ids just emitted become the prefix for the next ones; older ids are no longer needed.
-        del self._ids[: self._read]
-        self._read = len(self._ids)
-        self._prefix_text = self._tok.decode(self._ids)
-        return new
-
-
-# --- helpers --------------------------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise TokenizerError(f"{path}: not readable JSON ({_first_line(e)})") from e
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path}: expected a JSON object")
-    return data
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__

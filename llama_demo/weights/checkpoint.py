@@ -52,7 +52,7 @@ EMBEDDING_LAYOUTS: dict[int, str] = {
 EMBEDDING = "tok_embeddings.weight"
 IGNORED = {"rope.freqs"}  # LLaMA 1 stores its rotary table; we recompute it
 KV_NAMES = ("attention.wk.weight", "attention.wv.weight")
-_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
+LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")  # Meta's per-layer tensor names: layers.N.rest
 # The Column/RowParallelLinear weights: what a quantized checkpoint stores as integers.
 LINEAR_KEYS = tuple(k for k, d in SPLIT_DIM.items() if d is not None and k != "tok_embeddings.weight")
 def _weight_name(name: str) -> str:
@@ -73,7 +73,7 @@ def is_quantized_weight(name: str, quant: QuantSpec | None) -> bool:
 
 
 def table_key(name: str) -> str:
-    m = _LAYER_RE.match(name)
+    m = LAYER_RE.match(name)
     return m.group(2) if m else name
 
 

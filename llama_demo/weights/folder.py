@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from ..config import ConfigError, ModelArgs
+from ..config import ConfigError, ModelArgs, first_line
 
 
 class CheckpointError(ConfigError):
@@ -82,9 +82,9 @@ def open_shard(path: Path) -> dict[str, torch.Tensor]:
         if "mmap" in str(e) and "zipfile" in str(e):  # legacy (pre-1.6) format cannot be mapped
             sd = _load_unmapped(path)
         else:
-            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupted?): {_first_line(e)}") from None
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupted?): {first_line(e)}") from None
     except Exception as e:  # pickle errors, zip errors, weights_only refusals
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupted?): {_first_line(e)}") from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupted?): {first_line(e)}") from None
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise CheckpointError(f"{path} does not hold a dict of named tensors; expected a Meta consolidated.NN.pth")
     return sd
@@ -94,12 +94,7 @@ def _load_unmapped(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {_first_line(e)}") from None
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0] if s else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {first_line(e)}") from None
 
 
 def parse_checklist(text: str, source: str) -> dict[str, str]:

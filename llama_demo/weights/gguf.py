@@ -18,7 +18,7 @@ import torch
 from .folder import atomic_dir, check_out_dir
 from .convert import CONVERTER_VERSION, ConvertError, ffn_params, resolve_dtype, save_converted
 from ..config import LLAMA3_ROPE_SCALING, ModelArgs, rope_frequencies
-from ..text.tokenizer import LLAMA3_PAT_STR
+from ..text.tokenizer_files import LLAMA3_PAT_STR, gpt2_bytes_to_unicode
 
 
 def _nice_float(x: float) -> float:
@@ -302,19 +302,6 @@ def _pb_float_field(field: int, value: float) -> bytes:
     return _pb_varint(field << 3 | 5) + struct.pack("<f", value)
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table that byte-level BPE vocabularies are spelled in."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
-
-
 def _byte_level_bpe(g: _GGUF):
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     pre = g.get("tokenizer.ggml.pre", "default")
@@ -326,7 +313,7 @@ def _byte_level_bpe(g: _GGUF):
     merges = g.get("tokenizer.ggml.merges")
     if not merges:
         raise ConvertError(f"{g.path}: a byte-level BPE vocabulary needs tokenizer.ggml.merges")
-    spelling = _bytes_to_unicode()
+    spelling = gpt2_bytes_to_unicode()
     alphabet = set(spelling.values())
     # Every real token is spelled in the byte alphabet; respell any that is not, as transformers does.
     vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i

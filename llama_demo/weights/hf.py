@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import open_checkpoint
+from .checkpoint import LAYER_RE, open_checkpoint
 from .folder import TOKENIZER_FILES, atomic_dir, check_out_dir
 from .convert import CONVERTER_VERSION, ConvertError, ffn_params, resolve_dtype, save_converted
-from ..config import LLAMA3_ROPE_SCALING, ModelArgs
+from ..config import LLAMA3_ROPE_SCALING, ModelArgs, first_line, read_json_object
 
 # Files copied as they are from a Hugging Face folder: the tokenizer, and generation_config.json
 # for its list of stop ids. tokenizer_config.json is rewritten (see _write_hf_tokenizer_config).
@@ -77,7 +77,6 @@ _HF_LAYER_NAMES = {
 _HF_TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
                  "lm_head.weight": "output.weight"}
 _HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_META_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
 def hf_name(meta_name: str) -> str:
@@ -85,7 +84,7 @@ def hf_name(meta_name: str) -> str:
     top = {meta: hf for hf, meta in _HF_TOP_NAMES.items()}
     if meta_name in top:
         return top[meta_name]
-    m = _META_LAYER_RE.match(meta_name)
+    m = LAYER_RE.match(meta_name)
     layer = {meta: hf for hf, meta in _HF_LAYER_NAMES.items()}.get(m.group(2)) if m else None
     if layer is None:
         raise KeyError(f"{meta_name} is not a LLaMA tensor name")
@@ -101,7 +100,7 @@ def convert_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, shards: in
         raise ConvertError(f"{src} is not a folder; expected a Hugging Face model folder with config.json")
     check_out_dir(out)
     want_dtype = resolve_dtype(dtype)
-    config = _read_json(src / "config.json", "a Hugging Face model folder needs config.json")
+    config = read_json_object(src / "config.json", ConvertError, "a Hugging Face model folder needs config.json")
     args, extra = _hf_model_args(config, src)
     sources = _hf_tensor_sources(src)  # name -> loader of the tensor as stored
 
@@ -138,18 +137,6 @@ def _hf_maker(load: Callable[[], torch.Tensor], heads: int | None, dtype: torch.
             t = meta_from_hf_rotary(t, heads)
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
     return make
-
-
-def _read_json(path: Path, why: str) -> dict:
-    if not path.is_file():
-        raise ConvertError(f"{path} is missing: {why}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConvertError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ConvertError(f"{path} must hold a JSON object")
-    return data
 
 
 def _hf_model_args(c: dict, src: Path) -> tuple[ModelArgs, dict]:
@@ -200,7 +187,7 @@ def _hf_tensor_sources(src: Path) -> dict[str, Callable[[], torch.Tensor]]:
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = src / index_name
         if index.is_file():
-            weight_map = _read_json(index, "").get("weight_map")
+            weight_map = read_json_object(index, ConvertError, "").get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ConvertError(f"{index} has no weight_map")
             files = sorted(set(weight_map.values()))
@@ -231,7 +218,7 @@ def _bin_sources(path: Path) -> dict[str, Callable[[], torch.Tensor]]:
     try:
         sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:
-        raise ConvertError(f"{path} is not a readable PyTorch checkpoint: {str(e).splitlines()[0] if str(e) else e!r}") from None
+        raise ConvertError(f"{path} is not a readable PyTorch checkpoint: {first_line(e)}") from None
     if not isinstance(sd, dict):
         raise ConvertError(f"{path} does not hold a state dict")
     return {n: (lambda t=t: t) for n, t in sd.items() if isinstance(t, torch.Tensor)}
@@ -252,7 +239,7 @@ def _copy_hf_tokenizer(src: Path, dst: Path) -> None:
 def _write_hf_tokenizer_config(src: Path, dst: Path) -> None:
     """tokenizer_config.json with plain-string special tokens, add_bos_token and chat_template filled
     in from wherever this transformers version kept them."""
-    cfg = _read_json(src / "tokenizer_config.json", "") if (src / "tokenizer_config.json").is_file() else {}
+    cfg = read_json_object(src / "tokenizer_config.json", ConvertError)
     for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
         if isinstance(cfg.get(key), dict):  # older files spell AddedToken as {"content": ...}
             cfg[key] = cfg[key].get("content")
@@ -260,7 +247,7 @@ def _write_hf_tokenizer_config(src: Path, dst: Path) -> None:
         if (src / "chat_template.jinja").is_file():
             cfg["chat_template"] = (src / "chat_template.jinja").read_text(encoding="utf-8")
         elif (src / "chat_template.json").is_file():
-            template = _read_json(src / "chat_template.json", "").get("chat_template")
+            template = read_json_object(src / "chat_template.json", ConvertError).get("chat_template")
             if isinstance(template, str):
                 cfg["chat_template"] = template
     if not isinstance(cfg.get("add_bos_token"), bool):

@@ -7,14 +7,14 @@ from pathlib import Path
 import torch
 
 from .checkpoint import ShardedCheckpoint, is_quantized_weight, iter_rank_state, open_checkpoint, split_dim
-from ..config import ConfigError
+from ..config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, ConfigError
 from ..model.parallel import DistInfo, default_dtype, free_memory
 from ..model.cpu_kernels import pack_for_cpu
 from ..model.transformer import Transformer, fuse_linears, skip_fairscale_init
 
 
 def load_model(ckpt_dir: str | Path, dist_info: DistInfo, dtype: torch.dtype | None = None,
-               max_seq_len: int = 2048, max_batch_size: int = 8, progress: bool = True,
+               max_seq_len: int = DEFAULT_MAX_SEQ_LEN, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, progress: bool = True,
                quantize: str | None = None, optimize: bool = True, kv_cache_tokens: int | None = None,
                kv_cache_memory: float | None = None) -> Transformer:
     """This rank's model: its slice of every split weight, in `dtype`, with a KV pool shared by at
