@@ -42,7 +42,8 @@ def test_responses_plain_streamed_and_continued(server):
     again = c.responses.create(model="x", input="Hello there", instructions="Be brief.", max_output_tokens=6,
                                temperature=0)
     assert again.output_text == r.output_text  # greedy: the same answer
-    assert again.usage.input_tokens_details.cached_tokens == r.usage.input_tokens - 1  # prefix reuse
+    # prefix reuse: every whole KV block (16 positions) before the prompt's last token
+    assert again.usage.input_tokens_details.cached_tokens == (r.usage.input_tokens - 1) // 16 * 16
     events = list(c.responses.create(model="x", input=[{"role": "user", "content": "Hello there"}],
                                      instructions="Be brief.", max_output_tokens=6, temperature=0, stream=True))
     assert events[0].type == "response.created" and events[-1].type == "response.incomplete"
@@ -83,7 +84,8 @@ def test_messages_create_stream_and_count_tokens(server):
     counted = c.messages.count_tokens(model="x", system="Be brief.",
                                       messages=[{"role": "user", "content": "Hello there"}]).input_tokens
     assert final.usage.input_tokens + final.usage.cache_read_input_tokens == counted
-    assert final.usage.cache_read_input_tokens == counted - 1  # the same prompt again: its KV was reused
+    # the same prompt again: its KV blocks (16 positions each, before the last token) were reused
+    assert final.usage.cache_read_input_tokens == (counted - 1) // 16 * 16
 
 
 def test_messages_forced_tool_use_and_a_round_trip(server):
