@@ -14,7 +14,7 @@ from fakes import FakeClient, ServerThread, chat_format
 from llama_demo.config import ConfigError, ServerConfig
 from llama_demo.model.parallel import DistInfo, free_port
 from llama_demo.serve.auth import exposure_warnings, parse_login, read_secret
-from llama_demo.serve.openai import build_app
+from llama_demo.serve.app import build_app
 from llama_demo.serve.ui import WARNING
 from llama_demo.text.tokenizer import load_tokenizer
 

@@ -13,6 +13,7 @@ from llama_demo.text.chat_format import (
     Llama2ChatFormat,
     Llama3ChatFormat,
     Message,
+    answer_stop_ids,
     chat_format_for,
     is_chat_model,
 )
@@ -196,6 +197,17 @@ def test_llama3_with_tiktoken_tokenizer(tmp_path):
     eot = tok.token_id("<|eot_id|>")
     assert ids.count(eot) == 1  # the user's "<|eot_id|>" stayed text
     assert eot in fmt.stop_ids
+
+
+def test_answer_stop_ids_are_the_tokenizers_and_the_formats_end_of_turn(tmp_path):
+    """One set for the engine (where answers end) and the gate (the vocabulary llguidance is built
+    for): without a chat format the tokenizer's, with Llama 3's also <|eot_id|> and <|eom_id|>."""
+    write_tiktoken_file(tmp_path / "tokenizer.model")
+    tok = load_tokenizer(tmp_path)
+    fmt = chat_format_for(tmp_path, tok)
+    assert answer_stop_ids(tok, None) == tok.stop_ids
+    ends = {tok.token_id("<|eot_id|>"), tok.token_id("<|eom_id|>")}
+    assert answer_stop_ids(tok, fmt) == tok.stop_ids | ends == fmt.stop_ids | tok.stop_ids
 
 
 def test_llama3_needs_its_header_tokens(tmp_path):

@@ -17,7 +17,7 @@ from test_web import TOOL_TEMPLATE, WEATHER
 from llama_demo.config import ServerConfig
 from llama_demo.model.parallel import free_port
 from llama_demo.serve import protocol as p
-from llama_demo.serve.openai import build_app
+from llama_demo.serve.app import build_app
 from llama_demo.serve.response_store import ResponseStore
 from llama_demo.text.chat_format import JinjaChatFormat, Message
 from llama_demo.text.tokenizer import load_tokenizer

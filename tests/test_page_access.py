@@ -14,7 +14,7 @@ from fakes import FakeClient, ServerThread, chat_format
 from llama_demo.config import ServerConfig
 from llama_demo.model.parallel import free_port
 from llama_demo.serve.auth import page_login, page_login_note
-from llama_demo.serve.openai import build_app
+from llama_demo.serve.app import build_app
 from llama_demo.serve.ui import WARNING
 from llama_demo.text.tokenizer import load_tokenizer
 

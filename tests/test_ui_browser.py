@@ -14,7 +14,7 @@ from fakes import FakeClient, ServerThread, chat_format
 from llama_demo.config import ServerConfig
 from llama_demo.model.parallel import free_port
 from llama_demo.text.tokenizer import load_tokenizer
-from llama_demo.serve.openai import build_app
+from llama_demo.serve.app import build_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Playwright's own browser download does not work here; these keep Debian's chromium offline and quiet

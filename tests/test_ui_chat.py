@@ -15,7 +15,7 @@ from conftest import ROOT, make_tokenizer
 from fakes import FakeClient, ServerThread, chat_format
 from llama_demo.config import ServerConfig
 from llama_demo.model.parallel import free_port
-from llama_demo.serve.openai import build_app
+from llama_demo.serve.app import build_app
 from llama_demo.text.tokenizer import load_tokenizer
 from test_ui_browser import CHROMIUM, CHROMIUM_ARGS
 

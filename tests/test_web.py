@@ -17,7 +17,7 @@ from llama_demo.config import ServerConfig
 from llama_demo.model.parallel import free_port
 from llama_demo.text.tokenizer import load_tokenizer
 from llama_demo.serve.errors import ApiError
-from llama_demo.serve.openai import build_app
+from llama_demo.serve.app import build_app
 from llama_demo.serve.ui import WARNING, ShareError, open_share_tunnel, page_dialog
 
 SEQ = 256

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         from ..serve.bus import Bus
         from ..serve.loop import EngineClient, Heartbeat, ServingLoop
         from ..serve.shutdown import Drain, StopSignals, follow_rank0
-        from ..text.chat_format import chat_format_for, is_chat_model
+        from ..text.chat_format import answer_stop_ids, chat_format_for, is_chat_model
         from .startup import build_engine
 
         cfg = server_config(a)
@@ -156,10 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         client = None
         chat = cfg.chat if cfg.chat is not None else is_chat_model(a.ckpt_dir)
         chat_format = chat_format_for(a.ckpt_dir, tokenizer) if chat else None
-        if chat_format is not None:  # rank 0 decides where answers end; the others follow its flags
-            engine.stop_ids = engine.stop_ids | frozenset(chat_format.stop_ids)
+        # rank 0 decides where answers end (the others follow its flags), on the ids the gate checks grammars with
+        engine.stop_ids = answer_stop_ids(tokenizer, chat_format)
         if rank == 0:
-            from ..serve.openai import build_app
+            from ..serve.app import build_app
 
             for warning in exposure_warnings(cfg.host, cfg.share, cfg.auth, cfg.api_key):
                 print(f"warning: {warning}", file=sys.stderr, flush=True)

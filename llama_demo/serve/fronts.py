@@ -18,7 +18,8 @@ from ..engine.sampler import SamplingParams
 from ..text.chat_format import Message
 from ..text.tool_format import ToolCallStream
 from .errors import ApiError
-from .openai import Answer, Choice, OpenAIApi, answer_events, chat_message, until_disconnect
+from .openai import Answer, Choice, OpenAIApi, chat_message
+from .sse import answer_events, until_disconnect
 from .tools import ToolReader
 
 

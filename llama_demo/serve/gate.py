@@ -18,7 +18,7 @@ from ..config import MAX_CHAT_MESSAGES, SamplingDefaults
 from ..engine.grammar import GrammarError, Matcher, ll_tokenizer, response_format_grammar
 from ..engine.sampler import SamplingError, SamplingParams
 from ..engine.scheduler import PromptTooLong, check_request, check_token_ids
-from ..text.chat_format import ChatFormat, Message
+from ..text.chat_format import ChatFormat, Message, answer_stop_ids
 from ..text.tool_format import tool_format_for
 from ..text.tokenizer import Tokenizer
 from .errors import ApiError
@@ -133,9 +133,9 @@ class Gate:
     def check_grammar(self, grammar: str) -> None:
         """Build llguidance's view of the vocabulary here (~1 s for 50k tokens, once), not in the
         serving loop where it would stall every running answer; the engine finds it cached (same
-        tokenizer, vocabulary size and stop ids as serve's engine.stop_ids). Then the grammar's
+        tokenizer, vocabulary size and stop ids: answer_stop_ids, as serve sets the engine's). Then the grammar's
         first step: a schema no document satisfies (e.g. {"$ref": "#"}) allows no token at all."""
-        stops = frozenset(self.tokenizer.stop_ids | (self.chat_format.stop_ids if self.chat_format else frozenset()))
+        stops = answer_stop_ids(self.tokenizer, self.chat_format)
         ll_tokenizer(self.tokenizer, self.vocab_size, stops)
         try:
             first = Matcher(grammar, self.tokenizer, self.vocab_size, stops).allowed()

@@ -25,7 +25,8 @@ from ..text.chat_format import Message
 from .errors import ApiError, anthropic_error
 from .fronts import WholeAnswer, answer_calls, answer_steps, event, matched_stop, parts_text, refuse_unhonoured, \
     respelled, submit_dialog, whole_answer
-from .openai import EventStream, OpenAIApi
+from .openai import OpenAIApi
+from .sse import EventStream
 from .tools import ToolReader
 
 ENDPOINT = "/v1/messages"

@@ -1,15 +1,8 @@
-"""Rank 0's web front: one FastAPI app on one port.
-
-- `GET /health`: 200 while every rank is in step, 503 with the reason otherwise (draining, after a
-  stop signal: serve.shutdown);
-- `GET /metrics`: Prometheus metrics (serve.metrics);
-- `/v1/models`, `/v1/completions`, `/v1/chat/completions`: the OpenAI wire format
-  (serve.protocol), streamed as server-sent events when asked; errors in OpenAI's shape
-  (serve.errors), access checked by serve.auth; `/tokenize`, `/detokenize` in vLLM's shapes;
-- `/v1/responses` (serve.responses) and `/v1/messages` (Anthropic's, serve.messages): other wire
-  shapes over the same chat rules (dialog_job) and stream loop (answer_events);
-- `/`: the Gradio chat page (serve.ui).
-Browsers on other origins may call the API only when --cors_origins names them.
+"""The OpenAI API: `/v1/models`, `/v1/completions`, `/v1/chat/completions` in the OpenAI wire
+format (serve.protocol), streamed as server-sent events when asked (serve.sse); vLLM's `/tokenize`
+and `/detokenize`; the API's docs behind the same credential. OpenAIApi holds what every front
+shares: choices from a request, the chat rules (dialog_job, also serve.responses' and
+serve.messages'), submission, collection, usage. The app is assembled in serve.app.
 
 Every route turns its body into a Job through the gate (serve.gate) and submits it to the
 EngineClient; leaving early (disconnect, Stop button) cancels the request on every rank.
@@ -18,78 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
-from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from ..config import API_SAMPLING, MAX_CHOICES, MAX_SEED, RETRY_AFTER_S, ServerConfig
 from ..engine.engine import TokenEvent
 from ..engine.grammar import GrammarError
 from ..engine.sampler import SamplingParams
-from ..text.chat_format import ChatFormat, Message
+from ..text.chat_format import Message
 from ..text.tokenizer import Tokenizer
 from . import protocol as p
-from .auth import require_api_access
-from .errors import ApiError, BodyLimit, install_error_handlers
+from .errors import ApiError
 from .gate import Gate, Job
 from .loop import Draining, EngineClient, QueueFull, Submission
-from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .metrics import Metrics
 from .logprobs import CompletionLogprobWriter, chat_logprobs
 from ..text.tool_format import ToolCallStream
+from .sse import Tracked, events, stream, until_disconnect
 from .tools import ToolReader, ToolUse, parse_tool_calls, tool_use
-from .ui import build_ui, mount_ui
-
-T = TypeVar("T")
-
-
-def build_app(client: EngineClient, chat_format: ChatFormat | None, cfg: ServerConfig,
-              system_prompt: str = "") -> FastAPI:
-    gate = Gate(client.tokenizer, chat_format, client.max_seq_len, client.vocab_size, client.model_name)
-    # the API's docs are served by docs_router, behind the same credential as /v1; FastAPI's own are off
-    app = FastAPI(title=f"llama_demo: {client.model_name}", docs_url=None, redoc_url=None, openapi_url=None)
-    install_error_handlers(app)
-    app.add_middleware(BodyLimit, limit=cfg.max_request_bytes)
-    if cfg.cors_origins:  # off by default: a page on another origin may not read the answers
-        app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
-                           allow_headers=["*"], allow_credentials="*" not in cfg.cors_origins)
-    app.state.metrics = metrics = Metrics(client)
-    app.add_api_route("/health", lambda: health_response(client), methods=["GET"])
-    app.add_api_route("/metrics", lambda: Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST), methods=["GET"])
-    api = OpenAIApi(client, gate, cfg, metrics)
-    access = require_api_access(cfg.api_key, cfg.auth)
-    app.include_router(docs_router(app, access))  # before openai_router, whose catch-all answers 404
-    app.include_router(tokenizer_router(api, access))
-    from .messages import messages_router  # they build on this module's pieces: imported once it is loaded
-    from .responses import responses_router
-
-    app.include_router(responses_router(api, access))  # before openai_router, whose catch-all answers 404
-    app.include_router(messages_router(api, access))
-    app.include_router(openai_router(api, access))
-    return mount_ui(app, build_ui(client, gate, cfg, system_prompt, metrics), cfg)
-
-
-def health_response(client: EngineClient) -> JSONResponse:
-    h = client.health
-    if h.draining_until is not None:  # a load balancer should send no more requests here
-        left = max(0.0, h.draining_until - time.monotonic())
-        return JSONResponse({"status": "draining", "reason": f"the server is stopping: it finishes the requests it has "
-                             f"(at most {left:.0f} s more) and takes no new ones", "running": h.running,
-                             "waiting": h.waiting}, status_code=503)
-    if h.ok():
-        return JSONResponse({"status": "ok", "running": h.running, "waiting": h.waiting})
-    if h.error or not h.loop_alive:
-        reason = f"the serving loop stopped: {h.error or 'no error recorded'}"
-    else:
-        reason = f"no collective for {time.monotonic() - h.last_collective:.0f}s: a rank may be hung"
-    return JSONResponse({"status": "unavailable", "reason": reason, "running": h.running, "waiting": h.waiting},
-                        status_code=503)
 
 
 @dataclass
@@ -284,35 +226,6 @@ def sampling(req: p.SamplingRequest, max_tokens: int, logprobs: int | None = Non
         min_p=req.min_p or 0.0, logit_bias=req.logit_bias or [], logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
-class Tracked:
-    """A submission and its events as the metrics see them."""
-
-    def __init__(self, sub: Submission, tracked: AsyncIterator[TokenEvent]):
-        self.sub, self.tracked = sub, tracked
-
-    def __aiter__(self):
-        return self.tracked
-
-    def close(self) -> None:
-        self.sub.close()
-
-
-async def events(sub: "Tracked | Submission") -> AsyncIterator[TokenEvent]:
-    """A submission's events with its failures as API errors (a request that failed inside the
-    engine, the model gone); closing it early cancels the request now, not at collection."""
-    try:
-        async for ev in sub:
-            if ev.finish_reason == "error":
-                raise ApiError(500, f"the request failed: {ev.error or 'no reason given'}", type="server_error")
-            yield ev
-    except RuntimeError as e:
-        raise ApiError(503, str(e), type="server_error") from None
-    finally:
-        sub.close()
-        if isinstance(sub, Tracked):
-            await sub.tracked.aclose()  # counts a request left midway now, not when collected
-
-
 def completion_choice(tokenizer: Tokenizer, c: Choice, a: Answer, logprobs: bool) -> p.CompletionResponseChoice:
     lp = None
     if logprobs:
@@ -473,133 +386,6 @@ def tokenizer_router(api: OpenAIApi, dependencies: list) -> APIRouter:
         return p.DetokenizeResponse(prompt=await api.gate.decode(req.tokens, "tokens"))
 
     return router
-
-
-class EventStream(StreamingResponse):
-    """SSE that ends its request however the response ends (client gone before or during the body,
-    server stopping), so the engine request behind it is cancelled at once. The headers go out at
-    once: a client sees the stream open while its request waits for a KV row."""
-
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]):
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.on_close = on_close
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.body_iterator.aclose()
-            self.on_close()
-
-
-def stream(api: OpenAIApi, choices: list[Choice], subs: list[Submission], req: p.SamplingRequest, request: Request,
-           kind: type, chunk: Callable, opening: list[BaseModel] = ()) -> "EventStream":
-    """The answers as server-sent events, every choice's chunks as they come (each names its
-    index). The requests are checked and published already, so the response starts at once; a
-    keep-alive comment goes out while nothing arrives (a request waiting for a KV row); a failure
-    mid-answer is an error event, then [DONE]."""
-    cid = kind(model="", choices=[]).id  # every chunk of one response carries the same id
-    created = int(time.time())  # and the same creation time
-
-    def sse(obj: BaseModel) -> str:
-        if hasattr(obj, "created"):
-            obj.id, obj.created = cid, created
-        return f"data: {obj.model_dump_json()}\n\n"
-
-    async def body() -> AsyncIterator[str]:
-        tokens, started, reused = 0, [False] * len(subs), [0] * len(subs)
-        for o in opening:  # OpenAI's chat stream opens each choice with the assistant's role
-            yield sse(o)
-        async with aclosing(answer_events(api, subs, request)) as answers:
-            async for i, ev in answers:
-                if ev is None:
-                    yield ": keep-alive\n\n"
-                    continue
-                if isinstance(ev, ApiError):  # the request failed mid-answer: the status is sent already
-                    yield sse(p.ErrorResponse(error=ev.info))
-                    break
-                tokens += ev.token_id is not None
-                reused[i] = max(reused[i], ev.reused)
-                out = chunk(i, ev, not started[i])
-                started[i] = True
-                if out is not None:
-                    yield sse(out)
-            else:
-                if req.stream_options and req.stream_options.include_usage and not await request.is_disconnected():
-                    yield sse(kind(model=choices[0].job.model, choices=[],
-                                   usage=api.usage(choices, tokens=tokens, reused=reused)))
-        yield "data: [DONE]\n\n"
-
-    return EventStream(body(), lambda: [s.close() for s in subs])
-
-
-DISCONNECT_CHECK_S = 0.1  # how often a stream asks whether its client is still there
-
-
-async def answer_events(api: OpenAIApi, subs: list, request: Request) -> AsyncIterator[tuple[int, object]]:
-    """Every choice's events as they come, as (choice, event): a TokenEvent, an ApiError when the
-    request failed (the stream should end with it), or None when nothing arrived for a keep-alive
-    interval (a request waiting for a KV row). Ends when every answer is whole or the client has
-    gone; the requests are closed (cancelled if unfinished) however it ends. Every streamed front
-    (chat, completions, serve.responses, serve.messages) frames these its own way."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, sub: Submission) -> None:
-        try:
-            async for ev in events(sub):
-                queue.put_nowait((i, ev))
-        except ApiError as e:
-            queue.put_nowait((i, e))
-        except Exception as e:  # a bug of ours: end the stream with it rather than wait forever
-            queue.put_nowait((i, ApiError(500, f"the answer could not be streamed: {e}", type="server_error")))
-
-    pumps = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(subs)]
-    left = len(subs)
-    checked = time.monotonic()
-    try:
-        while left:
-            try:  # an event that is there already costs no timer task (wait_for makes one a call)
-                i, ev = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                try:
-                    i, ev = await asyncio.wait_for(queue.get(), api.keepalive_s)
-                except asyncio.TimeoutError:
-                    yield 0, None
-                    continue
-            yield i, ev
-            if isinstance(ev, ApiError):
-                return
-            left -= ev.finished
-            # a gone client is noticed within DISCONNECT_CHECK_S, not asked about at every token
-            if time.monotonic() - checked >= DISCONNECT_CHECK_S:
-                checked = time.monotonic()
-                if await request.is_disconnected():
-                    return
-    finally:
-        for t in pumps:
-            t.cancel()
-        for s in subs:
-            s.close()
-
-
-async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it (and so its engine request) if the client goes away first."""
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait([task, watch], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.wait([task])  # let it unwind: its generators close, the engine request is cancelled
-    if task.cancelled():
-        raise ApiError(499, "the client closed the connection")
-    return task.result()
 
 
 def finish_reason(ev: TokenEvent) -> str:

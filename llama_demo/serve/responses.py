@@ -33,7 +33,8 @@ from . import protocol as p
 from .errors import ApiError
 from .fronts import WholeAnswer, answer_calls, answer_steps, event, parts_text, refuse_unhonoured, submit_dialog, \
     whole_answer
-from .openai import EventStream, OpenAIApi
+from .openai import OpenAIApi
+from .sse import EventStream
 from .response_store import ResponseStore
 from .tools import ToolReader
 

@@ -57,6 +57,14 @@ class Message:
 Dialog = list[Message]
 
 
+def answer_stop_ids(tokenizer: Tokenizer, chat_format: "ChatFormat | None") -> frozenset[int]:
+    """The ids that end an answer: the tokenizer's, and when chatting its format's end of a turn.
+    One home: the engine stops on these (commands/serve.py sets them) and the gate builds
+    llguidance's vocabulary for these; a set that differed would have the engine rebuild that
+    vocabulary (seconds) inside the serving loop, stalling every running answer."""
+    return frozenset(tokenizer.stop_ids) | (frozenset(chat_format.stop_ids) if chat_format is not None else frozenset())
+
+
 def call_arguments(call: dict) -> dict:
     """An OpenAI tool call's arguments as an object (the API sends them as a JSON string)."""
     args = call.get("function", {}).get("arguments") or "{}"
