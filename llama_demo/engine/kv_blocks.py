@@ -81,11 +81,12 @@ class BlockPool:
             del self.cached[block]
         self.holders[block] += 1
 
-    def allocate(self) -> int | None:
-        """A block for one holder, or None when every block is held."""
+    def allocate(self, evict: bool = True) -> int | None:
+        """A block for one holder, or None when every block is held (or, without `evict`, when no
+        block is free: a speculative proposal does not push a cached prefix out)."""
         if self.free:
             block = self.free.popleft()
-        elif self.cached:
+        elif self.cached and evict:
             block, _ = self.cached.popitem(last=False)  # the least recently released prefix goes
             del self.by_name[self.name_of.pop(block)]
         else:

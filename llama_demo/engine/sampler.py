@@ -258,3 +258,28 @@ def _invert_cdf(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cdf = p.cumsum(-1)
     at = (u.to(cdf.dtype) * cdf[:, -1])[:, None]
     return torch.searchsorted(cdf, at, right=True).squeeze(-1).clamp_(max=p.shape[-1] - 1)
+
+
+def filtered_probs(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, min_p: float) -> torch.Tensor:
+    """The distribution `sample` draws one row from: logits (V,) float32 -> probabilities (V,)
+    after temperature, min_p, top-k and top-p, renormalised (a one-hot of the argmax when
+    temperature is 0). Speculative decoding (engine.speculative) accepts a proposed token with
+    this probability, so it must be exactly what `sample` draws from."""
+    if temperature <= 0:
+        return torch.zeros_like(logits).scatter_(0, logits.argmax()[None], 1.0)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if min_p > 0:
+        probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
+        probs = probs / probs.sum()
+    if top_p < 1 or top_k > 0:
+        sorted_p, order = probs.sort(descending=True)
+        drop = (sorted_p.cumsum(-1) - sorted_p) > top_p  # the mass of strictly more likely tokens
+        if top_k > 0:
+            drop[top_k:] = True
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p.masked_fill(drop, 0.0))
+    return probs / probs.sum()
+
+
+def draw(probs: torch.Tensor, u: float) -> int:
+    """The id drawn from unnormalised non-negative weights (V,) at the uniform u in [0, 1)."""
+    return int(_invert_cdf(probs[None], torch.tensor([u]))[0])

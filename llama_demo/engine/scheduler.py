@@ -62,6 +62,10 @@ class Sequence:
     names: list[bytes] = field(default_factory=list)  # the names of its full blocks (kv_blocks.block_digest)
     admitted: bool = False  # it has been admitted once (a preempted one keeps its answer and rank 0's state)
     preemptions: int = 0
+    # speculative decoding: this step's proposed tokens (fed after its last token, verified by the
+    # step's logits), and its record (engine.speculative.SpecState); the same on every rank
+    draft: list[int] = field(default_factory=list)
+    spec: Any = None
     # rank 0 only: what sampling and stop decisions need (engine.Engine fills them in)
     rank0: Any = None
 
@@ -161,16 +165,40 @@ class Scheduler:
         return True
 
     # ----------------------------------------------------------------- one step's plan
-    def schedule(self, budget: int) -> StepPlan:
+    def schedule(self, budget: int, proposer=None) -> StepPlan:
         """The next step: blocks for every decode (preempting the youngest when none is left),
-        admissions into what remains, then prompt chunks within `budget` tokens less the decodes."""
+        admissions into what remains, proposals (`proposer`: engine.speculative.Proposer) where
+        free blocks hold them, then prompt chunks within `budget` tokens less the decodes."""
         decoding = []
         for seq in list(self.running.values()):  # oldest first: the youngest are preempted first
             if seq.req.id in self.running and seq.decoding and self._grow(seq, seq.computed + 1):
                 decoding.append(seq)
         admitted = self._admit()
-        return StepPlan(admitted, [s for s in decoding if s.req.id in self.running],
-                        self._prefill_plan(budget - len(decoding), decoding))
+        decoding = [s for s in decoding if s.req.id in self.running]
+        fed = len(decoding)
+        for seq in decoding:
+            seq.draft = []
+        if proposer is not None and decoding and proposer.wants(len(decoding)):
+            for seq in decoding:
+                seq.draft = self._room_for(seq, proposer.propose(seq, self._proposal_limit(seq)))
+                fed += len(seq.draft)
+        return StepPlan(admitted, decoding, self._prefill_plan(budget - fed, decoding))
+
+    def _proposal_limit(self, seq: Sequence) -> int:
+        """Proposed tokens that can matter: a verification emits up to one more than it proposes,
+        within max_new_tokens and the context (the fed positions stay below max_seq_len)."""
+        left = min(seq.req.params.max_new_tokens - len(seq.out_ids), self.max_seq_len - seq.length)
+        return max(0, left - 1)
+
+    def _room_for(self, seq: Sequence, draft: list[int]) -> list[int]:
+        """The part of a proposal whose positions get blocks, taken only from free ones: a proposal
+        never preempts anyone nor evicts a cached prefix."""
+        while len(seq.blocks) * self.block_size < seq.computed + 1 + len(draft):
+            block = self.pool.allocate(evict=False)
+            if block is None:
+                return draft[:len(seq.blocks) * self.block_size - seq.computed - 1]
+            seq.blocks.append(block)
+        return draft
 
     def _grow(self, seq: Sequence, tokens: int) -> bool:
         """Blocks for `tokens` positions of seq, preempting the youngest running sequence while the
@@ -281,8 +309,12 @@ class Scheduler:
 
     # ----------------------------------------------------------------- after the step
     def computed(self, seq: Sequence, n: int) -> None:
-        """n more of seq's tokens are in the cache: name the blocks they filled."""
+        """n more of seq's tokens are in the cache: name the blocks they filled. Blocks past the
+        next decode's position (a verification's rejected proposals wrote there) go back: the
+        positions are written again when the sequence reaches them."""
         seq.computed += n
+        while len(seq.blocks) > 1 and (len(seq.blocks) - 1) * self.block_size > seq.computed:
+            self.pool.release(seq.blocks.pop())
         if not self.prefix_cache:
             return
         while len(seq.names) < seq.computed // self.block_size:
