@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import DEFAULT_DIST_TIMEOUT, DEFAULT_KV_ROWS, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, ConfigError, ModelArgs
+from ..config import DEFAULT_DIST_TIMEOUT, DEFAULT_SPECULATIVE_TOKENS, DEFAULT_KV_ROWS, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, ConfigError, ModelArgs
 from ..engine.engine import Engine
+from ..engine.speculative import SpeculationConfig
 from ..model.parallel import DistInfo, check_dtype, free_memory, init_distributed, parse_dtype, shutdown_distributed
 from ..text.tokenizer import Tokenizer, find_tokenizer, load_tokenizer
 from ..weights.folder import model_folder
@@ -44,6 +45,20 @@ def add_model_args(p: argparse.ArgumentParser, ckpt_help: str | None = None) -> 
     p.add_argument("--no_prefix_cache", action="store_true",
                    help="prefill every prompt in full (default: reuse the longest prefix a free KV row still holds)")
     add_quantize_arg(p)
+    spec = p.add_argument_group("speculative decoding (exact: the answers are the model's own)")
+    spec.add_argument("--speculative", default=None, choices=["ngram"],
+                      help="propose tokens and verify them in one step: ngram = prompt lookup (the longest "
+                           "recent n-gram found earlier in the prompt or answer proposes what followed it); "
+                           "pays off where answers quote their input (rewrites, edits, code, RAG)")
+    spec.add_argument("--num_speculative_tokens", type=positive_int, default=DEFAULT_SPECULATIVE_TOKENS,
+                      help="proposed tokens per verification at most (fewer where a start-up measurement of "
+                           "this machine's step costs says they do not pay)")
+
+
+def speculation_config(a: argparse.Namespace) -> SpeculationConfig | None:
+    if not getattr(a, "speculative", None):
+        return None
+    return SpeculationConfig(a.speculative, a.num_speculative_tokens)
 
 
 def add_quantize_arg(p: argparse.ArgumentParser) -> None:
@@ -101,9 +116,10 @@ def build_engine(a: argparse.Namespace, dist_timeout: float = DEFAULT_DIST_TIMEO
     if tokenizer.vocab_size > model.args.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}: wrong tokenizer for {a.ckpt_dir}?")
     engine = Engine(model, tokenizer, info.rank, info.world_size, info.device, seed=getattr(a, "seed", None),
-                    step_tokens=a.step_tokens, prefix_cache=not a.no_prefix_cache)
+                    step_tokens=a.step_tokens, prefix_cache=not a.no_prefix_cache, speculation=speculation_config(a))
     if a.step_tokens is None:
         engine.calibrate()
+    engine.calibrate_speculation()
     return engine, tokenizer
 
 

@@ -20,7 +20,7 @@ second, which is what both the time to first token and the throughput under load
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,14 +33,17 @@ from ..text.tokenizer import Tokenizer
 from .sampler import (apply_logit_bias, apply_penalties, apply_repetition_penalty, repeat_window, repeats_itself,
                       sample, top_logprobs)
 from .grammar import Matcher
+from .speculative import Proposer, SpeculationConfig, accept_or_replace
 from .scheduler import PromptTooLong, Request, Scheduler, Sequence, check_prompt, check_request, request_generator
 
 __all__ = ["Engine", "Request", "TokenEvent", "PromptTooLong", "StepOutOfMemory", "check_prompt", "check_request"]
 
 PROBE_ROUNDS = 2  # calibrate's timings per candidate chunk
+SPEC_COST_SIZES = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64)  # step widths calibrate_speculation times
 
 # Finish codes broadcast with each sampled id (one home for their meaning).
 CONTINUE, STOP_ID, STOP_STRING, LENGTH, ERROR, REPEATING, GRAMMAR_END = 0, 1, 2, 3, 4, 5, 6
+UNUSED = -1  # a verification's slot past the tokens it emitted (speculative decoding)
 REASONS = {STOP_ID: "stop", STOP_STRING: "stop", LENGTH: "length", ERROR: "error", REPEATING: "stop", GRAMMAR_END: "stop"}
 REPEATING_NOTE = "stopped: the answer kept repeating itself"
 
@@ -77,17 +80,17 @@ class _Rank0State:
     generator: torch.Generator | None
     seen: torch.Tensor | None = None  # with a repetition penalty: (V,) mask of the tokens so far
     counts: torch.Tensor | None = None  # with presence/frequency penalties: (V,) counts of the answer's tokens
-    logprob: tuple[float, list[tuple[int, float]]] | None = None  # this step's, for the event
+    logprobs: list = field(default_factory=list)  # this step's (logprob, top) per emitted token, for the events
     prompt_logprobs: list | None = None  # gathered chunk by chunk while the prompt is prefilled
     matcher: Matcher | None = None  # structured output: the grammar's state, masks each step's logits
     error: str | None = None  # set when something about this request failed: it ends at its next token
-    pending_text: str = ""
+    texts: list[str] = field(default_factory=list)  # this step's text per emitted token, for the events
 
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu", seed: int | None = None, step_tokens: int | None = None,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, speculation: SpeculationConfig | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.rank, self.world_size = rank, world_size
@@ -103,6 +106,8 @@ class Engine:
         self.scheduler = Scheduler(model.args.max_batch_size, self.max_seq_len, model.kv_blocks, model.block_size,
                                    prefix_cache)
         self.steps = 0
+        # speculative decoding (--speculative): proposals for decoding sequences, verified in the step
+        self.proposer = Proposer(speculation) if speculation is not None else None
         if rank == 0:
             self.generator = torch.Generator(device="cpu")
             self.generator.manual_seed(seed if seed is not None else torch.seed())
@@ -192,18 +197,56 @@ class Engine:
         self.calibration = {n: round(r, 1) for n, r in rates.items()}
         return self.step_tokens
 
+    def calibrate_speculation(self) -> list[float] | None:
+        """With speculative decoding: time a step of n tokens of one sequence (logits at each, as a
+        verification has) for n up to SPEC_COST_SIZES' largest, relative to a step of one token,
+        and give the proposer these costs (interpolated between the sizes timed): it proposes
+        only where a wider step pays for itself on this machine. Rank 0's times are broadcast:
+        every rank must make the same proposals. Drops every cached prefix (uses the first blocks)."""
+        if self.proposer is None:
+            return None
+        assert self.idle, "calibrate before serving"
+        self.scheduler.forget_cached()
+        dev, bs = self.device, self.model.block_size
+        sizes = [n for n in SPEC_COST_SIZES if n < self.max_seq_len // 2]
+        at = min(256, self.max_seq_len - sizes[-1] - 1)  # after a prompt of a typical length
+        table = torch.arange(-(-(at + sizes[-1]) // bs), device=dev)[None]
+        times = {}
+        for n in [sizes[0]] + sizes * PROBE_ROUNDS:
+            pos = torch.arange(at, at + n, device=dev)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            self.model.step(torch.zeros(n, dtype=torch.long, device=dev), pos, [Part.of(0, table, pos[None], bs)],
+                            torch.arange(n, device=dev))
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            times[n] = min(times.get(n, float("inf")), time.perf_counter() - t0)
+        measured = torch.tensor([times[n] / times[sizes[0]] for n in sizes], device=dev)
+        if self.world_size > 1:
+            broadcast_from_first(measured, None)
+        ratio = dict(zip(sizes, measured.tolist()))
+        costs = []
+        for n in range(1, sizes[-1] + 1):  # linear between the sizes timed; never cheaper than a smaller step
+            lo = max(m for m in sizes if m <= n)
+            hi = min(m for m in sizes if m >= n)
+            c = ratio[lo] if hi == lo else ratio[lo] + (ratio[hi] - ratio[lo]) * (n - lo) / (hi - lo)
+            costs.append(max(c, costs[-1] if costs else 1.0))
+        self.proposer.step_costs = costs
+        return costs
+
     # ----------------------------------------------------------------- the step
     def step(self) -> list[TokenEvent]:
         """One lock-step iteration: prefill (a chunk of) waiting prompts, decode one token for
         every running sequence, sample and decide on rank 0, broadcast, retire finished sequences."""
-        step = self.scheduler.schedule(self.step_tokens)
+        step = self.scheduler.schedule(self.step_tokens, self.proposer)
         self._start(step.admitted)
         decoding, plan = step.decoding, step.prefill
         if not decoding and not plan:
             return []
         self.steps += 1
         try:
-            seqs, logits = self._forward_step(decoding, plan)
+            seqs, widths, logits = self._forward_step(decoding, plan)
         except torch.OutOfMemoryError as e:
             chunk = sum(n for _, n in plan)
             raise StepOutOfMemory(
@@ -213,25 +256,43 @@ class Engine:
                 f"({str(e).splitlines()[0] if str(e) else 'out of memory'})") from None
         if not seqs:
             return []
-        ids, codes = self._decide(logits, seqs)
-        return self._advance(seqs, ids, codes)
+        ids, codes = self._decide(logits, seqs, widths)
+        return self._advance(seqs, widths, ids, codes, len(decoding))
 
     def _forward_step(self, decoding: list[Sequence], plan: list[tuple[Sequence, int]]):
         """The step's one forward: decode rows and prefill chunks side by side in one ragged batch,
         so each weight is read once per step; logits only at the positions that are sampled (and,
-        for a request scoring its prompt, at its chunk's every position). Returns the sequences
-        that get a token and their logits, in the same order."""
+        for a request scoring its prompt, at its chunk's every position). A decode with proposed
+        tokens (speculative decoding) feeds them after its last token, as a part of its own, and
+        has logits at each of those positions. Returns the sequences that get tokens (the decodes
+        first, in order), how many logits rows each has, and those rows, in the same order."""
         dev, bs = self.device, self.model.block_size
         tokens, pos, parts, at = [], [], [], []
         seqs, picks = [], []  # sequences sampled this step, and their rows of the logits
-        if decoding:  # every decode row in one part: one batched attention over their block tables
-            parts.append(Part.of(0, padded_tables([s.blocks for s in decoding], dev),
-                                 torch.tensor([[s.pos] for s in decoding], device=dev), bs))
-            tokens += [s.out_ids[-1] for s in decoding]
-            pos += [s.pos for s in decoding]
-            picks += range(len(decoding))
-            at += range(len(decoding))
-            seqs += decoding
+        plain = [s for s in decoding if not s.draft]
+        if plain:  # every decode row in one part: one batched attention over their block tables
+            parts.append(Part.of(0, padded_tables([s.blocks for s in plain], dev),
+                                 torch.tensor([[s.pos] for s in plain], device=dev), bs))
+            tokens += [s.out_ids[-1] for s in plain]
+            pos += [s.pos for s in plain]
+            picks += range(len(plain))
+            at += range(len(plain))
+        rows = {}  # a verified sequence's logits rows (its fed tokens, in order)
+        for s in decoding:
+            if not s.draft:
+                continue
+            n = 1 + len(s.draft)
+            parts.append(Part.of(len(tokens), torch.tensor([s.blocks], device=dev),
+                                 torch.arange(s.pos, s.pos + n, device=dev)[None], bs))
+            rows[s.req.id] = range(len(at), len(at) + n)
+            at += range(len(tokens), len(tokens) + n)
+            tokens += [s.out_ids[-1]] + s.draft
+            pos += range(s.pos, s.pos + n)
+        if rows:  # the decodes' rows in `decoding` order: plain ones first in `picks`, so reorder
+            plain_rows = iter(range(len(plain)))
+            picks = [r for s in decoding for r in (rows[s.req.id] if s.draft else [next(plain_rows)])]
+        seqs += decoding
+        widths = [1 + len(s.draft) for s in decoding]
         scored = []  # (sequence, first row of its logits, chunk length): prompt logprobs (echo)
         for s, n in plan:
             start = s.computed
@@ -251,16 +312,15 @@ class Engine:
             if sampled:
                 picks.append(len(at) - 1)
                 seqs.append(s)
+                widths.append(1)
         logits = self.model.step(torch.tensor(tokens, device=dev), torch.tensor(pos, dtype=torch.long, device=dev), parts,
                                  torch.tensor(at, dtype=torch.long, device=dev))
         for s, row, n in scored:
             if self.rank == 0:
                 self._note_prompt_logprobs(s, logits[row: row + n])
-        for s in decoding:
-            self.scheduler.computed(s, 1)
-        for s, n in plan:
+        for s, n in plan:  # a decode's tokens count once the step's outcome says which stand (_advance)
             self.scheduler.computed(s, n)
-        return seqs, logits[picks] if picks else logits[:0]
+        return seqs, widths, logits[picks] if picks else logits[:0]
 
     def _note_prompt_logprobs(self, s: Sequence, logits: torch.Tensor) -> None:
         """Rank 0: logprobs of the prompt tokens this chunk's logits (n, V) predict. Position j's
@@ -278,20 +338,61 @@ class Engine:
         except Exception as e:  # ends this request at its first token (see _judge)
             st.error = st.error or f"prompt logprobs failed: {e}"
 
-    def _decide(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[int]]:
+    def _decide(self, logits: torch.Tensor, seqs: list[Sequence], widths: list[int]) -> tuple[list[int], list[int]]:
         """Rank 0 samples each sequence's next id and decides whether it ends (finish code); ids
-        and codes are broadcast together, so every rank advances identically."""
-        n = len(seqs)
+        and codes are broadcast together, so every rank advances identically. A verified sequence
+        (width > 1 rows) has a slot per row: the tokens it emits, then UNUSED."""
+        n = sum(widths)
         out = torch.zeros(2 * n, dtype=torch.long, device=self.device)
         if self.rank == 0:
-            ids = self._sample_rows(logits, seqs)
-            self._note_logprobs(logits, seqs, ids)
-            codes = [self._judge(s, tok) for s, tok in zip(seqs, ids)]
+            single = [i for i, w in enumerate(widths) if w == 1]
+            first = [sum(widths[:i]) for i in range(len(widths))]
+            ids, codes = [0] * n, [UNUSED] * n
+            if single:
+                one = [seqs[i] for i in single]
+                rows = logits[[first[i] for i in single]] if len(single) < len(seqs) else logits
+                picked = self._sample_rows(rows, one)
+                self._note_logprobs(rows, one, picked)
+                for i, s, tok in zip(single, one, picked):
+                    ids[first[i]], codes[first[i]] = tok, self._judge(s, tok)
+            for i, w in enumerate(widths):
+                if w > 1:
+                    for j, (tok, code) in enumerate(self._verify(seqs[i], logits[first[i]: first[i] + w])):
+                        ids[first[i] + j], codes[first[i] + j] = tok, code
             out.copy_(torch.tensor(ids + codes))
         if self.world_size > 1:
             broadcast_from_first(out, None)
         flat = out.tolist()
         return flat[:n], flat[n:]
+
+    def _verify(self, s: Sequence, logits: torch.Tensor) -> list[tuple[int, int]]:
+        """Rank 0: the tokens a verification emits, with their finish codes. Row i of logits (the
+        target's, after the sequence's last token and i proposed ones) decides token i: the proposed
+        one stands or is replaced (speculative.accept_or_replace), the last row gives one more; it
+        stops at the first replaced token or the first that ends the answer. Penalties, biases
+        and the grammar see each token before the next row is judged, exactly as step by step."""
+        p, st, emitted = s.req.params, s.rank0, []
+        out = []
+        gen = st.generator if st.generator is not None else self.generator
+        for i in range(len(logits)):
+            try:
+                row = self._adjusted(logits[i:i + 1], [s])[0]
+                u_accept, u_draw = torch.rand(2, generator=gen).tolist()
+                if i < len(s.draft):
+                    tok, kept = accept_or_replace(row, s.draft[i], p.temperature, p.top_p, p.top_k, p.min_p,
+                                                  u_accept, u_draw)
+                else:
+                    tok, kept = int(self._sample(row[None], [s], torch.tensor([u_draw]), adjusted=True)[0]), False
+                self._note_logprobs(logits[i:i + 1], [s], [tok])
+            except Exception as e:
+                st.error = st.error or f"sampling failed: {e}"
+                tok, kept = 0, False
+            code = self._judge(s, tok, emitted)
+            out.append((tok, code))
+            emitted.append(tok)
+            if code != CONTINUE or not kept:
+                break
+        return out
 
     def _note_logprobs(self, logits: torch.Tensor, seqs: list[Sequence], ids: list[int]) -> None:
         """Rank 0: for the rows that ask, the sampled ids' logprobs and their best alternatives,
@@ -305,7 +406,7 @@ class Engine:
             chosen, top_ids, top = top_logprobs(logits.index_select(0, at), torch.tensor([ids[i] for i in rows]), k)
             for r, i in enumerate(rows):
                 want = seqs[i].req.params.logprobs
-                seqs[i].rank0.logprob = (chosen[r].item(), list(zip(top_ids[r, :want].tolist(), top[r, :want].tolist())))
+                seqs[i].rank0.logprobs.append((chosen[r].item(), list(zip(top_ids[r, :want].tolist(), top[r, :want].tolist()))))
         except Exception as e:
             for i in rows:
                 seqs[i].rank0.error = seqs[i].rank0.error or f"logprobs failed: {e}"
@@ -332,8 +433,20 @@ class Engine:
                     ids.append(0)
             return ids
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], u: torch.Tensor) -> torch.Tensor:
-        """Ids for `seqs` from their logits rows and uniforms `u` (_sample_rows draws them)."""
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], u: torch.Tensor, adjusted: bool = False) -> torch.Tensor:
+        """Ids for `seqs` from their logits rows and uniforms `u` (_sample_rows draws them);
+        `adjusted`: the rows already have their penalties, biases and grammar (_adjusted)."""
+        params = [s.req.params for s in seqs]
+        logits = logits.float() if adjusted else self._adjusted(logits, seqs)
+        temp = torch.tensor([p.temperature for p in params], device=logits.device)
+        top_p = torch.tensor([p.top_p for p in params], device=logits.device)
+        top_k = torch.tensor([p.top_k for p in params], device=logits.device)
+        min_p = torch.tensor([p.min_p for p in params], device=logits.device)
+        return sample(logits, temp, top_p, top_k, uniform=u.to(logits.device), min_p=min_p)
+
+    def _adjusted(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """float32 logits rows of `seqs` with their penalties, biases and grammar mask applied (a
+        copy when any applies: logprobs are reported from the model's own logits)."""
         params = [s.req.params for s in seqs]
         # penalties and biases change a copy: logprobs are reported from the model's own logits
         adjusted = [p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.logit_bias
@@ -358,71 +471,96 @@ class Engine:
             logits[i] = apply_logit_bias(logits[i], p.logit_bias)
             if st.matcher is not None:  # last: the grammar has the final say over what may follow
                 logits[i] = logits[i].masked_fill(~st.matcher.allowed(logits.device), float("-inf"))
-        temp = torch.tensor([p.temperature for p in params], device=logits.device)
-        top_p = torch.tensor([p.top_p for p in params], device=logits.device)
-        top_k = torch.tensor([p.top_k for p in params], device=logits.device)
-        min_p = torch.tensor([p.min_p for p in params], device=logits.device)
-        return sample(logits, temp, top_p, top_k, uniform=u.to(logits.device), min_p=min_p)
+        return logits
 
-    def _judge(self, s: Sequence, tok: int) -> int:
-        """Rank 0: does this token end the sequence? Detokenizes and matches stop strings."""
+    def _judge(self, s: Sequence, tok: int, before: list[int] = ()) -> int:
+        """Rank 0: does this token end the sequence? Detokenizes and matches stop strings, and
+        keeps the penalties' counts. `before`: tokens this step emitted ahead of it (a verification)."""
+        st = s.rank0
+        code = self._finish_code(s, tok, list(before))
+        if code != ERROR:
+            if st.seen is not None:
+                st.seen[tok] = True
+            if st.counts is not None:
+                st.counts[tok] += 1
+        return code
+
+    def _finish_code(self, s: Sequence, tok: int, before: list[int]) -> int:
         st = s.rank0
         try:
             if st.error is not None:
                 return ERROR
             if tok in self.stop_ids:
-                st.pending_text = st.text.finish()
+                st.texts.append(st.text.finish())
                 return STOP_ID
             text, stopped = st.text.push(tok)
             if stopped:
-                st.pending_text = text
+                st.texts.append(text)
                 return STOP_STRING
             if st.matcher is not None:
                 st.matcher.consume(tok)
                 if st.matcher.done:  # the document is complete: nothing but the end may follow
-                    st.pending_text = text + st.text.finish()
+                    st.texts.append(text + st.text.finish())
                     return GRAMMAR_END
             guard = s.req.params.repeat_guard
-            if guard and repeats_itself(s.out_ids[-repeat_window(guard):] + [tok], guard):
-                st.pending_text = text + st.text.finish()
+            answer = s.out_ids + before
+            if guard and repeats_itself(answer[-repeat_window(guard):] + [tok], guard):
+                st.texts.append(text + st.text.finish())
                 return REPEATING
-            if self.scheduler.length_reached(s, len(s.out_ids) + 1):
-                st.pending_text = text + st.text.finish()
+            if self.scheduler.length_reached(s, len(answer) + 1):
+                st.texts.append(text + st.text.finish())
                 return LENGTH
-            st.pending_text = text
+            st.texts.append(text)
             return CONTINUE
         except Exception as e:
             st.error = f"could not turn the answer into text: {e}"
             return ERROR
 
-    def _advance(self, seqs: list[Sequence], ids: list[int], codes: list[int]) -> list[TokenEvent]:
-        events = []
-        for s, tok, code in zip(seqs, ids, codes):
-            st = s.rank0
-            if code == ERROR:
-                events.append(TokenEvent(s.req.id, None, "", True, "error", error=st.error if st else None,
-                                         reused=s.reused))
-                self.scheduler.retire(s)
-                continue
-            s.out_ids.append(tok)
-            ev = TokenEvent(s.req.id, tok, "", code != CONTINUE, REASONS.get(code), stop_id=code == STOP_ID,
-                            reused=s.reused)
-            if st is not None:
-                if st.seen is not None:
-                    st.seen[tok] = True
-                if st.counts is not None:
-                    st.counts[tok] += 1
-                ev.text = st.pending_text
-                if st.logprob is not None:
-                    (ev.logprob, ev.top_logprobs), st.logprob = st.logprob, None
-                if st.prompt_logprobs is not None:
-                    ev.prompt_logprobs, st.prompt_logprobs = st.prompt_logprobs, None
-                if code == REPEATING:
-                    ev.note = REPEATING_NOTE
-            finished = ev.finished
-            events.append(ev)
+    def _advance(self, seqs: list[Sequence], widths: list[int], ids: list[int], codes: list[int],
+                 decodes: int) -> list[TokenEvent]:
+        """Every rank: the step's outcome applied. The first `decodes` sequences fed tokens this
+        step that count once known to stand: their last token, and the proposed ones accepted."""
+        events, at = [], 0
+        for i, (s, w) in enumerate(zip(seqs, widths)):
+            slots = list(zip(ids[at: at + w], codes[at: at + w]))
+            at += w
+            st, emitted, finished = s.rank0, [], False
+            for tok, code in slots:
+                if code == UNUSED:
+                    break
+                if code == ERROR:
+                    events.append(TokenEvent(s.req.id, None, "", True, "error", error=st.error if st else None,
+                                             reused=s.reused))
+                    finished = True
+                    break
+                s.out_ids.append(tok)
+                emitted.append(tok)
+                ev = TokenEvent(s.req.id, tok, "", code != CONTINUE, REASONS.get(code), stop_id=code == STOP_ID,
+                                reused=s.reused)
+                if st is not None:
+                    ev.text = st.texts.pop(0) if st.texts else ""
+                    if st.logprobs:
+                        ev.logprob, ev.top_logprobs = st.logprobs.pop(0)
+                    if st.prompt_logprobs is not None:
+                        ev.prompt_logprobs, st.prompt_logprobs = st.prompt_logprobs, None
+                    if code == REPEATING:
+                        ev.note = REPEATING_NOTE
+                events.append(ev)
+                if ev.finished:
+                    finished = True
+                    break
+            if i < decodes and s.draft:  # a verification: its acceptance decides whether s goes on proposing
+                accepted = next((j for j, (a, b) in enumerate(zip(emitted, s.draft)) if a != b),
+                                min(len(emitted), len(s.draft)))
+                self.proposer.verified(s, len(s.draft), accepted, len(emitted))
             if finished:
                 self.scheduler.retire(s)
+                continue
+            if i < decodes:
+                self.scheduler.computed(s, len(emitted))
+            if st is not None:
+                st.texts.clear()
+                st.logprobs.clear()
         return events
 
     # ----------------------------------------------------------------- batch convenience

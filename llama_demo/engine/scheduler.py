@@ -178,9 +178,10 @@ class Scheduler:
         fed = len(decoding)
         for seq in decoding:
             seq.draft = []
-        if proposer is not None and decoding and proposer.wants(len(decoding)):
-            for seq in decoding:
-                seq.draft = self._room_for(seq, proposer.propose(seq, self._proposal_limit(seq)))
+        if proposer is not None and decoding:
+            drafts = proposer.propose(decoding, [self._proposal_limit(s) for s in decoding])
+            for seq, draft in zip(decoding, drafts):
+                seq.draft = self._room_for(seq, draft)
                 fed += len(seq.draft)
         return StepPlan(admitted, decoding, self._prefill_plan(budget - fed, decoding))
 

@@ -25,19 +25,19 @@ import torch
 
 from .sampler import draw, filtered_probs
 
-# After a verification that accepted less than this share of its proposal (a running average),
-# a sequence stops proposing for PAUSE_STEPS steps: a wrong proposal costs a wider step for nothing.
-MIN_ACCEPTANCE = 0.25
-PAUSE_STEPS = 8
-ACCEPTANCE_DECAY = 0.5  # weight of the past in the running average of a sequence's acceptance
+# Each sequence's estimate of the chance that its next proposed token stands: a running average
+# over its verifications, relaxing towards PRIOR_ACCEPTANCE on every step it does not verify (so
+# a sequence whose proposals failed tries again some steps later, when its text may have changed).
+PRIOR_ACCEPTANCE = 0.5
+ACCEPTANCE_DECAY = 0.7  # weight of the past in the running average, per verification
+RELAX = 0.02  # share of the way back to the prior, per step without a verification
 
 
 @dataclass
 class SpeculationConfig:
-    """--speculative and its numbers (validated by the command line)."""
+    """--speculative and its numbers (checked by the command line)."""
     method: str  # "ngram"
-    tokens: int  # --num_speculative_tokens: proposed tokens per verification, at most
-    max_batch_tokens: int  # speculate only while a step's decode rows and proposals stay within this many tokens
+    tokens: int  # --num_speculative_tokens: proposed tokens per sequence and verification, at most
     ngram_max: int = 4  # the longest suffix looked up in the sequence's earlier tokens
     ngram_min: int = 1
 
@@ -45,12 +45,11 @@ class SpeculationConfig:
 @dataclass
 class SpecState:
     """One sequence's speculation record (every rank keeps the same)."""
-    acceptance: float = 1.0  # running average of accepted / proposed
-    paused: int = 0  # steps left without proposing
+    acceptance: float = PRIOR_ACCEPTANCE
 
 
 class SpecCounters:
-    """What /metrics and the bench report: verifications, proposed and accepted tokens."""
+    """What /metrics and the bench report: verifications, proposed, accepted and emitted tokens."""
 
     def __init__(self):
         self.verifications = self.proposed = self.accepted = self.emitted = 0
@@ -69,6 +68,8 @@ def ngram_proposal(tokens: list[int] | np.ndarray, k: int, max_n: int = 4, min_n
     in them, its most recent occurrence, proposes the (up to) k tokens that followed it there."""
     arr = np.asarray(tokens, dtype=np.int64)
     L = len(arr)
+    if k <= 0:
+        return []
     for n in range(min(max_n, L - 1), min_n - 1, -1):
         # windows starting at 0 .. L - n - 1: an earlier occurrence, with at least one token after it
         windows = np.lib.stride_tricks.sliding_window_view(arr[:L - 1], n)
@@ -79,32 +80,53 @@ def ngram_proposal(tokens: list[int] | np.ndarray, k: int, max_n: int = 4, min_n
     return []
 
 
+def expected_tokens(acceptance: float, proposed: int) -> float:
+    """Tokens a verification of `proposed` tokens emits on average when each stands with
+    probability `acceptance` (independently): 1 + a + a^2 + ... + a^proposed."""
+    return sum(acceptance ** i for i in range(proposed + 1))
+
+
 class Proposer:
-    """Proposals for decoding sequences, and the pausing rule; identical on every rank."""
+    """The step's proposals: a candidate per decoding sequence, cut to the length at which the
+    step is expected to give the most tokens a second, given each sequence's acceptance and
+    what a step of N tokens costs on this machine (`step_costs`, measured at start-up by
+    Engine.calibrate_speculation). With nothing to gain, nobody proposes: on a machine where a
+    wider step costs about what its tokens do (a large batch, a compute-bound device) speculation
+    switches itself off rather than slow the answers down. Identical on every rank."""
 
     def __init__(self, config: SpeculationConfig):
         self.config = config
         self.counters = SpecCounters()
+        # step_costs[n]: a step of n + 1 tokens, relative to one of 1; until measured, a guess
+        self.step_costs = [1.0 + 0.15 * n for n in range(65)]
 
-    def wants(self, rows: int) -> bool:
-        """Whether a step of `rows` decodes may speculate at all: only while the step, proposals
-        included, stays small enough to be bound by reading the weights (beyond, a wider step costs
-        about what its tokens do, and rejected tokens are a loss)."""
-        return rows * (1 + self.config.tokens) <= self.config.max_batch_tokens
+    def cost(self, tokens: int) -> float:
+        c = self.step_costs
+        return c[tokens - 1] if tokens <= len(c) else c[-1] * tokens / len(c)
 
-    def propose(self, seq, limit: int) -> list[int]:
-        """Up to `limit` proposed tokens for seq (fewer, or none while it is paused)."""
-        st = seq.spec
-        if st is None:
-            st = seq.spec = SpecState()
-        if st.paused:
-            st.paused -= 1
-            return []
-        k = min(self.config.tokens, limit)
-        if k <= 0:
-            return []
-        tokens = seq.req.prompt_ids + seq.out_ids
-        return ngram_proposal(tokens, k, self.config.ngram_max, self.config.ngram_min)
+    def propose(self, seqs: list, limits: list[int]) -> list[list[int]]:
+        """Proposed tokens for each decoding sequence (maybe none), each within its limit."""
+        cands = []
+        for s, limit in zip(seqs, limits):
+            if s.spec is None:
+                s.spec = SpecState()
+            k = min(self.config.tokens, limit)
+            cands.append(ngram_proposal(s.req.prompt_ids + s.out_ids, k, self.config.ngram_max,
+                                        self.config.ngram_min) if k > 0 else [])
+        rows = len(seqs)
+        best_k, best = 0, rows / self.cost(rows)
+        for k in range(1, self.config.tokens + 1):
+            extra = sum(min(k, len(c)) for c in cands)
+            if k > 1 and extra == sum(min(k - 1, len(c)) for c in cands):
+                break  # no candidate is longer: the same step again
+            gain = sum(expected_tokens(s.spec.acceptance, min(k, len(c))) for s, c in zip(seqs, cands))
+            rate = gain / self.cost(rows + extra)
+            if rate > best:
+                best_k, best = k, rate
+        for s, c in zip(seqs, cands):
+            if best_k == 0 or not c:
+                s.spec.acceptance += RELAX * (PRIOR_ACCEPTANCE - s.spec.acceptance)
+        return [c[:best_k] for c in cands]
 
     def verified(self, seq, proposed: int, accepted: int, emitted: int) -> None:
         """Every rank, after the broadcast: update seq's acceptance and the counters."""
@@ -113,10 +135,10 @@ class Proposer:
         c.proposed += proposed
         c.accepted += accepted
         c.emitted += emitted
-        st = seq.spec
-        st.acceptance = ACCEPTANCE_DECAY * st.acceptance + (1 - ACCEPTANCE_DECAY) * accepted / proposed
-        if st.acceptance < MIN_ACCEPTANCE:
-            st.paused, st.acceptance = PAUSE_STEPS, MIN_ACCEPTANCE  # then a fresh chance, not a life sentence
+        # this verification's evidence on the chance a token stands: accepted ones were tried and
+        # stood, the first rejected one (if any) was tried and failed
+        rate = accepted / (accepted + (accepted < proposed))
+        seq.spec.acceptance = ACCEPTANCE_DECAY * seq.spec.acceptance + (1 - ACCEPTANCE_DECAY) * rate
 
 
 def accept_or_replace(logits: torch.Tensor, proposed: int, temperature: float, top_p: float, top_k: int,

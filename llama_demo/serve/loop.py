@@ -78,6 +78,7 @@ class EngineClient:
         self.capacity = max_batch_size + max_waiting
         self.max_batch_size = max_batch_size
         self.scheduler = engine.scheduler  # read (never changed) by /metrics: KV blocks, preemptions
+        self.proposer = engine.proposer  # read by /metrics: speculative decoding's counters (None when off)
         self.health = Health(time.time(), time.monotonic(), 60.0)
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count(1)

@@ -49,6 +49,18 @@ class Metrics:
                   registry=r).set_function(lambda: len(pool.cached))
             Gauge("llama_demo_preemptions", "Requests preempted (KV blocks ran out) since start",
                   registry=r).set_function(lambda: sched.preempted_total)
+        proposer = getattr(client, "proposer", None)
+        if proposer is not None:  # speculative decoding (--speculative)
+            c = proposer.counters
+            for name, what, read in (
+                    ("verifications", "Steps' verifications of proposed tokens (one per sequence with a proposal)",
+                     lambda: c.verifications),
+                    ("proposed_tokens", "Tokens proposed for verification", lambda: c.proposed),
+                    ("accepted_tokens", "Proposed tokens the model agreed with", lambda: c.accepted),
+                    ("acceptance_rate", "Accepted / proposed tokens since start", lambda: c.acceptance_rate),
+                    ("tokens_per_verification", "Tokens emitted per verification (accepted + the model's own)",
+                     lambda: c.tokens_per_verification)):
+                Gauge(f"llama_demo_speculative_{name}", what, registry=r).set_function(read)
         Gauge("llama_demo_in_flight", "Requests submitted and not finished (running + waiting + being published)",
               registry=r).set_function(lambda: client.in_flight)
 

@@ -1,0 +1,86 @@
+"""Run under torchrun by tests/test_speculative.py: the same requests with and without speculative
+decoding (n-gram proposals) in the real engine, on every rank; rank 0 writes OUT/speculative.json.
+
+The proposer's step costs are set flat, so it proposes wherever the n-gram lookup finds something:
+the test is about exactness, not about when speculation pays."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from llama_demo.engine.engine import Engine, Request
+from llama_demo.engine.sampler import SamplingParams
+from llama_demo.engine.speculative import SpeculationConfig
+from llama_demo.model.parallel import init_distributed, shutdown_distributed
+from llama_demo.text.tokenizer import load_tokenizer
+from llama_demo.weights.loading import load_model
+
+ckpt, out = Path(sys.argv[1]), Path(sys.argv[2])
+info = init_distributed()
+model = load_model(ckpt, info, dtype=torch.float32, max_seq_len=192, max_batch_size=4)
+model.setup_cache(4, 192, info.device, torch.float32, block_size=4)  # answers cross many block boundaries
+tok = load_tokenizer(ckpt)
+base = [1, 17, 250, 33, 8, 120, 45, 17, 250, 33, 91, 60]
+prompts = {"a": base * 2, "b": base[3:] + base, "c": [5, 6, 7, 8] * 5}
+
+
+def engine(spec: bool, prefix_cache: bool = True) -> Engine:
+    e = Engine(model, tok, info.rank, info.world_size, info.device, seed=0, step_tokens=64, prefix_cache=prefix_cache,
+               speculation=SpeculationConfig("ngram", 4) if spec else None)
+    if spec:
+        e.proposer.step_costs = [1.0] * 64
+    return e
+
+
+def run(e: Engine, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict:
+    seen = {}
+
+    def note(ev):
+        if ev.logprob is not None:
+            seen.setdefault(ev.request_id, []).append(ev.logprob)
+
+    done = e.generate([Request(k, p, params) for k, (p, params) in requests.items()], on_event=note)
+    return {k: {"ids": v[0], "text": v[1], "reason": v[2], "logprobs": seen.get(k)} for k, v in done.items()}
+
+
+def greedy(n: int = 40, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_new_tokens=n, **kw)
+
+
+cases = {
+    "plain": {k: (p, greedy()) for k, p in prompts.items()},
+    "penalties": {k: (p, greedy(presence_penalty=0.4, frequency_penalty=0.3, repetition_penalty=1.2,
+                                 logit_bias=[[33, 2.0], [60, -5.0]])) for k, p in prompts.items()},
+    "logprobs": {k: (p, greedy(logprobs=2)) for k, p in prompts.items()},
+    "odd_length": {k: (p, greedy(7)) for k, p in prompts.items()},
+    "min_p_top_k_greedy": {k: (p, greedy(min_p=0.1, top_k=5)) for k, p in prompts.items()},
+}
+plain_engine = engine(False)
+result = {"plain": {name: run(plain_engine, reqs) for name, reqs in cases.items()}}
+# a stop string from the plain answer's own text: both runs must stop at the same place
+text = result["plain"]["plain"]["a"]["text"]
+stop = text[len(text) // 2: len(text) // 2 + 3]
+cases["stop"] = {"a": (prompts["a"], greedy(stop=[stop]))}
+result["plain"]["stop"] = run(plain_engine, cases["stop"])
+result["stop_string"] = stop
+
+spec_engine = engine(True)
+result["spec"] = {name: run(spec_engine, reqs) for name, reqs in cases.items()}
+sampled = {k: (p, SamplingParams(temperature=0.9, top_p=0.9, top_k=50, min_p=0.02, seed=7 + i, max_new_tokens=40,
+                                 frequency_penalty=0.2))
+           for i, (k, p) in enumerate(prompts.items())}
+result["sampled"] = [run(spec_engine, sampled), run(spec_engine, sampled)]
+# the blocks named after speculation hold accepted tokens only: a prompt that extends an answer
+# reuses them and continues as a fresh engine without any cache does
+answer = result["spec"]["plain"]["a"]["ids"]
+extended = {"x": (prompts["a"] + answer[:21], greedy(20))}
+result["reuse"] = {"spec": run(spec_engine, extended), "fresh": run(engine(False, prefix_cache=False), extended)}
+c = spec_engine.proposer.counters
+result["counters"] = {"verifications": c.verifications, "proposed": c.proposed, "accepted": c.accepted,
+                      "emitted": c.emitted}
+result["blocks_held_after"] = spec_engine.scheduler.pool.used
+if info.rank == 0:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speculative.json").write_text(json.dumps(result))
+shutdown_distributed()
