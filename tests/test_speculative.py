@@ -141,3 +141,23 @@ def test_sampled_answers_follow_the_model_distribution(tmp_path):
         counts = torch.bincount(answers[:, position], minlength=V).float()
         stat, df = chi_square(counts, marg)
         assert stat < CHI2_999.get(df, 37.70 + 2 * (df - 15)), (position, stat, df)
+
+
+def test_metrics_export_the_speculation_counters():
+    from prometheus_client import generate_latest
+
+    from fakes import FakeClient
+    from llama_demo.serve.metrics import Metrics
+
+    class Tok:
+        vocab_size = 400
+
+    client = FakeClient.__new__(FakeClient)
+    FakeClient.__init__(client, Tok())
+    client.proposer = Proposer(SpeculationConfig("ngram", 4))
+    c = client.proposer.counters
+    c.verifications, c.proposed, c.accepted, c.emitted = 10, 40, 30, 40
+    text = generate_latest(Metrics(client).registry).decode()
+    assert "llama_demo_speculative_acceptance_rate 0.75" in text
+    assert "llama_demo_speculative_tokens_per_verification 4.0" in text
+    assert "llama_demo_speculative_verifications 10.0" in text

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import NAMED_SHAPES, cache_root
+from ..config import DEFAULT_SPECULATIVE_TOKENS, NAMED_SHAPES, cache_root
 from ..engine.engine import Engine
 from ..model.parallel import cpu_threads, init_distributed, parse_dtype
 from ..model.quant import weights_label
@@ -56,12 +56,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --weights: this model's GGUF, measured in llama.cpp as f32 / q8_0 / q4_0 beside ours when "
                         "llama-cpp-python is installed (default: the default model's own GGUF when --ckpt_dir is it)")
     p.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false", help="with --weights: leave llama.cpp out")
-    p.add_argument("--scenario", choices=["chat", "serve"], default=None,
+    p.add_argument("--scenario", choices=["chat", "serve", "speculative"], default=None,
                    help="chat: a multi-turn conversation's time to first token with prefix reuse on and off, "
                         "conversations sharing a long system prompt, 32 chats at once in the KV memory of 8 x 2048 "
                         "positions, and running decodes' rate while a long prompt is prefilled (needs --ckpt_dir of "
                         "a chat model); "
-                        "serve: the HTTP server under streamed clients (--concurrency, --rates) beside llama-server")
+                        "serve: the HTTP server under streamed clients (--concurrency, --rates) beside llama-server; "
+                        "speculative: the server with and without --speculative ngram, on input-grounded and open "
+                        "chat requests at 1 user and the largest --concurrency, beside llama-server with and "
+                        "without its own n-gram speculation")
+    p.add_argument("--num_speculative_tokens", type=int, default=DEFAULT_SPECULATIVE_TOKENS,
+                   help="with --scenario speculative: proposed tokens per verification, for both servers")
     p.add_argument("--rates", default="", help="with --scenario serve: comma-separated request rates (requests/s)")
     p.add_argument("--requests", type=int, default=32, help="with --scenario serve: requests per load")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="with --scenario serve: threads of each server")
@@ -72,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     conc = [int(c) for c in a.concurrency.split(",")]
     if a.new_tokens < 2 or a.prompt_len < 1 or min(conc) < 1:
         p.error("--new_tokens must be >= 2, --prompt_len and every --concurrency >= 1")
+    if a.scenario == "speculative":
+        if not a.ckpt_dir or a.ranks:
+            p.error("--scenario speculative starts app.py on one rank: give --ckpt_dir")
+        return run_command(lambda: _bench_speculative(a, conc))
     if a.scenario == "serve":
         if not a.ckpt_dir or a.ranks:
             p.error("--scenario serve starts app.py on one rank: give --ckpt_dir")
@@ -141,6 +150,23 @@ def _bench_serve(a: argparse.Namespace, conc: list[int]) -> int:
                                      a.requests, a.new_tokens, text, a.threads, server, gguf, a.server_args.split(),
                                      cache_root() / "bench" / "llama.cpp", cache_root() / "bench" / "serve-logs")
     bench_http.print_ratios(rows)
+    if a.json:
+        print(json.dumps(rows))
+    return 0
+
+
+def _bench_speculative(a: argparse.Namespace, conc: list[int]) -> int:
+    from . import bench_http, bench_speculative
+
+    server = bench_http.find_llama_server(a.llama_server)
+    gguf = Path(a.gguf) if a.gguf else default_gguf(a.ckpt_dir) if server else None
+    if server is None or gguf is None:
+        print("llama-server or a GGUF not found: measuring llama_demo alone", flush=True)
+    text = a.text if a.text != "assets/pride_and_prejudice.txt" else str(Path(__file__).resolve().parents[2] / a.text)
+    rows = bench_speculative.speculative_scenario(a.ckpt_dir, conc, a.requests, a.new_tokens, text, a.threads, server,
+                                                  gguf, a.num_speculative_tokens, cache_root() / "bench" / "llama.cpp",
+                                                  cache_root() / "bench" / "serve-logs")
+    bench_speculative.print_ratios(rows)
     if a.json:
         print(json.dumps(rows))
     return 0
