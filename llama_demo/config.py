@@ -19,10 +19,9 @@ DEFAULT_MAX_BATCH_SIZE = 32  # sequences running together (decoded in one step),
 # is the memory of DEFAULT_KV_ROWS sequences of max_seq_len tokens (--kv_cache_tokens,
 # --kv_cache_memory change it), which many more, shorter sequences share.
 KV_BLOCK_SIZE = 16  # vLLM's default: a prefix is shared to within 15 tokens
-# Speculative decoding's proposed tokens per verification, at most (--num_speculative_tokens): on
-# the default model, 2-core CPU, prompt lookup on a rewrite task gave about the same speed-up at
-# 4 and 6 and less at 2 (README, "Speculative decoding"); the proposer shortens it where it does
-# not pay.
+# Speculative decoding's proposed tokens per verification, at most (--num_speculative_tokens).
+# 4: vLLM's and llama.cpp's usual range (3-5); not yet chosen by measurement here (issue 25). The
+# proposer shortens proposals, to none, where the measured step costs say they do not pay.
 DEFAULT_SPECULATIVE_TOKENS = 4
 DEFAULT_KV_ROWS = 8
 DEFAULT_DIST_TIMEOUT = 1800.0  # seconds a collective may wait (init_process_group's timeout)
