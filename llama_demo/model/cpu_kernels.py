@@ -6,7 +6,10 @@ are per machine:
   (OpenBLAS's gemv, the fallback without a compiler, read them ~1.5x slower; torch's pool then
   runs at one thread: two busy pools on 2 cores slow each other down 20x).
 - float32, several rows (prefill; batched decode steps that do not run in C, native_decode.py):
-  oneDNN's GEMM, on its blocked copy of each weight when memory allows (pack_for_cpu).
+  torch's GEMM (F.linear: MKL in x86 builds) on the same plain weights. oneDNN's blocked copy of
+  each weight (pack_for_cpu) is made only on request (LLAMA_DEMO_PACK_WEIGHTS=1): it doubles the
+  float32 weights held, and on the 2-core AVX2 VM F.linear on the plain weights ran 16-row steps
+  and 128-token prompt chunks faster than oneDNN on its blocked copy (README, issue 25 item 5).
 - int8 / int4 weights (quant.py): a small C library compiled here for this CPU on first use
   (qkernels.c, cached; llama.cpp's Q8_0 / Q4_1 scheme: activations quantized to int8 in blocks of
   32, integer dot products), else fbgemm's dynamic int8 linear, else dequantizing products.
@@ -39,15 +42,17 @@ ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_li
 
 def matmul_t(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None = None, openblas: bool = True) -> torch.Tensor:
     """x @ w.T. On CPU in float32: one row through the C kernel (native_f32_linear), else numpy's
-    OpenBLAS (w read in place through a zero-copy view); several rows through oneDNN (on `packed`,
-    its blocked copy of w, when there is one). `openblas=False` keeps single rows off OpenBLAS, for
+    OpenBLAS (w read in place through a zero-copy view); several rows through oneDNN on `packed`,
+    its blocked copy of w, when there is one, else torch's F.linear on w. `openblas=False` keeps single rows off OpenBLAS, for
     callers whose step runs in torch's threads. Elsewhere (CUDA, half precision, autograd) F.linear."""
     if x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32 and not torch.is_grad_enabled():
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] == 1 and w.is_contiguous() and native() is not None:
             out = native_f32_linear(x2, w)
-        elif x2.shape[0] > 1 and ONEDNN:
-            out = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), w if packed is None else packed, None, "none", [], "")
+        elif x2.shape[0] > 1 and packed is not None:
+            out = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), packed, None, "none", [], "")
+        elif x2.shape[0] > 1:  # torch's BLAS (MKL in x86 builds): 1.6x oneDNN on the plain weight at 16 rows
+            out = F.linear(x2, w)
         elif openblas:
             out = torch.from_numpy(np.matmul(x2.numpy(), w.detach().numpy().T))
         else:
@@ -58,9 +63,15 @@ def matmul_t(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None = Non
 
 def pack_for_cpu(model, batch_hint: int = 16) -> int:
     """Give each float32 CPU matrix product of the model (`model.products()`: objects with
-    `weight` and `packed`) a oneDNN-blocked copy of its weight for batched steps: 1.5x over oneDNN on the plain weight, 2.5x over OpenBLAS at
-    16 rows (measured). It costs a second copy of the matrices, so it is done only when at least
-    twice that much memory is free. Returns the bytes added (0 when nothing was packed)."""
+    `weight` and `packed`) a oneDNN-blocked copy of its weight for batched steps, when
+    LLAMA_DEMO_PACK_WEIGHTS=1 and at least twice that memory is free. Off by default: the copy
+    sits beside the plain weights (which the C decode kernels read) and doubles the float32
+    weights held (SmolLM2-135M: 543 -> 1,026 MB), and on the 2-core AVX2 VM we measured oneDNN ran
+    prompt chunks and 16-32-row steps as fast on the plain weights (README, issue 25 item 5); an
+    earlier measurement had it 1.5x faster at 16 rows, so a machine where that holds may turn it
+    on. Returns the bytes added (0 when nothing was packed)."""
+    if os.environ.get("LLAMA_DEMO_PACK_WEIGHTS", "0") != "1":
+        return 0
     products = [p for p in model.products() if hasattr(p, "packed") and p.weight.device.type == "cpu"
                 and p.weight.dtype == torch.float32]
     need = sum(p.weight.numel() * 4 for p in products)

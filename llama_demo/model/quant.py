@@ -348,15 +348,23 @@ def weights_label(model: nn.Module) -> str:
 
 def weight_bytes(model: nn.Module) -> tuple[int, int]:
     """(bytes this rank holds for its linear layers' and embedding's weights, scales and zeros;
-    bytes the same weights take in float32). The norms (a few KB) are left out."""
+    bytes the same weights take in float32). The norms (a few KB) are left out; a tensor two
+    layers share (a tied output layer and embedding, loading.share_tied_output) counts once."""
     held = f32 = 0
+    seen: set[int] = set()
+
+    def new_bytes(tensors) -> int:
+        fresh = [t for t in tensors if t.data_ptr() not in seen]
+        seen.update(t.data_ptr() for t in fresh)
+        return sum(t.numel() * t.element_size() for t in fresh)
+
     for m in model.modules():
         if isinstance(m, Embedding):
-            held += sum(t.numel() * t.element_size() for t in (*m.buffers(recurse=False), *m.parameters(recurse=False)))
+            held += new_bytes((*m.buffers(recurse=False), *m.parameters(recurse=False)))
             f32 += m.num_embeddings * m.embedding_dim_per_partition * 4
         if isinstance(m, (ColumnLinear, RowLinear)):
             tensors = [t for n, t in m.named_buffers(recurse=False)] + [p for p in m.parameters(recurse=False)]
-            held += sum(t.numel() * t.element_size() for t in tensors)
+            held += new_bytes(tensors)
             rows = m.output_size_per_partition if isinstance(m, ColumnLinear) else m.out_features
             cols = m.in_features if isinstance(m, ColumnLinear) else m.input_size_per_partition
             f32 += rows * cols * 4

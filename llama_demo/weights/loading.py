@@ -71,14 +71,32 @@ def load_model(ckpt_dir: str | Path, dist_info: DistInfo, dtype: torch.dtype | N
         fuse_quantized(model)  # wq/wk/wv and w1/w3 as one native product each, where they run one
     if optimize and not (ckpt.quant or on_the_fly):
         fuse_linears(model)  # wq/wk/wv and w1/w3 as one product each
+        share_tied_output(model, dist_info.world_size)  # one copy when the output layer is the embedding
         if dist_info.device.type == "cpu" and dtype == torch.float32:
-            pack_for_cpu(model)  # oneDNN's blocked weights for batched steps, when memory allows
+            pack_for_cpu(model)  # oneDNN's blocked copies, only with LLAMA_DEMO_PACK_WEIGHTS=1 (it says why)
     model.eval()
     if optimize and dist_info.device.type == "cpu":
         from ..model.native_decode import plan_for
 
         plan_for(model)  # the C step's plan and its probe now, on every rank together, not at a first request
     return model
+
+
+def share_tied_output(model: Transformer, world_size: int) -> bool:
+    """A model whose output layer holds the token embedding's matrix (tied weights: SmolLM2, Llama
+    3.2 1B / 3B; Meta-layout checkpoints store it twice) keeps one copy: the output layer reads the
+    embedding's tensor (SmolLM2-135M in float32: 108 MB less). On one rank only: with several the
+    embedding is split by features and the output by vocabulary rows, different slices. Float
+    weights only (a quantized embedding's layout is not the linear layer's). Returns whether it
+    shared. Callers that change weights in place (GPTQ) load with optimize=False, which skips this."""
+    emb, out = model.tok_embeddings.weight, model.output.weight
+    if (world_size != 1 or not emb.is_floating_point() or not out.is_floating_point() or emb.shape != out.shape
+            or emb.dtype != out.dtype or emb.device != out.device or emb.data_ptr() == out.data_ptr()
+            or not torch.equal(emb, out)):
+        return False
+    model.output.weight = emb
+    model.invalidate_decode_plan()
+    return True
 
 
 def kv_tokens_in_memory(model: Transformer, dist_info: DistInfo, dtype: torch.dtype, fraction: float) -> int:
