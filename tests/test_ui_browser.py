@@ -60,6 +60,19 @@ def bot_texts(page) -> list[str]:
     return page.evaluate(f"() => {ANSWERS}.map(m => m.innerText.trim())")
 
 
+def settled_answer(page, index: int, quiet_ms: int = 250, bound_ms: int = 5000) -> str:
+    """The answer's text once it has not changed for quiet_ms (a live stream of 50 tokens a second never is)."""
+    text, waited = bot_texts(page)[index], 0
+    while waited < bound_ms:
+        page.wait_for_timeout(quiet_ms)
+        waited += quiet_ms
+        now = bot_texts(page)[index]
+        if now == text:
+            return text
+        text = now
+    raise AssertionError(f"the answer kept growing for {bound_ms} ms after Stop")
+
+
 def test_message_gets_a_streamed_answer_and_a_tokens_per_second_line(page):
     send(page, "hi llama")
     page.wait_for_function(f"t => {ANSWERS}.some(m => m.innerText.trim() === t)", arg=ANSWER)
@@ -83,8 +96,8 @@ def test_stop_button_cancels_the_generation(page):
         page.wait_for_function(f"() => {ANSWERS}.length === 2")
         page.click("#stop")
         assert fake.cancel_event.wait(5), "Stop did not cancel the engine request"
-        partial = bot_texts(page)[1]
-        page.wait_for_timeout(300)
+        partial = settled_answer(page, 1)  # a chunk sent before the cancel may still be drawn
+        page.wait_for_timeout(500)
         assert bot_texts(page)[1] == partial and len(partial) > 0  # the answer stops growing
     finally:
         fake.script = ANSWER
