@@ -132,7 +132,14 @@ def test_quantized_checkpoints_load_on_any_rank_count(tmp_path):
     logits = {(t, w, r): torch.load(outs[w] / f"{t}.{r}.pt") for t in tags for w in (1, 2) for r in range(w)}
     for t in tags:
         assert torch.equal(logits[t, 2, 0], logits[t, 2, 1]), f"{t}: ranks disagree"
-        assert (logits[t, 2, 0] - logits[t, 1, 0]).abs().max() < 1e-4, f"{t}: 2 ranks differ from 1"
+        d = (logits[t, 2, 0] - logits[t, 1, 0]).abs()
+        if t == "float":
+            assert d.max() < 1e-4, f"{t}: 2 ranks differ from 1"
+        else:
+            # the quantized kernels round activations to int8 in blocks of 32 (Q8_0): a sum in
+            # another order (2 ranks all-reduce partial products) can flip one rounding, which
+            # moves one position's logits by ~1e-3 of their scale (seen: 0.006 on one of 10 tokens)
+            assert d.mean() < 1e-3 and d.max() < 5e-3 * logits[t, 1, 0].abs().max(), f"{t}: 2 ranks differ from 1"
     assert (logits["fly8", 1, 0] - logits["int8", 1, 0]).abs().max() < 1e-5  # same integers either way
     ref = logits["float", 1, 0]
 
