@@ -144,12 +144,12 @@ def test_a_message_sent_while_answering_is_queued_visibly_then_answered(page):
     page.wait_for_function(f"() => ({MESSAGES_JS})('answer').length === 1")
     page.fill("#message textarea", "second question")
     page.press("#message textarea", "Enter")
-    page.wait_for_function("() => document.querySelector('#queued').innerText.includes('second question')")
+    page.wait_for_function("() => document.querySelector('#queued')?.innerText.includes('second question')")
     assert "Queued" in page.inner_text("#queued")
     page.fake.delay = 0.004
     wait_notes(page, 2)
     assert messages(page, "user") == ["first question", "second question"]
-    page.wait_for_function("() => !document.querySelector('#queued').innerText.includes('second')")
+    page.wait_for_function("() => !document.querySelector('#queued')?.innerText.includes('second')")
     prompt = page.fake.tokenizer.decode(page.fake.requests[-1][0])
     assert "first question" in prompt and "second question" in prompt
 
@@ -225,17 +225,17 @@ def test_conversations_are_listed_renamed_deleted_and_reopened_on_reload_in_this
     page.click("#new-chat")
     ask(page, "about alpacas", notes=1)
     title = "#chat-title input, #chat-title textarea"
-    page.wait_for_function("s => document.querySelector(s).value === 'about alpacas'", arg=title)  # the list caught up
+    page.wait_for_function("s => document.querySelector(s)?.value === 'about alpacas'", arg=title)  # the list caught up
     page.fill("#chat-title input, #chat-title textarea", "Alpaca notes")
     page.click("#rename")
-    page.wait_for_function("() => document.querySelector('#chat-list').innerText.includes('Alpaca notes')")
+    page.wait_for_function("() => document.querySelector('#chat-list')?.innerText.includes('Alpaca notes')")
     page.reload()
     page.wait_for_function(f"() => ({MESSAGES_JS})('user').join() === 'about alpacas'")  # the last one reopened
     assert page.input_value("#chat-title input, #chat-title textarea") == "Alpaca notes"
     page.locator("#chat-list label", has_text="about llamas").first.click()
     page.wait_for_function(f"() => ({MESSAGES_JS})('user').join() === 'about llamas'")
     page.click("#delete-chat")
-    page.wait_for_function("() => !document.querySelector('#chat-list').innerText.includes('about llamas')")
+    page.wait_for_function("() => !document.querySelector('#chat-list')?.innerText.includes('about llamas')")
     assert "Alpaca notes" in page.inner_text("#chat-list")
     # another visitor of the same server (a shared link) has a browser of their own: no chats
     other = browser.new_context()
@@ -265,16 +265,16 @@ def test_settings_say_what_they_do_persist_per_browser_and_reset_to_the_models_d
     page.reload()
     page.wait_for_selector("#message textarea")
     page.get_by_text("Settings (kept in this browser)").click()
-    page.wait_for_function("() => document.querySelector('#seed input').value === '7'")
+    page.wait_for_function("() => document.querySelector('#seed input')?.value === '7'")
     assert page.input_value("#temperature input[type=number]") == "1.2"
     page.click("#reset-settings")
-    page.wait_for_function("() => document.querySelector('#seed input').value === '-1'")
+    page.wait_for_function("() => document.querySelector('#seed input')?.value === '-1'")
     assert page.input_value("#temperature input[type=number]") == "0.3"
     page.wait_for_timeout(400)
     page.reload()  # the reset is kept too
     page.wait_for_selector("#message textarea")
     page.get_by_text("Settings (kept in this browser)").click()
-    page.wait_for_function("() => document.querySelector('#seed input').value === '-1'")
+    page.wait_for_function("() => document.querySelector('#seed input')?.value === '-1'")
 
 
 def test_enter_sends_and_shift_enter_starts_a_new_line(page):

@@ -65,7 +65,7 @@ def test_the_page_on_two_ranks_behind_a_login(server):
             assert "12 tokens in" in note and "tokens/s" in note and note.endswith("length")
             # item 2: regenerate, edit, undo on the real engine
             page.evaluate("() => { document.querySelector('#stats').dataset.before = "
-                          "document.querySelector('#stats').innerText; }")
+                          "document.querySelector('#stats')?.innerText; }")
             page.click('#chatbot button[aria-label="Retry"]')
             page.wait_for_function("() => { const s = document.querySelector('#stats');"
                                    " return s.innerText !== s.dataset.before && s.innerText.endsWith('length'); }")

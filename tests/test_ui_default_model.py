@@ -33,7 +33,7 @@ def test_default_model_answers_in_the_browser(tmp_path):
                 page.wait_for_selector("#message textarea")
                 send(page, "What is the capital of France?")
                 # the stats line shows the finish reason once the answer is complete
-                page.wait_for_function("() => /· (stop|length)/.test(document.querySelector('#stats').innerText)")
+                page.wait_for_function("() => /· (stop|length)/.test(document.querySelector('#stats')?.innerText)")
                 answer = bot_texts(page)[0]
                 # a second turn with code, for the README's screenshots (test-output/chat-desktop.png
                 # and chat-phone.png; copied into assets/ by hand when the page changes)
