@@ -140,7 +140,11 @@ def build_ui(client: EngineClient, gate: Gate, cfg: ServerConfig, system_prompt:
         private = dict(api_visibility="private")
         drain_kw = dict(fn=drain, inputs=[chatbot, inbox, chats, *settings], outputs=[chatbot, stats, queued, chats],
                         concurrency_id="model", concurrency_limit=cfg.max_batch_size, **private)
-        answering = [trigger(enqueue, [message, inbox], [message, queued], queue=False, **private).then(**drain_kw)
+        # trigger_mode "multiple": Gradio's default ("once") ignores a submit while the previous
+        # one is still on its way, and that one's reply then empties the box: a message typed and
+        # sent within a round trip of the last was lost (seen in test_ui_chat_server)
+        answering = [trigger(enqueue, [message, inbox], [message, queued], queue=False, trigger_mode="multiple",
+                             **private).then(**drain_kw)
                      for trigger in (message.submit, send.click)]
 
         def regenerate(history, box: Inbox):
