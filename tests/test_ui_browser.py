@@ -40,11 +40,17 @@ def page(tmp_path_factory):
             page = browser.new_page(viewport={"width": 1100, "height": 900})
             page.set_default_timeout(WAIT_MS)
             page.goto(f"{server.url}/")
-            page.wait_for_selector("#message textarea")
+            wait_ready(page)
             page.fake = fake
             yield page
         finally:
             browser.close()
+
+
+def wait_ready(page) -> None:
+    """Until the page has shown the browser's stored conversation and settings (an edit made
+    before would be overwritten by them)."""
+    page.wait_for_function("() => document.body.dataset.ready === '1'")
 
 
 def send(page, text: str) -> None:

@@ -17,7 +17,7 @@ from llama_demo.config import ServerConfig
 from llama_demo.model.parallel import free_port
 from llama_demo.serve.app import build_app
 from llama_demo.text.tokenizer import load_tokenizer
-from test_ui_browser import CHROMIUM, CHROMIUM_ARGS
+from test_ui_browser import CHROMIUM, CHROMIUM_ARGS, wait_ready
 
 WAIT_MS = 15_000
 MARKDOWN = ("Here:\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n```python\ndef f(x):\n    return x + 1\n```\n\n"
@@ -56,7 +56,7 @@ def page(site):
     page = context.pages[0] if context.pages else context.new_page()
     if page.url != f"{server.url}/":
         page.goto(f"{server.url}/")
-    page.wait_for_selector("#message textarea")
+    wait_ready(page)
     fake.script, fake.delay, fake.capacity = MARKDOWN, 0.004, 1000
     page.click("#new-chat")
     page.wait_for_function("() => !document.querySelector('#chatbot [data-testid=\"user\"]')")
@@ -154,6 +154,26 @@ def test_a_message_sent_while_answering_is_queued_visibly_then_answered(page):
     assert "first question" in prompt and "second question" in prompt
 
 
+def test_what_is_typed_after_sending_is_never_wiped_by_the_reply_to_the_send(page):
+    # a slow network: the server's reply to "first" lands while "second question" is being typed
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.emulateNetworkConditions",
+             {"offline": False, "latency": 300, "downloadThroughput": -1, "uploadThroughput": -1})
+    try:
+        page.fill("#message textarea", "first")
+        page.press("#message textarea", "Enter")
+        # emptied at once, not by the reply (which takes twice the latency)
+        page.wait_for_function("() => document.querySelector('#message textarea').value === ''", timeout=250)
+        page.type("#message textarea", "second question", delay=60)
+        page.press("#message textarea", "Enter")
+        wait_notes(page, 2)
+        assert messages(page, "user") == ["first", "second question"]
+    finally:
+        cdp.send("Network.emulateNetworkConditions",
+                 {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
+        cdp.detach()
+
+
 def test_a_busy_server_answers_with_a_warning_in_the_chat(page):
     page.fake.capacity = 0  # submit raises QueueFull: the API's 429
     page.fill("#message textarea", "anyone there?")
@@ -242,7 +262,7 @@ def test_conversations_are_listed_renamed_deleted_and_reopened_on_reload_in_this
     try:
         visitor = other.new_page()
         visitor.goto(f"{server.url}/")
-        visitor.wait_for_selector("#message textarea")
+        wait_ready(visitor)
         visitor.wait_for_timeout(500)
         assert visitor.locator("#chat-list label").count() == 0
         assert not visitor.query_selector('#chatbot [data-testid="user"]')
@@ -263,7 +283,7 @@ def test_settings_say_what_they_do_persist_per_browser_and_reset_to_the_models_d
     params = page.fake.requests[-1][1]
     assert params.temperature == pytest.approx(1.2) and params.seed == 7
     page.reload()
-    page.wait_for_selector("#message textarea")
+    wait_ready(page)
     page.get_by_text("Settings (kept in this browser)").click()
     page.wait_for_function("() => document.querySelector('#seed input')?.value === '7'")
     assert page.input_value("#temperature input[type=number]") == "1.2"
@@ -272,7 +292,7 @@ def test_settings_say_what_they_do_persist_per_browser_and_reset_to_the_models_d
     assert page.input_value("#temperature input[type=number]") == "0.3"
     page.wait_for_timeout(400)
     page.reload()  # the reset is kept too
-    page.wait_for_selector("#message textarea")
+    wait_ready(page)
     page.get_by_text("Settings (kept in this browser)").click()
     page.wait_for_function("() => document.querySelector('#seed input')?.value === '-1'")
 
@@ -295,7 +315,7 @@ def test_the_page_works_at_a_phones_width(site, page):
     try:
         phone.set_viewport_size({"width": 375, "height": 740})
         phone.goto(f"{server.url}/")
-        phone.wait_for_selector("#message textarea")
+        wait_ready(phone)
         phone.wait_for_function("() => !document.querySelector('#sidebar.open')")  # the chat, not the sidebar
         ask(phone, "hello from a phone", notes=len(messages(phone, "note")) + 1)
         assert phone.evaluate("() => document.documentElement.scrollWidth") <= 375
@@ -325,7 +345,7 @@ def test_login_and_api_key_guard_the_page_and_its_stored_chats(site, tmp_path):
             page.locator("input").first.fill("ann")
             page.fill("input[type=password]", "s3cret")
             page.keyboard.press("Enter")
-            page.wait_for_selector("#message textarea")
+            wait_ready(page)
             fake.script = MARKDOWN
             ask(page, "behind a login", notes=1)
         finally:

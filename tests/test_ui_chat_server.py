@@ -11,7 +11,7 @@ import pytest
 
 from families import family_checkpoint
 from test_server import Server
-from test_ui_browser import CHROMIUM, CHROMIUM_ARGS
+from test_ui_browser import CHROMIUM, CHROMIUM_ARGS, wait_ready
 from test_ui_chat import MESSAGES_JS, ask, messages, screenshot, wait_notes
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install -y chromium)")
@@ -52,7 +52,7 @@ def test_the_page_on_two_ranks_behind_a_login(server):
             page.locator("input").first.fill(LOGIN[0])
             page.fill("input[type=password]", LOGIN[1])
             page.keyboard.press("Enter")
-            page.wait_for_selector("#message textarea")
+            wait_ready(page)
             # item 6: the header names the model, its context and the ranks serving it
             header = page.inner_text("#title")
             assert "smollm2" in header and "512 tokens of context" in header and "served by 2 ranks" in header
@@ -97,7 +97,7 @@ def test_the_page_on_two_ranks_behind_a_login(server):
             # item 7: a phone's width
             page.set_viewport_size({"width": 375, "height": 740})
             page.reload()
-            page.wait_for_selector("#message textarea")
+            wait_ready(page)
             page.wait_for_function("() => !document.querySelector('#sidebar.open')")
             assert page.evaluate("() => document.documentElement.scrollWidth") <= 375
         finally:

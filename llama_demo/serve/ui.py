@@ -92,6 +92,7 @@ def build_ui(client: EngineClient, gate: Gate, cfg: ServerConfig, system_prompt:
                                  editable="user" if chat_mode else None, latex_delimiters=LATEX, autoscroll=False,
                                  feedback_options=None, placeholder=f"Ask **{model}** something.")
             queued = gr.Markdown("", elem_id="queued")
+            outbox = gr.Textbox(visible=False, elem_id="outbox")  # the message on its way to the inbox
             with gr.Row(equal_height=True, elem_id="input-row"):
                 message = gr.Textbox(placeholder="Message (Enter sends, Shift+Enter starts a new line)", elem_id="message",
                                      show_label=False, autofocus=True, lines=1, max_lines=8, scale=8, container=False)
@@ -129,9 +130,9 @@ def build_ui(client: EngineClient, gate: Gate, cfg: ServerConfig, system_prompt:
         def enqueue(text: str, box: Inbox):
             if not isinstance(text, str) or not text.strip():
                 gr.Warning("the message is empty: type a question first")
-                return gr.skip(), box.shown()
+                return box.shown()
             box.queue.append(Turn(text))
-            return "", box.shown()
+            return box.shown()
 
         async def drain(history, box: Inbox, store, *values):
             async for out in answerer.drain(history, box, store, settings_of(values)):
@@ -140,11 +141,13 @@ def build_ui(client: EngineClient, gate: Gate, cfg: ServerConfig, system_prompt:
         private = dict(api_visibility="private")
         drain_kw = dict(fn=drain, inputs=[chatbot, inbox, chats, *settings], outputs=[chatbot, stats, queued, chats],
                         concurrency_id="model", concurrency_limit=cfg.max_batch_size, **private)
-        # trigger_mode "multiple": Gradio's default ("once") ignores a submit while the previous
-        # one is still on its way, and that one's reply then empties the box: a message typed and
-        # sent within a round trip of the last was lost (seen in test_ui_chat_server)
-        answering = [trigger(enqueue, [message, inbox], [message, queued], queue=False, trigger_mode="multiple",
-                             **private).then(**drain_kw)
+        # A message typed within a round trip of the last one must not be lost: trigger_mode
+        # "multiple" (Gradio's default, "once", ignores a submit while the previous one is still on
+        # its way), and the box emptied in the browser the moment a message is sent, its text
+        # handed on in a hidden box (emptied by the server's reply, it wiped what was typed next)
+        answering = [trigger(None, [message], [message, outbox], js=ui_js.TAKE_MESSAGE, queue=False,
+                             trigger_mode="multiple", **private)
+                     .then(enqueue, [outbox, inbox], [queued], queue=False, **private).then(**drain_kw)
                      for trigger in (message.submit, send.click)]
 
         def regenerate(history, box: Inbox):
@@ -276,7 +279,10 @@ def build_ui(client: EngineClient, gate: Gate, cfg: ServerConfig, system_prompt:
             return [(chat or {}).get("messages", []), *shown_store(store), *values]
 
         demo.load(None, js=ui_js.ON_LOAD, **private)
-        demo.load(reopened, [chats, kept_settings], [chatbot, chat_list, title, *settings], queue=False, **private)
+        # body[data-ready] once the browser's conversation and settings are back: before that an
+        # edit would be overwritten by them (tests wait for it)
+        demo.load(reopened, [chats, kept_settings], [chatbot, chat_list, title, *settings], queue=False,
+                  **private).then(None, js=ui_js.READY, **private)
 
         # the API endpoint, as gr.ChatInterface makes its own: an event no one in the page triggers
         async def chat(message: str, system_prompt: str, temperature: float, top_p: float, max_new_tokens: int):

@@ -16,6 +16,13 @@ DOWNLOAD = """(text) => { if (!text) return; const name = (JSON.parse(text).titl
   a.href = URL.createObjectURL(new Blob([text], {type: 'application/json'})); a.click();
   setTimeout(() => URL.revokeObjectURL(a.href), 10000); }"""
 
+# Send: the box emptied at once and its text handed on (to the hidden outbox), so what is typed
+# next is never wiped by the reply to what was sent before.
+TAKE_MESSAGE = "(text) => ['', text]"
+
+# The page is ready for the visitor once its stored conversation and settings are shown.
+READY = "() => { document.body.dataset.ready = '1'; }"
+
 # On load. (1) Gradio opens the sidebar at any width; on a phone it would cover the chat.
 # (2) Following the answer down: Gradio's own autoscroll decides at each update and scrolls 300 ms
 # later, so while tokens stream a reader who scrolls up is pulled back to the bottom. Here the
