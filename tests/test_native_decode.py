@@ -17,7 +17,7 @@ def test_native_float32_product_matches_float64(rows, cols):
     # rows: runs of 16 per thread with a remainder; cols: the 32-wide loop, its 8-wide and scalar tails
     g = torch.Generator().manual_seed(rows * cols)
     w = torch.randn(rows, cols, generator=g)
-    for batch in (1, 2, 5):  # up to 4 activation rows per pass over the weights, then the rest
+    for batch in (1, 2, 3, 4, 5, 6, 7):  # tiles of 2, 3 and 4 activation rows per pass over the weights
         x = torch.randn(batch, cols, generator=g)
         got = cpu_kernels.native_f32_linear(x, w).double()
         ref = x.double() @ w.double().T
@@ -26,6 +26,11 @@ def test_native_float32_product_matches_float64(rows, cols):
         assert torch.all((got - ref).abs() <= bound), (rows, cols, batch)
     with torch.inference_mode():  # the single-row dispatch (matmul_t) takes it
         assert torch.equal(cpu_kernels.matmul_t(x[:1], w), cpu_kernels.native_f32_linear(x[:1], w))
+    # a row's products do not depend on how many rows share its pass (2, 3 or 4): a batched or
+    # verified step gives a sequence what the same rows give it in any other batch of 2-4
+    x = torch.randn(4, cols, generator=g)
+    firsts = [cpu_kernels.native_f32_linear(x[:b], w)[0] for b in (2, 3, 4)]
+    assert all(torch.equal(firsts[0], f) for f in firsts[1:]), (rows, cols)
 
 
 @NATIVE

@@ -743,6 +743,36 @@ static int attend_tokens(const float *q, int64_t q_stride, int64_t B, int64_t h,
  * we measured, OpenBLAS's gemv read W at ~12 GB/s on two threads where this reads ~20. */
 #define F32_ROWS 4
 
+#ifdef QK_AVX2
+/* y[b * ldy + i] = <weight row i, activation row b> for RW consecutive weight rows (wr, stride
+ * cols) and NB activation rows (x, stride cols), cols a multiple of 8. The constant bounds let
+ * the compiler unroll the loops and keep every accumulator in a register. */
+#define F32_TILE(RW, NB)                                                                          \
+    static inline void f32_tile_##RW##x##NB(const float *wr, int64_t cols, const float *x, float *y, \
+                                            int64_t ldy) {                                        \
+        __m256 acc[RW][NB];                                                                       \
+        for (int i = 0; i < RW; i++)                                                              \
+            for (int b = 0; b < NB; b++) acc[i][b] = _mm256_setzero_ps();                         \
+        for (int64_t c = 0; c < cols; c += 8) {                                                   \
+            __m256 wv[RW];                                                                        \
+            for (int i = 0; i < RW; i++) wv[i] = _mm256_loadu_ps(wr + i * cols + c);              \
+            for (int b = 0; b < NB; b++) {                                                        \
+                const __m256 xv = _mm256_loadu_ps(x + b * cols + c);                              \
+                for (int i = 0; i < RW; i++) acc[i][b] = _mm256_fmadd_ps(wv[i], xv, acc[i][b]);   \
+            }                                                                                     \
+        }                                                                                         \
+        for (int i = 0; i < RW; i++)                                                              \
+            for (int b = 0; b < NB; b++) y[b * ldy + i] = hsum8(acc[i][b]);                       \
+    }
+F32_TILE(4, 2)
+F32_TILE(1, 2)
+F32_TILE(3, 3)
+F32_TILE(1, 3)
+F32_TILE(2, 4)
+F32_TILE(1, 4)
+#undef F32_TILE
+#endif
+
 static inline void f32_rows(const float *w, int64_t r0, int64_t r1, int64_t cols, const float *x, int nb, float *y,
                             int64_t ldy) {
     for (int64_t r = r0; r < r1; r++) {
@@ -767,38 +797,18 @@ static inline void f32_rows(const float *w, int64_t r0, int64_t r1, int64_t cols
             y[r] = s;
             continue;
         }
-        if (nb == TILE_B && cols % 8 == 0) {
-            /* a batched step: two weight rows against four activation rows, 8 accumulators; each
-             * load feeds 4 or 2 FMAs (6 loads for 8 FMAs: the FMA units, not the loads, set the pace) */
-            const float *x0 = x, *x1 = x + cols, *x2 = x + 2 * cols, *x3 = x + 3 * cols;
-            if (r + 1 < r1) {
-                const float *wr1 = wr + cols;
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-                for (; c < cols; c += 8) {
-                    const __m256 v0 = _mm256_loadu_ps(wr + c), v1 = _mm256_loadu_ps(wr1 + c);
-                    __m256 xv = _mm256_loadu_ps(x0 + c);
-                    a0 = _mm256_fmadd_ps(v0, xv, a0), b0 = _mm256_fmadd_ps(v1, xv, b0);
-                    xv = _mm256_loadu_ps(x1 + c);
-                    a1 = _mm256_fmadd_ps(v0, xv, a1), b1 = _mm256_fmadd_ps(v1, xv, b1);
-                    xv = _mm256_loadu_ps(x2 + c);
-                    a2 = _mm256_fmadd_ps(v0, xv, a2), b2 = _mm256_fmadd_ps(v1, xv, b2);
-                    xv = _mm256_loadu_ps(x3 + c);
-                    a3 = _mm256_fmadd_ps(v0, xv, a3), b3 = _mm256_fmadd_ps(v1, xv, b3);
-                }
-                y[r] = hsum8(a0), y[ldy + r] = hsum8(a1), y[2 * ldy + r] = hsum8(a2), y[3 * ldy + r] = hsum8(a3);
-                y[r + 1] = hsum8(b0), y[ldy + r + 1] = hsum8(b1), y[2 * ldy + r + 1] = hsum8(b2), y[3 * ldy + r + 1] = hsum8(b3);
-                r++;
-                continue;
-            }
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (; c < cols; c += 8) {
-                const __m256 wv = _mm256_loadu_ps(wr + c);
-                a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + c), a0);
-                a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x1 + c), a1);
-                a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x2 + c), a2);
-                a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x3 + c), a3);
-            }
-            y[r] = hsum8(a0), y[ldy + r] = hsum8(a1), y[2 * ldy + r] = hsum8(a2), y[3 * ldy + r] = hsum8(a3);
+        if (nb >= 2 && nb <= TILE_B && cols % 8 == 0) {
+            /* a batched step (several decode rows, or a verified proposal): RW weight rows against
+             * nb activation rows, one accumulator each. Every (weight row, activation row) sum runs
+             * over the columns in the same order whatever RW and nb, so a row's result does not
+             * depend on its batch's size. RW is chosen so that 8-12 accumulators hide the FMA
+             * latency (one chain per sum stalls: 2 and 3 rows ran ~3x a 4-row step before) */
+            const int64_t left = r1 - r;
+            int used;
+            if (nb == 2) used = left >= 4 ? (f32_tile_4x2(wr, cols, x, y + r, ldy), 4) : (f32_tile_1x2(wr, cols, x, y + r, ldy), 1);
+            else if (nb == 3) used = left >= 3 ? (f32_tile_3x3(wr, cols, x, y + r, ldy), 3) : (f32_tile_1x3(wr, cols, x, y + r, ldy), 1);
+            else used = left >= 2 ? (f32_tile_2x4(wr, cols, x, y + r, ldy), 2) : (f32_tile_1x4(wr, cols, x, y + r, ldy), 1);
+            r += used - 1;
             continue;
         }
 #endif
