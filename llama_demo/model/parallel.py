@@ -38,9 +38,11 @@ def init_distributed(timeout_s: float = DEFAULT_DIST_TIMEOUT, device: str | None
     fairscale's model-parallel group over all ranks. NCCL on GPUs, gloo on CPUs."""
     from fairscale.nn.model_parallel.initialize import initialize_model_parallel, model_parallel_is_initialized
 
-    if "RANK" not in os.environ:  # plain `python -m ...`: a group of one, on a private port
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    # plain `python -m ...`: a group of one, its rendezvous in this process's memory (a port picked
+    # free and bound later could be taken in between by another process: EADDRINUSE seen in tests)
+    alone = "RANK" not in os.environ
+    if alone:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
@@ -53,6 +55,8 @@ def init_distributed(timeout_s: float = DEFAULT_DIST_TIMEOUT, device: str | None
         dev = torch.device("cpu")
     if not dist.is_initialized():
         kw = {"device_id": dev} if use_cuda else {}
+        if alone:
+            kw["store"] = dist.HashStore()
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s),
                                 rank=rank, world_size=world, **kw)
     if not model_parallel_is_initialized():
