@@ -31,7 +31,7 @@ from ..model.transformer import Transformer
 from ..text.detok import TextStream
 from ..text.tokenizer import Tokenizer
 from .sampler import (apply_logit_bias, apply_penalties, apply_repetition_penalty, repeat_window, repeats_itself,
-                      sample, top_logprobs)
+                      SamplingBatch, sample, top_logprobs)
 from .grammar import Matcher
 from .speculative import Proposer, SpeculationConfig, accept_or_replace
 from .scheduler import PromptTooLong, Request, Scheduler, Sequence, check_prompt, check_request, request_generator
@@ -88,6 +88,13 @@ class _Rank0State:
 
 
 class Engine:
+    # the serving loop's seal (serve.loop) rides in each step's outcome broadcast: rank 0 calls
+    # seal_source() (the last bus message it has read) just before it; every rank finds the value
+    # in carried_seal after the step (the loop sets it to None first: a step that broadcast
+    # nothing leaves it so)
+    seal_source = None
+    carried_seal: int | None = None
+
     def __init__(self, model: Transformer, tokenizer: Tokenizer, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu", seed: int | None = None, step_tokens: int | None = None,
                  prefix_cache: bool = True, speculation: SpeculationConfig | None = None):
@@ -111,6 +118,7 @@ class Engine:
         if rank == 0:
             self.generator = torch.Generator(device="cpu")
             self.generator.manual_seed(seed if seed is not None else torch.seed())
+            self.sampling_batches: dict[tuple, tuple[list, SamplingBatch]] = {}  # _sampling_batch
         # ids that end an answer: EOS, plus e.g. a chat format's end-of-turn token (rank 0 decides)
         self.stop_ids = frozenset(tokenizer.stop_ids)
 
@@ -272,7 +280,8 @@ class Engine:
         plain = [s for s in decoding if not s.draft]
         if plain:  # every decode row in one part: one batched attention over their block tables
             parts.append(Part.of(0, padded_tables([s.blocks for s in plain], dev),
-                                 torch.tensor([[s.pos] for s in plain], device=dev), bs))
+                                 torch.tensor([[s.pos] for s in plain], device=dev), bs,
+                                 kv_len=max(s.pos for s in plain) + 1))
             tokens += [s.out_ids[-1] for s in plain]
             pos += [s.pos for s in plain]
             picks += range(len(plain))
@@ -283,7 +292,7 @@ class Engine:
                 continue
             n = 1 + len(s.draft)
             parts.append(Part.of(len(tokens), torch.tensor([s.blocks], device=dev),
-                                 torch.arange(s.pos, s.pos + n, device=dev)[None], bs))
+                                 torch.arange(s.pos, s.pos + n, device=dev)[None], bs, kv_len=s.pos + n))
             rows[s.req.id] = range(len(at), len(at) + n)
             at += range(len(tokens), len(tokens) + n)
             tokens += [s.out_ids[-1]] + s.draft
@@ -300,7 +309,7 @@ class Engine:
             # preempted sequence's prefill ends before its last sampled token, which it decodes next
             sampled = not s.out_ids and start + n == len(s.req.prompt_ids)
             p = torch.arange(start, start + n, device=dev)[None]
-            parts.append(Part.of(len(tokens), torch.tensor([s.blocks], device=dev), p, bs))
+            parts.append(Part.of(len(tokens), torch.tensor([s.blocks], device=dev), p, bs, kv_len=start + n))
             first = len(tokens)
             tokens += s.tokens(start, start + n)
             pos += range(start, start + n)
@@ -343,7 +352,7 @@ class Engine:
         and codes are broadcast together, so every rank advances identically. A verified sequence
         (width > 1 rows) has a slot per row: the tokens it emits, then UNUSED."""
         n = sum(widths)
-        out = torch.zeros(2 * n, dtype=torch.long, device=self.device)
+        out = torch.zeros(2 * n + 1, dtype=torch.long, device=self.device)
         if self.rank == 0:
             single = [i for i, w in enumerate(widths) if w == 1]
             first = [sum(widths[:i]) for i in range(len(widths))]
@@ -359,11 +368,16 @@ class Engine:
                 if w > 1:
                     for j, (tok, code) in enumerate(self._verify(seqs[i], logits[first[i]: first[i] + w])):
                         ids[first[i] + j], codes[first[i] + j] = tok, code
-            out.copy_(torch.tensor(ids + codes))
+            # the serving loop's seal rides along (seal_source): one collective a step
+            flat = ids + codes + [self.seal_source() if self.seal_source is not None else 0]
+            if self.world_size > 1:
+                out.copy_(torch.tensor(flat))
         if self.world_size > 1:
             broadcast_from_first(out, None)
-        flat = out.tolist()
-        return flat[:n], flat[n:]
+        if self.rank != 0:
+            flat = out.tolist()  # a follower's one host read of the step (rank 0 has the values)
+        self.carried_seal = flat[-1]
+        return flat[:n], flat[n:2 * n]
 
     def _verify(self, s: Sequence, logits: torch.Tensor) -> list[tuple[int, int]]:
         """Rank 0: the tokens a verification emits, with their finish codes. Row i of logits (the
@@ -436,13 +450,21 @@ class Engine:
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], u: torch.Tensor, adjusted: bool = False) -> torch.Tensor:
         """Ids for `seqs` from their logits rows and uniforms `u` (_sample_rows draws them);
         `adjusted`: the rows already have their penalties, biases and grammar (_adjusted)."""
-        params = [s.req.params for s in seqs]
         logits = logits.float() if adjusted else self._adjusted(logits, seqs)
-        temp = torch.tensor([p.temperature for p in params], device=logits.device)
-        top_p = torch.tensor([p.top_p for p in params], device=logits.device)
-        top_k = torch.tensor([p.top_k for p in params], device=logits.device)
-        min_p = torch.tensor([p.min_p for p in params], device=logits.device)
-        return sample(logits, temp, top_p, top_k, uniform=u.to(logits.device), min_p=min_p)
+        return sample(logits, uniform=u.to(logits.device), batch=self._sampling_batch(seqs, logits.device))
+
+    def _sampling_batch(self, seqs: list[Sequence], device: torch.device) -> SamplingBatch:
+        """Rank 0: the sampling tensors of `seqs` and sample()'s host-side flags, built once per
+        change of the batch (kept by its sequence ids, checked against their params)."""
+        key, params = tuple(s.req.id for s in seqs), [s.req.params for s in seqs]
+        hit = self.sampling_batches.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], params)):
+            return hit[1]
+        if len(self.sampling_batches) >= 16:  # a few batches at a time: the step's, single rows
+            self.sampling_batches.clear()
+        batch = SamplingBatch.of(params, device)
+        self.sampling_batches[key] = (params, batch)
+        return batch
 
     def _adjusted(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """float32 logits rows of `seqs` with their penalties, biases and grammar mask applied (a

@@ -213,35 +213,88 @@ def top_logprobs(logits: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch
 CANDIDATES = 256
 
 
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
-           generator: torch.Generator | None = None, uniform: torch.Tensor | None = None,
-           min_p: torch.Tensor | None = None) -> torch.Tensor:
+@dataclass(frozen=True)
+class SamplingBatch:
+    """A batch's sampling values on the device, and what `sample`'s branches need to know about
+    them on the host: built once per change of the batch (Engine keeps them by the batch's
+    sequence ids), so a step neither rebuilds them nor reads a device tensor to choose a branch."""
+    temperature: torch.Tensor  # (B,) float
+    top_p: torch.Tensor  # (B,) float
+    top_k: torch.Tensor  # (B,) long, 0 = off
+    min_p: torch.Tensor  # (B,) float, 0 = off
+    all_greedy: bool  # every row takes the argmax
+    any_min_p: bool
+    filter_rows: torch.Tensor | None  # (R,) long: the rows with a top-p or top-k filter; None: none has
+    # every filtering row keeps at most CANDIDATES tokens by its top-k: the candidates are exact
+    # whatever the probabilities (else sample() checks their mass, or sorts, see there)
+    candidates_exact: bool
+
+    @classmethod
+    def of(cls, params: list[SamplingParams], device: torch.device | str = "cpu") -> "SamplingBatch":
+        return cls.from_values([p.temperature for p in params], [p.top_p for p in params],
+                               [p.top_k for p in params], [p.min_p for p in params], device)
+
+    @classmethod
+    def from_values(cls, temperature: list[float], top_p: list[float], top_k: list[int], min_p: list[float],
+                    device: torch.device | str = "cpu") -> "SamplingBatch":
+        rows = [i for i, (p, k) in enumerate(zip(top_p, top_k)) if p < 1 or k > 0]
+        return cls(torch.tensor(temperature, dtype=torch.float32, device=device),
+                   torch.tensor(top_p, dtype=torch.float32, device=device),
+                   torch.tensor(top_k, dtype=torch.long, device=device),
+                   torch.tensor(min_p, dtype=torch.float32, device=device),
+                   all(t <= 0 for t in temperature), any(m > 0 for m in min_p),
+                   torch.tensor(rows, dtype=torch.long, device=device) if rows else None,
+                   all(0 < top_k[i] <= CANDIDATES for i in rows))
+
+    @classmethod
+    def from_tensors(cls, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+                     min_p: torch.Tensor | None) -> "SamplingBatch":
+        """For callers holding tensors only (tests, one-off draws): the flags read from them once."""
+        min_p = torch.zeros_like(top_p) if min_p is None else min_p
+        return cls.from_values(temperature.tolist(), top_p.tolist(), top_k.tolist(), min_p.tolist(),
+                               temperature.device)
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor | None = None, top_p: torch.Tensor | None = None,
+           top_k: torch.Tensor | None = None, generator: torch.Generator | None = None,
+           uniform: torch.Tensor | None = None, min_p: torch.Tensor | None = None,
+           batch: SamplingBatch | None = None) -> torch.Tensor:
     """logits (B, V) float32; per-row temperature, top_p (float), top_k (int, 0 = off) and min_p
-    (float, 0 = off: tokens below min_p times the row's most likely probability are dropped first).
-    Rows with temperature 0 take the argmax; the others draw by inverting their (filtered)
-    distribution's CDF at `uniform` (B,) values in [0, 1), one per row (default: drawn from
-    `generator`): one batched search, where torch.multinomial took ~8 ms for 8 x 49152 on CPU.
-    Returns (B,) int64 ids."""
+    (float, 0 = off: tokens below min_p times the row's most likely probability are dropped first),
+    as tensors or as a `batch` (SamplingBatch: the same values with their host-side flags; no
+    device read chooses a branch then). Rows with temperature 0 take the argmax; the others draw
+    by inverting their (filtered) distribution's CDF at `uniform` (B,) values in [0, 1), one per
+    row (default: drawn from `generator`): one batched search, where torch.multinomial took ~8 ms
+    for 8 x 49152 on CPU. Returns (B,) int64 ids."""
+    if batch is None:
+        batch = SamplingBatch.from_tensors(temperature, top_p, top_k, min_p)
+    temperature, top_p, top_k, min_p = batch.temperature, batch.top_p, batch.top_k, batch.min_p
     argmax = logits.argmax(-1)
-    greedy = temperature <= 0
-    if bool(greedy.all()):
+    if batch.all_greedy:
         return argmax
+    greedy = temperature <= 0
     B, V = logits.shape
     u = uniform if uniform is not None else torch.rand(B, generator=generator, device=logits.device)
     t = torch.where(greedy, torch.ones_like(temperature), temperature)
     probs = torch.softmax(logits / t[:, None], dim=-1)
-    if min_p is not None and bool((min_p > 0).any()):
+    if batch.any_min_p:
         probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
         probs = probs / probs.sum(-1, keepdim=True)  # top-p below compares against a total of 1
     picked = _invert_cdf(probs, u)
-    rows = ((top_p < 1) | (top_k > 0)).nonzero().squeeze(-1)
-    if rows.numel():
+    rows = batch.filter_rows
+    if rows is not None:
         # nucleus and top-k filtering on the sorted distribution; the most likely token always stays
         p, tp, tk = probs[rows], top_p[rows], top_k[rows]
-        sorted_p, order = p.topk(min(CANDIDATES, V), dim=-1)  # sorted, most likely first
-        # exact when every token past the candidates is dropped: by top-k, or by top-p because the
-        # candidates already hold more than top_p of the mass
-        if not bool(((sorted_p.sum(-1) > tp) | ((tk > 0) & (tk <= sorted_p.shape[-1]))).all()):
+        if batch.candidates_exact or p.device.type == "cpu":
+            sorted_p, order = p.topk(min(CANDIDATES, V), dim=-1)  # sorted, most likely first
+        # exact when every token past the candidates is dropped: by top-k (known on the host), or
+        # by top-p because the candidates already hold more than top_p of the mass. That check
+        # reads the probabilities: on a CPU they are host memory (read through numpy, no device
+        # to wait for); on a GPU it would stall the stream, so there a row with top-p alone sorts
+        # the whole vocabulary (microseconds on a GPU), which gives the same ids
+        if not batch.candidates_exact and (
+                p.device.type != "cpu"
+                or not ((sorted_p.sum(-1) > tp) | ((tk > 0) & (tk <= sorted_p.shape[-1]))).numpy().all()):
             sorted_p, order = p.sort(dim=-1, descending=True)
         before = sorted_p.cumsum(-1) - sorted_p  # mass of strictly more likely tokens
         drop = before > tp[:, None]

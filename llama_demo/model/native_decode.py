@@ -149,9 +149,11 @@ def float_rows_limit(model, plan: DecodePlan) -> int | None:
     return None if decode_wins and chunk_wins else PROBE_ROWS if decode_wins else 4
 
 
-def decode_step(model, plan: DecodePlan, h: torch.Tensor, pos: torch.Tensor, parts, logits_at) -> torch.Tensor:
+def decode_step(model, plan: DecodePlan, h: torch.Tensor, pos: torch.Tensor, parts, logits_at,
+                every_rank: bool = True) -> torch.Tensor:
     """Transformer.step through the C layers: decode rows and prompt chunks alike. h (N, dim): the
-    tokens' embeddings. Returns float32 logits at logits_at (or every token when None)."""
+    tokens' embeddings. Returns float32 logits at logits_at (or every token when None), on rank 0
+    only unless every_rank (Transformer.logits)."""
     lib, group = cpu_kernels.native(), get_model_parallel_group()
     N, dim = h.shape
     width = max(p.tables.shape[1] for p in parts)
@@ -161,8 +163,10 @@ def decode_step(model, plan: DecodePlan, h: torch.Tensor, pos: torch.Tensor, par
         tables[p.tokens, :p.tables.shape[1]] = p.tables.repeat_interleave(p.pos.shape[1], 0)
     pos = pos.to(torch.long).contiguous()
     # C indexes the cache with these unchecked: a bad one is an error here, not a stray write
-    if (int(pos.min()) < 0 or int(pos.max()) >= min(plan.max_seq, width * plan.block_size)
-            or int(tables.min()) < 0 or int(tables.max()) >= plan.blocks):
+    # (CPU tensors: read through numpy, host memory, no device to wait for)
+    p_, t_ = pos.numpy(), tables.numpy()
+    if (p_.min() < 0 or p_.max() >= min(plan.max_seq, width * plan.block_size)
+            or t_.min() < 0 or t_.max() >= plan.blocks):
         raise IndexError(f"decode step outside the KV cache ({plan.blocks} blocks of {plan.block_size} positions, "
                          f"{plan.max_seq} positions a sequence)")
     rope = torch.view_as_real(model.rope)  # (max_seq, head_dim/2, 2): cos, sin
@@ -187,4 +191,4 @@ def decode_step(model, plan: DecodePlan, h: torch.Tensor, pos: torch.Tensor, par
     x = cpu_kernels.native_rmsnorm(delta, model.norm.weight, model.norm.eps, residual=h)
     if logits_at is not None:
         x = x[logits_at]
-    return model.output(x).float()
+    return model.logits(x, every_rank)

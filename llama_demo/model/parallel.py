@@ -136,6 +136,28 @@ def all_gather_last(x: torch.Tensor, group) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
+def gather_last_to_first(x: torch.Tensor, group) -> torch.Tensor:
+    """all_gather_last on the group's first rank only (the others send their x and get an empty
+    (..., 0) tensor back): half the traffic, and nothing waits on the followers' side."""
+    world = dist.get_world_size(group)
+    if world == 1:
+        return x
+    first = dist.get_process_group_ranks(group or dist.group.WORLD)[0]
+    me = dist.get_rank()
+    peer = _pair(group) if x.device.type == "cpu" else None
+    x = x.contiguous()
+    if peer is not None:
+        if me != first:
+            dist.send(x, peer, group=group)
+            return x.new_empty(*x.shape[:-1], 0)
+        other = torch.empty_like(x)
+        dist.recv(other, peer, group=group)
+        return torch.cat([x, other], dim=-1)
+    parts = [torch.empty_like(x) for _ in range(world)] if me == first else None
+    dist.gather(x, parts, dst=first, group=group)
+    return torch.cat(parts, dim=-1) if me == first else x.new_empty(*x.shape[:-1], 0)
+
+
 def broadcast_from_first(x: torch.Tensor, group) -> torch.Tensor:
     """x from the group's first rank, on every rank of the group."""
     if dist.get_world_size(group) == 1:

@@ -25,9 +25,12 @@ class Part:
     write_offsets: torch.Tensor
 
     @classmethod
-    def of(cls, first_token: int, tables: torch.Tensor, pos: torch.Tensor, block_size: int) -> "Part":
+    def of(cls, first_token: int, tables: torch.Tensor, pos: torch.Tensor, block_size: int,
+           kv_len: int | None = None) -> "Part":
+        """`kv_len`: the largest position + 1 as the caller knows it on the host (the engine does:
+        its sequences' positions); without it, read from `pos` (a host sync on a GPU)."""
         B, T = pos.shape
-        kv_len = int(pos.max()) + 1
+        kv_len = int(pos.max()) + 1 if kv_len is None else kv_len
         if kv_len > tables.shape[1] * block_size:
             raise IndexError(f"position {kv_len - 1} is past its block table ({tables.shape[1]} blocks of {block_size})")
         # one token of one sequence sees all its keys (kv_len = position + 1): no mask needed; in a

@@ -24,7 +24,7 @@ from ..config import KV_BLOCK_SIZE, ModelArgs
 from ..config import rope_frequencies as config_rope_frequencies
 from . import cpu_kernels, native_decode
 from .cpu_kernels import matmul_t
-from .parallel import all_gather_last, all_reduce_sum
+from .parallel import all_gather_last, all_reduce_sum, gather_last_to_first
 from .parts import Part
 
 
@@ -327,16 +327,17 @@ class Transformer(nn.Module):
         rows = slots.tolist() if isinstance(slots, torch.Tensor) else list(slots)
         parts = [Part.of(0, self.row_tables(rows, tokens.device), pos, self.block_size)]
         flat_at = None if logits_at is None else torch.arange(B, device=tokens.device) * T + logits_at
-        logits = self.step(tokens.reshape(-1), pos.reshape(-1), parts, flat_at)
+        logits = self.step(tokens.reshape(-1), pos.reshape(-1), parts, flat_at, every_rank=True)
         return logits if logits_at is not None else logits.view(B, T, -1)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, pos: torch.Tensor, parts: list[Part],
-             logits_at: torch.Tensor | None = None) -> torch.Tensor:
+             logits_at: torch.Tensor | None = None, every_rank: bool = False) -> torch.Tensor:
         """One forward over a ragged batch: tokens, pos (N,) of every part side by side (decode rows
         and prefill chunks alike), so each weight is read once. Returns float32 logits (M, V) at
         the `logits_at` (M,) indices only (the output layer and its vocabulary gather run for
-        those alone), or (N, V) when None."""
+        those alone), or (N, V) when None. The logits are gathered to rank 0 only, which alone
+        samples (vLLM's rule): the other ranks get (M, 0), unless every_rank."""
         N = tokens.shape[0]
         if tokens.device.type == "cpu":
             openblas = self.single_row_openblas and N == 1 and cpu_kernels.native() is None
@@ -345,11 +346,11 @@ class Transformer(nn.Module):
         if h.device.type == "cpu" and N > 0:
             plan = native_decode.plan_for(self)
             if plan is not None and plan.takes(N):  # a step of a CPU float32 model (decode rows, prompt chunks): its layers in C
-                return native_decode.decode_step(self, plan, h[0], pos, parts, logits_at)
-        return self.torch_step(h, pos, parts, logits_at)
+                return native_decode.decode_step(self, plan, h[0], pos, parts, logits_at, every_rank)
+        return self.torch_step(h, pos, parts, logits_at, every_rank)
 
     def torch_step(self, h: torch.Tensor, pos: torch.Tensor, parts: list[Part],
-                   logits_at: torch.Tensor | None) -> torch.Tensor:
+                   logits_at: torch.Tensor | None, every_rank: bool = True) -> torch.Tensor:
         """step() after the embedding, in torch ops: every device, dtype and kind of step."""
         rope = self.rope[pos][None]  # (1, N, head_dim/2) complex
         for layer in self.layers:
@@ -357,4 +358,11 @@ class Transformer(nn.Module):
         if logits_at is not None and logits_at.numel() == 0:  # a step of prompt chunks only: no output
             return h.new_zeros(0, self.args.vocab_size, dtype=torch.float32)  # layer (every rank alike)
         h = h[0] if logits_at is None else h[0, logits_at]
-        return self.output(self.norm(h)).float()
+        return self.logits(self.norm(h), every_rank)
+
+    def logits(self, x: torch.Tensor, every_rank: bool = True) -> torch.Tensor:
+        """float32 logits (M, V) of the normed hidden states x (M, dim): the vocabulary-parallel output
+        layer's slices gathered on every rank, or on rank 0 only (the others get (M, 0))."""
+        if every_rank or not self.output.gather_output:
+            return self.output(x).float()
+        return gather_last_to_first(self.output._mm(x), get_model_parallel_group()).float()
