@@ -30,6 +30,9 @@ DEFAULT_DIST_TIMEOUT = 1800.0  # seconds a collective may wait (init_process_gro
 # a GPU is full.
 STEP_TOKEN_CANDIDATES = {False: (64, 128, 256, 512), True: (256, 512, 1024, 2048)}
 DEFAULT_HEARTBEAT_INTERVAL = 60.0  # seconds between idle collectives; must stay below the timeout
+# seconds a follower waits for bus messages rank 0 has sealed (they left rank 0 before the seal's
+# broadcast, so only a lost ZeroMQ link takes this long)
+BUS_TIMEOUT = 60.0
 
 
 class ConfigError(ValueError):

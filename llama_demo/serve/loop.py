@@ -5,6 +5,10 @@ Order of events, identical on every rank:
   2. seal: rank 0 broadcasts the sequence number N of the last bus message it has read; every
      rank then applies exactly the messages up to N (requests, cancels, heartbeat ticks);
   3. one engine step (prefill chunk + decode), whose collectives therefore line up.
+While sequences are running, the seal of step 2 rides in the previous step's outcome broadcast
+(Engine.seal_source / carried_seal: rank 0 reads the bus just before broadcasting the sampled
+ids and appends the seq), so a decode step costs one collective for both; the loop broadcasts a
+seal of its own only after a step that broadcast nothing (idle, or prompt chunks alone).
 A heartbeat tick is just a bus message that every rank turns into an all-reduce at step 2, so it
 can never interleave with a generation collective. So is the stop (serve.shutdown): every rank
 leaves the loop at the seal that applies it, before the next step, so all take the same last
@@ -22,6 +26,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..config import BUS_TIMEOUT, DEFAULT_HEARTBEAT_INTERVAL
 from .bus import Bus, BusError
 from ..model.parallel import all_reduce_sum, broadcast_from_first
 from ..engine.engine import Engine, Request, TokenEvent
@@ -79,7 +84,7 @@ class EngineClient:
         self.max_batch_size = max_batch_size
         self.scheduler = engine.scheduler  # read (never changed) by /metrics: KV blocks, preemptions
         self.proposer = engine.proposer  # read by /metrics: speculative decoding's counters (None when off)
-        self.health = Health(time.time(), time.monotonic(), 60.0)
+        self.health = Health(time.time(), time.monotonic(), DEFAULT_HEARTBEAT_INTERVAL)  # ServingLoop sets the real one
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -174,7 +179,7 @@ class Submission:
 
 class ServingLoop:
     def __init__(self, engine: Engine, bus: Bus, heartbeat_interval: float, client: EngineClient | None = None,
-                 bus_timeout: float = 60.0):
+                 bus_timeout: float = BUS_TIMEOUT):
         self.engine = engine
         self.bus = bus
         self.rank = engine.rank
@@ -192,13 +197,20 @@ class ServingLoop:
     # ------------------------------------------------------------------ the loop
     def run(self) -> None:
         try:
+            self.engine.seal_source = self._read_bus if self.rank == 0 else None
+            carried = None  # the seal the last step's outcome broadcast carried
             while True:
-                if self.engine.idle:
-                    self._wait_for_message()
-                self._seal_and_apply()
+                if carried is not None:
+                    self._apply_upto(carried)
+                else:
+                    if self.engine.idle:
+                        self._wait_for_message()
+                    self._seal_and_apply()
                 if self.stopped:
                     break
+                self.engine.carried_seal = None
                 events = self.engine.step()
+                carried = self.engine.carried_seal
                 self.health.running, self.health.waiting = len(self.engine.running), len(self.engine.waiting)
                 if events:
                     self._mark_collective()
@@ -222,15 +234,27 @@ class ServingLoop:
             if msg is not None:
                 self.inbox.append(msg)
 
+    def _read_bus(self) -> int:
+        """Rank 0: read what has arrived, without waiting; the seq of the last message read."""
+        while (msg := self.bus.recv(None)) is not None:
+            self.inbox.append(msg)
+        return self.inbox[-1]["seq"] if self.inbox else self.applied
+
     def _seal_and_apply(self) -> None:
-        if self.rank == 0:  # read what has arrived, without waiting
-            while (msg := self.bus.recv(None)) is not None:
-                self.inbox.append(msg)
-        upto = self.inbox[-1]["seq"] if self.inbox else self.applied
+        """The seal of its own, when no step's outcome carried one: rank 0 broadcasts the last bus
+        seq it has read; every rank applies the messages up to it."""
+        upto = self._read_bus() if self.rank == 0 else self.applied
         if self.world > 1:
             t = torch.tensor([upto], dtype=torch.long, device=self.device)
             broadcast_from_first(t, None)
             upto = int(t.item())
+            self._mark_collective()
+        self._apply_upto(upto)
+
+    def _apply_upto(self, upto: int) -> None:
+        """Every rank: apply the bus messages up to seq `upto` (a seal, its own or carried by a
+        step's outcome), in order."""
+        if self.world > 1:
             # followers may not have received everything rank 0 has: wait for it (bounded)
             deadline = time.monotonic() + self.bus_timeout
             while (self.inbox[-1]["seq"] if self.inbox else self.applied) < upto:
@@ -239,7 +263,6 @@ class ServingLoop:
                     raise BusError(f"rank {self.rank} is missing bus messages up to {upto} after {self.bus_timeout:.0f}s")
                 if msg is not None:
                     self.inbox.append(msg)
-            self._mark_collective()
         todo = [m for m in self.inbox if m["seq"] <= upto]
         self.inbox = [m for m in self.inbox if m["seq"] > upto]
         for msg in todo:
