@@ -92,7 +92,6 @@ def build_ui(client: EngineClient, gate: Gate, cfg: ServerConfig, system_prompt:
                                  editable="user" if chat_mode else None, latex_delimiters=LATEX, autoscroll=False,
                                  feedback_options=None, placeholder=f"Ask **{model}** something.")
             queued = gr.Markdown("", elem_id="queued")
-            outbox = gr.Textbox(visible=False, elem_id="outbox")  # the message on its way to the inbox
             with gr.Row(equal_height=True, elem_id="input-row"):
                 message = gr.Textbox(placeholder="Message (Enter sends, Shift+Enter starts a new line)", elem_id="message",
                                      show_label=False, autofocus=True, lines=1, max_lines=8, scale=8, container=False)
@@ -143,11 +142,10 @@ def build_ui(client: EngineClient, gate: Gate, cfg: ServerConfig, system_prompt:
                         concurrency_id="model", concurrency_limit=cfg.max_batch_size, **private)
         # A message typed within a round trip of the last one must not be lost: trigger_mode
         # "multiple" (Gradio's default, "once", ignores a submit while the previous one is still on
-        # its way), and the box emptied in the browser the moment a message is sent, its text
-        # handed on in a hidden box (emptied by the server's reply, it wiped what was typed next)
-        answering = [trigger(None, [message], [message, outbox], js=ui_js.TAKE_MESSAGE, queue=False,
-                             trigger_mode="multiple", **private)
-                     .then(enqueue, [outbox, inbox], [queued], queue=False, **private).then(**drain_kw)
+        # its way), and the box emptied in the browser as the message leaves (emptied by the
+        # server's reply, it wiped what was typed meanwhile)
+        answering = [trigger(enqueue, [message, inbox], [queued], js=ui_js.TAKE_MESSAGE, queue=False,
+                             trigger_mode="multiple", **private).then(**drain_kw)
                      for trigger in (message.submit, send.click)]
 
         def regenerate(history, box: Inbox):

@@ -16,9 +16,11 @@ DOWNLOAD = """(text) => { if (!text) return; const name = (JSON.parse(text).titl
   a.href = URL.createObjectURL(new Blob([text], {type: 'application/json'})); a.click();
   setTimeout(() => URL.revokeObjectURL(a.href), 10000); }"""
 
-# Send: the box emptied at once and its text handed on (to the hidden outbox), so what is typed
-# next is never wiped by the reply to what was sent before.
-TAKE_MESSAGE = "(text) => ['', text]"
+# Send: the text goes to the server as it is, and the box is emptied in the browser at once (an
+# input event, so Gradio's own value follows), so what is typed next is never wiped by the reply.
+TAKE_MESSAGE = """(text, box) => { const t = document.querySelector('#message textarea');
+  if (t) { t.value = ''; t.dispatchEvent(new Event('input', {bubbles: true})); }
+  return [text, box]; }"""
 
 # The page is ready for the visitor once its stored conversation and settings are shown.
 READY = "() => { document.body.dataset.ready = '1'; }"
