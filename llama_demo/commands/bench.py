@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
                         "speculative: the server with and without --speculative ngram, on input-grounded and open "
                         "chat requests at 1 user and the largest --concurrency, beside llama-server with and "
                         "without its own n-gram speculation")
+    p.add_argument("--speculative_methods", default="ngram",
+                   help="with --scenario speculative: our --speculative methods to run, comma-separated (ngram, "
+                        "int8, int4, draft with --draft_ckpt_dir)")
+    p.add_argument("--draft_ckpt_dir", default=None, help="with --scenario speculative and the draft method: its folder")
     p.add_argument("--num_speculative_tokens", type=int, default=DEFAULT_SPECULATIVE_TOKENS,
                    help="with --scenario speculative: proposed tokens per verification, for both servers")
     p.add_argument("--rates", default="", help="with --scenario serve: comma-separated request rates (requests/s)")
@@ -80,7 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.scenario == "speculative":
         if not a.ckpt_dir or a.ranks:
             p.error("--scenario speculative starts app.py on one rank: give --ckpt_dir")
-        return run_command(lambda: _bench_speculative(a, conc))
+        methods = tuple(m for m in a.speculative_methods.split(",") if m)
+        if not methods or set(methods) - {"ngram", "int8", "int4", "draft"}:
+            p.error(f"--speculative_methods: ngram, int8, int4 or draft, got {a.speculative_methods!r}")
+        if ("draft" in methods) != bool(a.draft_ckpt_dir):
+            p.error("--speculative_methods draft and --draft_ckpt_dir go together")
+        return run_command(lambda: _bench_speculative(a, conc, methods))
     if a.scenario == "serve":
         if not a.ckpt_dir or a.ranks:
             p.error("--scenario serve starts app.py on one rank: give --ckpt_dir")
@@ -155,7 +164,7 @@ def _bench_serve(a: argparse.Namespace, conc: list[int]) -> int:
     return 0
 
 
-def _bench_speculative(a: argparse.Namespace, conc: list[int]) -> int:
+def _bench_speculative(a: argparse.Namespace, conc: list[int], methods: tuple[str, ...]) -> int:
     from . import bench_http, bench_speculative
 
     server = bench_http.find_llama_server(a.llama_server)
@@ -165,7 +174,7 @@ def _bench_speculative(a: argparse.Namespace, conc: list[int]) -> int:
     text = a.text if a.text != "assets/pride_and_prejudice.txt" else str(Path(__file__).resolve().parents[2] / a.text)
     rows = bench_speculative.speculative_scenario(a.ckpt_dir, conc, a.requests, a.new_tokens, text, a.threads, server,
                                                   gguf, a.num_speculative_tokens, cache_root() / "bench" / "llama.cpp",
-                                                  cache_root() / "bench" / "serve-logs")
+                                                  cache_root() / "bench" / "serve-logs", methods, a.draft_ckpt_dir)
     bench_speculative.print_ratios(rows)
     if a.json:
         print(json.dumps(rows))

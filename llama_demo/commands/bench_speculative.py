@@ -1,9 +1,11 @@
 """`bench --scenario speculative`: speculative decoding as users meet it, through the HTTP API.
 
-The same streamed chat requests (greedy) go to four servers in one run, one after the other:
-app.py as it is, app.py with `--speculative ngram`, and, where llama.cpp's `llama-server` is found,
-llama-server as it is and with its own n-gram speculation (`--spec-type ngram-simple`), on the
-same GGUF and threads. Two workloads: input-grounded answers (rewrite, quote or edit a ~300-token
+The same streamed chat requests (greedy) go to several servers in one run, one after the other:
+app.py as it is, app.py with each `--speculative` method asked for (ngram, int8 / int4: its own
+weights quantized as the draft, draft: --draft_ckpt_dir), and, where llama.cpp's `llama-server`
+is found, llama-server as it is, with its own n-gram speculation (`--spec-type ngram-simple`) and,
+beside our int8 / int4 drafts, with the same GGUF in q8_0 / q4_0 as its draft model (`-md`), on
+the same GGUF and threads. Two workloads: input-grounded answers (rewrite, quote or edit a ~300-token
 passage: the answer repeats its input, where prompt lookup shines) and open chat (questions with
 no text to draw on: proposals are rare and mostly rejected, where speculation must cost nothing).
 Each at 1 user and at --concurrency's largest. Our acceptance rate and tokens per verification
@@ -65,7 +67,8 @@ def _spec_metrics(base: str) -> dict:
 
 def speculative_scenario(ckpt_dir: str, concurrency: list[int], n_requests: int, new_tokens: int, text: str,
                          threads: int, llama_server: str | None, gguf: Path | None, spec_tokens: int,
-                         cache: Path, logs: Path) -> list[dict]:
+                         cache: Path, logs: Path, methods: tuple[str, ...] = ("ngram",),
+                         draft_dir: str | None = None) -> list[dict]:
     users = sorted({1, max(concurrency)})
     loads = [(w, u) for w in ("grounded", "open chat") for u in users]
     requests = {(w, u): (grounded(text, n_requests, seed=i + 1) if w == "grounded" else open_chat(n_requests, seed=i + 1))
@@ -76,15 +79,23 @@ def speculative_scenario(ckpt_dir: str, concurrency: list[int], n_requests: int,
     slots = max(users)
     app = [sys.executable, str(Path(__file__).resolve().parents[2] / "app.py"), "--ckpt_dir", ckpt_dir,
            "--max_batch_size", str(slots), "--max_waiting", str(4 * n_requests)]
-    servers = [("llama_demo", app, True), ("llama_demo ngram", app + ["--speculative", "ngram", "--num_speculative_tokens",
-                                                                       str(spec_tokens)], True)]
+    servers = [("llama_demo", app, True)]
+    for m in methods:
+        extra = ["--draft_ckpt_dir", draft_dir] if m == "draft" else []
+        servers.append((f"llama_demo {m}", app + ["--speculative", m, "--num_speculative_tokens", str(spec_tokens)]
+                        + extra, True))
     if llama_server and gguf:
         path = peer_gguf(llama_server, gguf, "f32", cache)
         peer = [llama_server, "-m", str(path), "--host", "127.0.0.1", "-t", str(threads), "-tb", str(threads),
                 "-np", str(slots), "-c", str(slots * 2048), "--no-webui"]
-        servers += [("llama-server", peer, False),
-                    ("llama-server ngram", peer + ["--spec-type", "ngram-simple", "--spec-draft-n-max", str(spec_tokens)],
-                     False)]
+        servers.append(("llama-server", peer, False))
+        if "ngram" in methods:
+            servers.append(("llama-server ngram", peer + ["--spec-type", "ngram-simple", "--spec-draft-n-max",
+                                                          str(spec_tokens)], False))
+        for m, kind in (("int8", "q8_0"), ("int4", "q4_0")):
+            if m in methods:  # the same model quantized, as llama.cpp's own draft model
+                servers.append((f"llama-server {m}", peer + ["-md", str(peer_gguf(llama_server, gguf, kind, cache)),
+                                                             "--spec-draft-n-max", str(spec_tokens)], False))
     rows = []
     for name, cmd, ours in servers:
         port = free_port()
@@ -115,13 +126,15 @@ def print_row(r: dict) -> None:
 
 
 def print_ratios(rows: list[dict]) -> None:
-    """Each server with speculation over the same server without it, per workload and load."""
+    """Each server with speculation over the same server without it, per workload and load, and
+    ours beside llama-server's same mode."""
     by = {(r["server"], r["workload"], r["users"]): r for r in rows}
     for (server, w, u), r in by.items():
-        if not server.endswith(" ngram"):
+        if " " not in server:
             continue
-        plain = by.get((server.removesuffix(" ngram"), w, u))
+        name, method = server.split(" ", 1)
+        plain = by.get((name, w, u))
         if plain:
             print(f"speed-up {server:>18} {w:>9} {u:>2} users: {r['tok_s'] / plain['tok_s']:.2f}x")
-        if server == "llama_demo ngram" and ("llama-server ngram", w, u) in by:
-            print(f"  vs llama-server ngram: {r['tok_s'] / by['llama-server ngram', w, u]['tok_s']:.2f}x")
+        if name == "llama_demo" and (f"llama-server {method}", w, u) in by:
+            print(f"  vs llama-server {method}: {r['tok_s'] / by[f'llama-server {method}', w, u]['tok_s']:.2f}x")

@@ -16,6 +16,7 @@ import torch
 from ..config import DEFAULT_DIST_TIMEOUT, DEFAULT_SPECULATIVE_TOKENS, DEFAULT_KV_ROWS, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, ConfigError, ModelArgs
 from ..engine.engine import Engine
 from ..engine.speculative import SpeculationConfig
+from ..model.transformer import Transformer
 from ..model.parallel import DistInfo, check_dtype, free_memory, init_distributed, parse_dtype, shutdown_distributed
 from ..text.tokenizer import Tokenizer, find_tokenizer, load_tokenizer
 from ..weights.folder import model_folder
@@ -46,19 +47,52 @@ def add_model_args(p: argparse.ArgumentParser, ckpt_help: str | None = None) -> 
                    help="prefill every prompt in full (default: reuse the longest prefix a free KV row still holds)")
     add_quantize_arg(p)
     spec = p.add_argument_group("speculative decoding (exact: the answers are the model's own)")
-    spec.add_argument("--speculative", default=None, choices=["ngram"],
+    spec.add_argument("--speculative", default=None, choices=["ngram", "draft", "int8", "int4"],
                       help="propose tokens and verify them in one step: ngram = prompt lookup (the longest "
-                           "recent n-gram found earlier in the prompt or answer proposes what followed it); "
-                           "pays off where answers quote their input (rewrites, edits, code, RAG)")
+                           "recent n-gram found earlier in the prompt or answer proposes what followed it; "
+                           "pays off where answers quote their input: rewrites, edits, code, RAG); draft = a "
+                           "smaller model with the same vocabulary (--draft_ckpt_dir) proposes; int8 / int4 = "
+                           "the served model's own weights, quantized at load, propose (the answers stay the "
+                           "served model's)")
+    spec.add_argument("--draft_ckpt_dir", default=None,
+                      help="with --speculative draft: the draft model's folder (e.g. Llama 3.2 1B for Llama 3.1 "
+                           "8B), loaded like --ckpt_dir, on the same ranks")
     spec.add_argument("--num_speculative_tokens", type=positive_int, default=DEFAULT_SPECULATIVE_TOKENS,
                       help="proposed tokens per verification at most (fewer where a start-up measurement of "
                            "this machine's step costs says they do not pay)")
 
 
+DRAFT_METHODS = ("draft", "int8", "int4")  # --speculative choices that load a draft model
+
+
 def speculation_config(a: argparse.Namespace) -> SpeculationConfig | None:
-    if not getattr(a, "speculative", None):
+    method = getattr(a, "speculative", None)
+    if (method == "draft") != bool(getattr(a, "draft_ckpt_dir", None)):
+        raise ConfigError("--speculative draft and --draft_ckpt_dir go together: give both or neither")
+    if not method:
         return None
-    return SpeculationConfig(a.speculative, a.num_speculative_tokens)
+    return SpeculationConfig(method, a.num_speculative_tokens)
+
+
+def load_draft(a: argparse.Namespace, info: DistInfo, dtype: torch.dtype | None, model: Transformer) -> Transformer | None:
+    """The draft model of --speculative draft / int8 / int4, with a KV pool of as many blocks as
+    the served model's (it is read through the same block tables), or None."""
+    method = getattr(a, "speculative", None)
+    if method not in DRAFT_METHODS:
+        return None
+    folder = a.draft_ckpt_dir if method == "draft" else a.ckpt_dir
+    try:
+        draft = load_model(folder, info, dtype, a.max_seq_len, a.max_batch_size, progress=False,
+                           quantize=None if method == "draft" else method,
+                           kv_cache_tokens=model.kv_blocks * model.block_size)
+    except torch.OutOfMemoryError:
+        raise ConfigError(f"rank {info.rank} ran out of {info.device.type} memory loading the draft model "
+                          f"({folder}) beside the served one: use --speculative int4, a smaller draft or "
+                          "a smaller --kv_cache_tokens") from None
+    if draft.args.vocab_size != model.args.vocab_size:
+        raise ConfigError(f"the draft model {folder} has {draft.args.vocab_size} tokens, the served model "
+                          f"{model.args.vocab_size}: a draft must share the served model's tokenizer")
+    return draft
 
 
 def add_quantize_arg(p: argparse.ArgumentParser) -> None:
@@ -97,6 +131,7 @@ def positive_int(text: str) -> int:
 
 def build_engine(a: argparse.Namespace, dist_timeout: float = DEFAULT_DIST_TIMEOUT) -> tuple[Engine, Tokenizer]:
     """Tokenizer, process group, this rank's model slice, engine: the shared start-up of every entry point."""
+    speculation = speculation_config(a)  # its flags checked before anything loads
     tokenizer = load_tokenizer(find_tokenizer(a.ckpt_dir, a.tokenizer_path))
     info = init_distributed(dist_timeout, a.device)
     dtype = parse_dtype(a.dtype)
@@ -116,7 +151,8 @@ def build_engine(a: argparse.Namespace, dist_timeout: float = DEFAULT_DIST_TIMEO
     if tokenizer.vocab_size > model.args.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}: wrong tokenizer for {a.ckpt_dir}?")
     engine = Engine(model, tokenizer, info.rank, info.world_size, info.device, seed=getattr(a, "seed", None),
-                    step_tokens=a.step_tokens, prefix_cache=not a.no_prefix_cache, speculation=speculation_config(a))
+                    step_tokens=a.step_tokens, prefix_cache=not a.no_prefix_cache, speculation=speculation,
+                    draft=load_draft(a, info, dtype, model))
     if a.step_tokens is None:
         engine.calibrate()
     engine.calibrate_speculation()

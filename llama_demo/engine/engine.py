@@ -33,6 +33,7 @@ from ..text.tokenizer import Tokenizer
 from .sampler import (apply_logit_bias, apply_penalties, apply_repetition_penalty, repeat_window, repeats_itself,
                       SamplingBatch, sample, top_logprobs)
 from .grammar import Matcher
+from .draft import DraftProposer
 from .speculative import Proposer, SpeculationConfig, accept_or_replace
 from .scheduler import PromptTooLong, Request, Scheduler, Sequence, check_prompt, check_request, request_generator
 
@@ -97,7 +98,8 @@ class Engine:
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu", seed: int | None = None, step_tokens: int | None = None,
-                 prefix_cache: bool = True, speculation: SpeculationConfig | None = None):
+                 prefix_cache: bool = True, speculation: SpeculationConfig | None = None,
+                 draft: Transformer | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.rank, self.world_size = rank, world_size
@@ -114,7 +116,18 @@ class Engine:
                                    prefix_cache)
         self.steps = 0
         # speculative decoding (--speculative): proposals for decoding sequences, verified in the step
-        self.proposer = Proposer(speculation) if speculation is not None else None
+        # (`draft`: the draft model of --speculative draft / int8 / int4, its KV pool as the target's)
+        self.proposer = None
+        if speculation is not None and draft is not None:
+            if (draft.kv_blocks, draft.block_size) != (model.kv_blocks, model.block_size):
+                raise ValueError(f"the draft's KV pool ({draft.kv_blocks} blocks of {draft.block_size}) must be the "
+                                 f"target's ({model.kv_blocks} of {model.block_size}): it is read through the same tables")
+            if draft.args.vocab_size != model.args.vocab_size:
+                raise ValueError(f"the draft model's vocabulary ({draft.args.vocab_size} tokens) is not the served "
+                                 f"model's ({model.args.vocab_size}): a draft must share its tokenizer")
+            self.proposer = DraftProposer(speculation, draft, self.device)
+        elif speculation is not None:
+            self.proposer = Proposer(speculation)
         if rank == 0:
             self.generator = torch.Generator(device="cpu")
             self.generator.manual_seed(seed if seed is not None else torch.seed())
@@ -215,9 +228,24 @@ class Engine:
             return None
         assert self.idle, "calibrate before serving"
         self.scheduler.forget_cached()
-        dev, bs = self.device, self.model.block_size
         sizes = [n for n in SPEC_COST_SIZES if n < self.max_seq_len // 2]
-        at = min(256, self.max_seq_len - sizes[-1] - 1)  # after a prompt of a typical length
+        models = [self.model] + ([self.proposer.draft] if isinstance(self.proposer, DraftProposer) else [])
+        times = [self._step_times(m, sizes) for m in models]
+        one = times[0][sizes[0]]  # every cost is relative to the target's step of one token
+        measured = torch.tensor([t[n] / one for t in times for n in sizes], device=self.device)
+        if self.world_size > 1:
+            broadcast_from_first(measured, None)
+        ratios = measured.view(len(models), len(sizes)).tolist()
+        self.proposer.step_costs = _interpolated(sizes, ratios[0], floor=1.0)
+        if len(models) > 1:  # a draft step of n tokens, relative to the same
+            self.proposer.draft_costs = _interpolated(sizes, ratios[1], floor=0.0)
+        return self.proposer.step_costs
+
+    def _step_times(self, model: Transformer, sizes: list[int]) -> dict[int, float]:
+        """Seconds of a step of n tokens of one sequence (logits at each) for each n in sizes, the
+        best of PROBE_ROUNDS, after a prompt of a typical length; writes the pool's first blocks."""
+        dev, bs = self.device, model.block_size
+        at = min(256, self.max_seq_len - sizes[-1] - 1)
         table = torch.arange(-(-(at + sizes[-1]) // bs), device=dev)[None]
         times = {}
         for n in [sizes[0]] + sizes * PROBE_ROUNDS:
@@ -225,23 +253,12 @@ class Engine:
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             t0 = time.perf_counter()
-            self.model.step(torch.zeros(n, dtype=torch.long, device=dev), pos, [Part.of(0, table, pos[None], bs)],
-                            torch.arange(n, device=dev))
+            model.step(torch.zeros(n, dtype=torch.long, device=dev), pos, [Part.of(0, table, pos[None], bs)],
+                       torch.arange(n, device=dev))
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             times[n] = min(times.get(n, float("inf")), time.perf_counter() - t0)
-        measured = torch.tensor([times[n] / times[sizes[0]] for n in sizes], device=dev)
-        if self.world_size > 1:
-            broadcast_from_first(measured, None)
-        ratio = dict(zip(sizes, measured.tolist()))
-        costs = []
-        for n in range(1, sizes[-1] + 1):  # linear between the sizes timed; never cheaper than a smaller step
-            lo = max(m for m in sizes if m <= n)
-            hi = min(m for m in sizes if m >= n)
-            c = ratio[lo] if hi == lo else ratio[lo] + (ratio[hi] - ratio[lo]) * (n - lo) / (hi - lo)
-            costs.append(max(c, costs[-1] if costs else 1.0))
-        self.proposer.step_costs = costs
-        return costs
+        return times
 
     # ----------------------------------------------------------------- the step
     def step(self) -> list[TokenEvent]:
@@ -605,3 +622,15 @@ class Engine:
                     on_event(ev)
         return {k: (toks[k], "".join(texts[k]), reasons.get(k)) for k in toks}
 
+
+def _interpolated(sizes: list[int], ratio: list[float], floor: float) -> list[float]:
+    """Costs of steps of 1 .. sizes[-1] tokens: linear between the sizes timed, never cheaper
+    than a smaller step (nor than `floor`)."""
+    at = dict(zip(sizes, ratio))
+    costs = []
+    for n in range(1, sizes[-1] + 1):
+        lo = max(m for m in sizes if m <= n)
+        hi = min(m for m in sizes if m >= n)
+        c = at[lo] if hi == lo else at[lo] + (at[hi] - at[lo]) * (n - lo) / (hi - lo)
+        costs.append(max(c, costs[-1] if costs else floor))
+    return costs

@@ -179,9 +179,9 @@ class Scheduler:
         for seq in decoding:
             seq.draft = []
         if proposer is not None and decoding:
-            drafts = proposer.propose(decoding, [self._proposal_limit(s) for s in decoding])
+            drafts = proposer.propose(decoding, [self._proposal_limit(s) for s in decoding], self._room)
             for seq, draft in zip(decoding, drafts):
-                seq.draft = self._room_for(seq, draft)
+                seq.draft = draft[:self._room(seq, len(draft))]
                 fed += len(seq.draft)
         return StepPlan(admitted, decoding, self._prefill_plan(budget - fed, decoding))
 
@@ -191,15 +191,15 @@ class Scheduler:
         left = min(seq.req.params.max_new_tokens - len(seq.out_ids), self.max_seq_len - seq.length)
         return max(0, left - 1)
 
-    def _room_for(self, seq: Sequence, draft: list[int]) -> list[int]:
-        """The part of a proposal whose positions get blocks, taken only from free ones: a proposal
-        never preempts anyone nor evicts a cached prefix."""
-        while len(seq.blocks) * self.block_size < seq.computed + 1 + len(draft):
+    def _room(self, seq: Sequence, proposed: int) -> int:
+        """How many of `proposed` tokens after seq's next one get blocks for their positions,
+        taken only from free ones: a proposal never preempts anyone nor evicts a cached prefix."""
+        while len(seq.blocks) * self.block_size < seq.computed + 1 + proposed:
             block = self.pool.allocate(evict=False)
             if block is None:
-                return draft[:len(seq.blocks) * self.block_size - seq.computed - 1]
+                return len(seq.blocks) * self.block_size - seq.computed - 1
             seq.blocks.append(block)
-        return draft
+        return proposed
 
     def _grow(self, seq: Sequence, tokens: int) -> bool:
         """Blocks for `tokens` positions of seq, preempting the youngest running sequence while the
@@ -334,6 +334,7 @@ class Scheduler:
         prefilled again from its tokens when blocks are free."""
         del self.running[seq.req.id]
         self._release(seq)
+        seq.spec = None  # its speculation record starts again (a draft model's keys went with the blocks)
         seq.preemptions += 1
         self.preempted_total += 1
         self.waiting.appendleft(seq)

@@ -36,7 +36,7 @@ RELAX = 0.02  # share of the way back to the prior, per step without a verificat
 @dataclass
 class SpeculationConfig:
     """--speculative and its numbers (checked by the command line)."""
-    method: str  # "ngram"
+    method: str  # "ngram", or a draft model's: "draft" (--draft_ckpt_dir), "int8" / "int4" (the model's own)
     tokens: int  # --num_speculative_tokens: proposed tokens per sequence and verification, at most
     ngram_max: int = 4  # the longest suffix looked up in the sequence's earlier tokens
     ngram_min: int = 1
@@ -46,6 +46,10 @@ class SpeculationConfig:
 class SpecState:
     """One sequence's speculation record (every rank keeps the same)."""
     acceptance: float = PRIOR_ACCEPTANCE
+    # a draft model's proposals (draft.DraftProposer): positions whose draft keys hold this
+    # sequence's own tokens, and the tokens its last proposal fed the draft (first position, ids)
+    draft_computed: int = 0
+    fed: tuple[int, list[int]] | None = None
 
 
 class SpecCounters:
@@ -104,8 +108,10 @@ class Proposer:
         c = self.step_costs
         return c[tokens - 1] if tokens <= len(c) else c[-1] * tokens / len(c)
 
-    def propose(self, seqs: list, limits: list[int]) -> list[list[int]]:
-        """Proposed tokens for each decoding sequence (maybe none), each within its limit."""
+    def propose(self, seqs: list, limits: list[int], room=None) -> list[list[int]]:
+        """Proposed tokens for each decoding sequence (maybe none), each within its limit. `room`
+        (seq, n) -> how many of n proposed tokens get cache blocks (the scheduler cuts the
+        proposals to it afterwards; a draft model, which writes keys, asks before)."""
         cands = []
         for s, limit in zip(seqs, limits):
             if s.spec is None:

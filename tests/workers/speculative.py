@@ -1,8 +1,10 @@
 """Run under torchrun by tests/test_speculative.py: the same requests with and without speculative
-decoding (n-gram proposals) in the real engine, on every rank; rank 0 writes OUT/speculative.json.
+decoding in the real engine, on every rank, with each proposer: n-gram lookup, a draft model
+identical to the target (its proposals stand), a draft of other random weights (they mostly fall),
+and the target's own weights quantized to int8; rank 0 writes OUT/speculative.json.
 
-The proposer's step costs are set flat, so it proposes wherever the n-gram lookup finds something:
-the test is about exactness, not about when speculation pays."""
+The proposers' costs are set flat, so they propose wherever they can: the test is about
+exactness, not about when speculation pays."""
 import json
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ from llama_demo.model.parallel import init_distributed, shutdown_distributed
 from llama_demo.text.tokenizer import load_tokenizer
 from llama_demo.weights.loading import load_model
 
-ckpt, out = Path(sys.argv[1]), Path(sys.argv[2])
+ckpt, other, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 info = init_distributed()
 model = load_model(ckpt, info, dtype=torch.float32, max_seq_len=192, max_batch_size=4)
 model.setup_cache(4, 192, info.device, torch.float32, block_size=4)  # answers cross many block boundaries
@@ -25,11 +27,19 @@ base = [1, 17, 250, 33, 8, 120, 45, 17, 250, 33, 91, 60]
 prompts = {"a": base * 2, "b": base[3:] + base, "c": [5, 6, 7, 8] * 5}
 
 
-def engine(spec: bool, prefix_cache: bool = True) -> Engine:
+def draft_model(folder: Path, quantize: str | None = None):
+    d = load_model(folder, info, dtype=torch.float32, max_seq_len=192, max_batch_size=4, quantize=quantize)
+    d.setup_cache(4, 192, info.device, torch.float32, kv_tokens=model.kv_blocks * 4, block_size=4)
+    return d
+
+
+def engine(spec: str | None, prefix_cache: bool = True, draft=None) -> Engine:
     e = Engine(model, tok, info.rank, info.world_size, info.device, seed=0, step_tokens=64, prefix_cache=prefix_cache,
-               speculation=SpeculationConfig("ngram", 4) if spec else None)
+               speculation=SpeculationConfig(spec, 4) if spec else None, draft=draft)
     if spec:
         e.proposer.step_costs = [1.0] * 64
+        if draft is not None:
+            e.proposer.draft_costs = [0.0] * 64
     return e
 
 
@@ -65,21 +75,31 @@ cases["stop"] = {"a": (prompts["a"], greedy(stop=[stop]))}
 result["plain"]["stop"] = run(plain_engine, cases["stop"])
 result["stop_string"] = stop
 
-spec_engine = engine(True)
-result["spec"] = {name: run(spec_engine, reqs) for name, reqs in cases.items()}
 sampled = {k: (p, SamplingParams(temperature=0.9, top_p=0.9, top_k=50, min_p=0.02, seed=7 + i, max_new_tokens=40,
                                  frequency_penalty=0.2))
            for i, (k, p) in enumerate(prompts.items())}
-result["sampled"] = [run(spec_engine, sampled), run(spec_engine, sampled)]
-# the blocks named after speculation hold accepted tokens only: a prompt that extends an answer
-# reuses them and continues as a fresh engine without any cache does
-answer = result["spec"]["plain"]["a"]["ids"]
-extended = {"x": (prompts["a"] + answer[:21], greedy(20))}
-result["reuse"] = {"spec": run(spec_engine, extended), "fresh": run(engine(False, prefix_cache=False), extended)}
-c = spec_engine.proposer.counters
-result["counters"] = {"verifications": c.verifications, "proposed": c.proposed, "accepted": c.accepted,
-                      "emitted": c.emitted}
-result["blocks_held_after"] = spec_engine.scheduler.pool.used
+proposers = {"ngram": (None, None), "draft_same": ("draft", ckpt), "draft_other": ("draft", other),
+             "int8": ("int8", ckpt)}
+for name, (method, folder) in proposers.items():
+    draft = None if folder is None else draft_model(folder, "int8" if method == "int8" else None)
+    spec_engine = engine(method or "ngram", draft=draft)
+    got = {"spec": {}}
+    for case, reqs in cases.items():
+        got["spec"][case] = run(spec_engine, reqs)
+        if case == "plain":  # greedy with no adjustment: what a draft identical to the target gets right
+            c = spec_engine.proposer.counters
+            got["plain_counters"] = {"proposed": c.proposed, "accepted": c.accepted}
+    got["sampled"] = [run(spec_engine, sampled), run(spec_engine, sampled)]
+    # the blocks named after speculation hold accepted tokens only: a prompt that extends an answer
+    # reuses them and continues as a fresh engine without any cache does
+    answer = got["spec"]["plain"]["a"]["ids"]
+    extended = {"x": (prompts["a"] + answer[:21], greedy(20))}
+    got["reuse"] = {"spec": run(spec_engine, extended), "fresh": run(engine(None, prefix_cache=False), extended)}
+    c = spec_engine.proposer.counters
+    got["counters"] = {"verifications": c.verifications, "proposed": c.proposed, "accepted": c.accepted,
+                       "emitted": c.emitted}
+    got["blocks_held_after"] = spec_engine.scheduler.pool.used
+    result[name] = got
 if info.rank == 0:
     out.mkdir(parents=True, exist_ok=True)
     (out / "speculative.json").write_text(json.dumps(result))

@@ -1,0 +1,131 @@
+"""Speculative decoding's model proposer: a draft model proposes each sequence's next k tokens,
+greedily, one batched draft step per token, and the target verifies them in its own step
+(speculative.py's acceptance rule; a greedy draft's proposal is a point mass, q = 1).
+
+The draft is a smaller checkpoint with the same vocabulary (`--speculative draft --draft_ckpt_dir`,
+e.g. Llama 3.2 1B for Llama 3.1 8B), or the served checkpoint itself quantized at load
+(`--speculative int8` / `int4`): loaded by the same loader, split over the same ranks.
+
+Its KV cache: a pool of its own with as many blocks as the target's, read through the same block
+tables, so a sequence's draft keys sit in the same block and offset as its target keys and need
+no allocation of their own. The draft's keys never decide an answer, only proposals, so they are
+kept loosely: each sequence counts the positions whose draft keys hold its own tokens
+(`SpecState.draft_computed`); a proposal first feeds the draft what it lacks (the prompt at a
+sequence's first proposal, the tokens accepted since), then k - 1 proposed tokens one at a time.
+Once the verification has spoken, the positions whose fed token stood stay counted, the rest are
+written over next time. A preempted sequence starts from nothing (scheduler.preempt drops its
+record: its blocks are new). A shared prefix block may be written by the draft of each sequence
+that holds it: with the same tokens at the same positions, so with the same keys.
+
+Every rank runs the same draft steps (the draft's layers are model-parallel: their collectives
+must line up) and takes the argmax of the same gathered logits, so every rank proposes alike.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..model.parts import Part, padded_tables
+from ..model.transformer import Transformer
+from .speculative import PRIOR_ACCEPTANCE, RELAX, Proposer, SpecState, SpeculationConfig, expected_tokens
+
+# A sequence's draft catches up at most this many tokens a step (a long prompt over several steps,
+# proposing once it is in): one draft step must not hold the answers of everyone else back.
+CATCH_UP_TOKENS = 512
+
+
+class DraftProposer(Proposer):
+    """Proposals from a draft model. The number of tokens proposed is chosen as the n-gram
+    proposer's is, by tokens expected a second, here with the draft's own steps in the cost:
+    k tokens cost k draft steps of the batch's rows beside the target's wider step
+    (`draft_costs`: a draft step of n tokens relative to a target step of 1, measured at
+    start-up by Engine.calibrate_speculation)."""
+
+    def __init__(self, config: SpeculationConfig, draft: Transformer, device: torch.device | str):
+        super().__init__(config)
+        self.draft, self.device = draft, torch.device(device)
+        self.draft_costs = [0.3 + 0.05 * n for n in range(65)]  # until measured, a guess
+
+    def draft_cost(self, tokens: int) -> float:
+        c = self.draft_costs
+        return c[tokens - 1] if tokens <= len(c) else c[-1] * tokens / len(c)
+
+    def propose(self, seqs: list, limits: list[int], room=None) -> list[list[int]]:
+        for s in seqs:
+            if s.spec is None:
+                s.spec = SpecState()
+            self._settle(s)
+        rows = len(seqs)
+        wants = [min(self.config.tokens, limit) for limit in limits]
+        best_k, best = 0, rows / self.cost(rows)
+        for k in range(1, max(wants, default=0) + 1):
+            lens = [min(k, w) for w in wants]
+            gain = sum(expected_tokens(s.spec.acceptance, n) for s, n in zip(seqs, lens))
+            rate = gain / (self.cost(rows + sum(lens)) + k * self.draft_cost(rows))
+            if rate > best:
+                best_k, best = k, rate
+        if best_k == 0:
+            for s in seqs:
+                s.spec.acceptance += RELAX * (PRIOR_ACCEPTANCE - s.spec.acceptance)
+            return [[] for _ in seqs]
+        lens = [min(best_k, w) for w in wants]
+        if room is not None:  # positions with blocks (the draft writes where the target will)
+            lens = [room(s, n) if n else 0 for s, n in zip(seqs, lens)]
+        return self._run(seqs, lens)
+
+    @staticmethod
+    def _settle(s) -> None:
+        """After a verification: the draft's keys stand where the token it was fed stood."""
+        spec = s.spec
+        if spec.fed is None:
+            return
+        start, fed = spec.fed
+        have = s.tokens(start, min(start + len(fed), s.length))
+        same = 0
+        while same < len(have) and have[same] == fed[same]:
+            same += 1
+        spec.draft_computed = min(spec.draft_computed, start + same)
+        spec.fed = None
+
+    @torch.inference_mode()
+    def _run(self, seqs: list, lens: list[int]) -> list[list[int]]:
+        """The draft's steps: each sequence's missing tokens up to its last one (logits at the last
+        give the first proposal), then one token per step for those that want more."""
+        dev, bs = self.device, self.draft.block_size
+        tokens, pos, parts, at, going = [], [], [], [], []
+        for s, n in zip(seqs, lens):
+            if n == 0:
+                continue  # it proposes nothing this step: catching up can wait
+            start = s.spec.draft_computed
+            stop = min(s.length, start + CATCH_UP_TOKENS)
+            parts.append(Part.of(len(tokens), torch.tensor([s.blocks], device=dev),
+                                 torch.arange(start, stop, device=dev)[None], bs, kv_len=stop))
+            tokens += s.tokens(start, stop)
+            pos += range(start, stop)
+            s.spec.draft_computed = stop
+            if stop == s.length:
+                at.append(len(tokens) - 1)
+                going.append((s, n))
+        proposals: dict[int, list[int]] = {}
+        if not going:
+            if parts:  # catching up only
+                self.draft.step(torch.tensor(tokens, device=dev), torch.tensor(pos, device=dev), parts,
+                                torch.tensor([len(tokens) - 1], device=dev), every_rank=True)
+            return [[] for _ in seqs]
+        logits = self.draft.step(torch.tensor(tokens, device=dev), torch.tensor(pos, device=dev), parts,
+                                 torch.tensor(at, device=dev), every_rank=True)
+        for (s, _), tok in zip(going, logits.argmax(-1).tolist()):
+            proposals[s.req.id] = [tok]
+            s.spec.fed = (s.length - 1, [s.out_ids[-1]])
+        for r in range(1, max(n for _, n in going)):
+            more = [s for s, n in going if n > r]
+            p = torch.tensor([[s.length - 1 + r] for s in more], device=dev)
+            part = Part.of(0, padded_tables([s.blocks for s in more], dev), p, bs,
+                           kv_len=max(s.length for s in more) + r)
+            fed = [proposals[s.req.id][-1] for s in more]
+            logits = self.draft.step(torch.tensor(fed, device=dev), p[:, 0], [part],
+                                     torch.arange(len(more), device=dev), every_rank=True)
+            for s, tok, last in zip(more, logits.argmax(-1).tolist(), fed):
+                proposals[s.req.id].append(tok)
+                s.spec.fed[1].append(last)
+                s.spec.draft_computed = s.length + r
+        return [proposals.get(s.req.id, []) for s in seqs]
