@@ -26,11 +26,14 @@ def test_native_float32_product_matches_float64(rows, cols):
         assert torch.all((got - ref).abs() <= bound), (rows, cols, batch)
     with torch.inference_mode():  # the single-row dispatch (matmul_t) takes it
         assert torch.equal(cpu_kernels.matmul_t(x[:1], w), cpu_kernels.native_f32_linear(x[:1], w))
-    # a row's products do not depend on how many rows share its pass (2, 3 or 4): a batched or
-    # verified step gives a sequence what the same rows give it in any other batch of 2-4
+    # a row's products do not depend on how many rows share its pass (1 to 4): a batched or
+    # verified step gives a sequence what it gets alone
     x = torch.randn(4, cols, generator=g)
-    firsts = [cpu_kernels.native_f32_linear(x[:b], w)[0] for b in (2, 3, 4)]
+    firsts = [cpu_kernels.native_f32_linear(x[:b], w)[0] for b in (1, 2, 3, 4)]
     assert all(torch.equal(firsts[0], f) for f in firsts[1:]), (rows, cols)
+    with torch.inference_mode():  # and matmul_t sends a few rows to the same product
+        assert torch.equal(cpu_kernels.matmul_t(x[:3], w), cpu_kernels.native_f32_linear(x[:3], w))
+    assert cpu_kernels.c_rows_limit() >= 4
 
 
 @NATIVE

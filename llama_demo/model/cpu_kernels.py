@@ -5,6 +5,10 @@ are per machine:
 - float32, one row: the C library below (qkernels.c), which streams the weights near memory speed
   (OpenBLAS's gemv, the fallback without a compiler, read them ~1.5x slower; torch's pool then
   runs at one thread: two busy pools on 2 cores slow each other down 20x).
+- float32, a few rows (a speculative verification, a small batch's output layer): the same C
+  library, up to the row count where torch's GEMM overtakes it, probed once per process
+  (c_rows_limit: on the 2-core AVX2 VM C ran 2-16 rows 1.3-5x faster than F.linear, e.g. the
+  default model's 49152-row output layer at 2 rows 5.8 ms against 21.6 ms).
 - float32, several rows (prefill; batched decode steps that do not run in C, native_decode.py):
   torch's GEMM (F.linear: MKL in x86 builds) on the same plain weights. oneDNN's blocked copy of
   each weight (pack_for_cpu) is made only on request (LLAMA_DEMO_PACK_WEIGHTS=1): it doubles the
@@ -41,13 +45,14 @@ ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_li
 
 
 def matmul_t(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None = None, openblas: bool = True) -> torch.Tensor:
-    """x @ w.T. On CPU in float32: one row through the C kernel (native_f32_linear), else numpy's
-    OpenBLAS (w read in place through a zero-copy view); several rows through oneDNN on `packed`,
-    its blocked copy of w, when there is one, else torch's F.linear on w. `openblas=False` keeps single rows off OpenBLAS, for
-    callers whose step runs in torch's threads. Elsewhere (CUDA, half precision, autograd) F.linear."""
+    """x @ w.T. On CPU in float32: up to c_rows_limit() rows through the C kernel
+    (native_f32_linear); without it, one row through numpy's OpenBLAS (w read in place through a
+    zero-copy view); more rows through oneDNN on `packed`, its blocked copy of w, when there is
+    one, else torch's F.linear on w. `openblas=False` keeps single rows off OpenBLAS, for callers
+    whose step runs in torch's threads. Elsewhere (CUDA, half precision, autograd) F.linear."""
     if x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32 and not torch.is_grad_enabled():
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] == 1 and w.is_contiguous() and native() is not None:
+        if w.is_contiguous() and native() is not None and 0 < x2.shape[0] <= c_rows_limit():
             out = native_f32_linear(x2, w)
         elif x2.shape[0] > 1 and packed is not None:
             out = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), packed, None, "none", [], "")
@@ -59,6 +64,38 @@ def matmul_t(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None = Non
             out = F.linear(x2, w)
         return out.view(*x.shape[:-1], w.shape[0])
     return F.linear(x, w)
+
+
+C_ROWS_PROBED = (8, 16, 32, 64)  # row counts c_rows_limit tries beyond the C product's 4-row tile
+
+
+@functools.cache
+def c_rows_limit() -> int:
+    """The most rows of x a float32 matmul_t runs in the C product (0 without the C library). Up
+    to its 4-row tile C streams each weight once and wins anyway; beyond, a probe on this CPU
+    (C against F.linear on a 4096 x 1024 weight, the best of 5 each, at C_ROWS_PROBED rows, up
+    to the first loss): a machine with AVX-512 / AMX may favour torch's GEMM sooner than the
+    AVX2 VM we measured. Once per process (~0.2 s), with the threads a step uses; only speed
+    depends on it (no collective), so ranks need not agree."""
+    if native() is None:
+        return 0
+    import time
+
+    set_cpu_threads(False)
+    w, limit = torch.randn(4096, 1024), 4
+    with torch.inference_mode():
+        for n in C_ROWS_PROBED:
+            x = torch.randn(n, 1024)
+            best = {}
+            for name, product in (("c", lambda: native_f32_linear(x, w)), ("torch", lambda: F.linear(x, w))):
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    product()
+                    best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
+            if best["c"] > best["torch"]:
+                break
+            limit = n
+    return limit
 
 
 def pack_for_cpu(model, batch_hint: int = 16) -> int:
