@@ -13,7 +13,8 @@ import torch
 
 from conftest import hf_model, make_checkpoint, torchrun
 from llama_demo.engine.sampler import filtered_probs
-from llama_demo.engine.speculative import Proposer, SpecState, SpeculationConfig, accept_or_replace, ngram_proposal
+from llama_demo.engine.speculative import (Proposer, SpecState, SpeculationConfig, StepCosts, accept_or_replace,
+                                           ngram_proposal)
 
 # chi-square's 0.999 quantile for 15 and 7 degrees of freedom: a correct sampler fails 1 in 1000
 # runs (the draws below are seeded, so a given run's outcome is fixed)
@@ -69,16 +70,26 @@ def test_the_proposer_proposes_only_where_a_wider_step_pays():
             self.out_ids, self.spec = [], SpecState(acceptance=0.6)
 
     p = Proposer(SpeculationConfig("ngram", 4))
-    p.step_costs = [1.0] * 64  # a wider step costs nothing more: propose all there is
+    p.costs = StepCosts(lambda rows, proposed: 1.0)  # a wider step costs nothing more: propose all there is
     assert p.propose([Seq()], [10]) == [[4, 5, 1, 2]]
     assert p.propose([Seq()], [2]) == [[4, 5]]  # the request's limit
-    p.step_costs = [float(n) for n in range(1, 65)]  # cost in proportion to tokens: never pays
+    p.costs = StepCosts(lambda rows, proposed: float(rows + proposed))  # in proportion to tokens: never pays
     assert p.propose([Seq()], [10]) == [[]]
-    p.step_costs = [1.0 + 0.2 * n for n in range(64)]
+    p.costs = StepCosts(lambda rows, proposed: 1.0 + 0.2 * (rows + proposed - 1))
     s = Seq()
     s.spec.acceptance = 0.05  # proposals that keep failing: not worth a wider step
     assert p.propose([s], [10]) == [[]]
     assert s.spec.acceptance > 0.05  # it relaxes back towards trying again
+    # the prior a new sequence starts from rises with what verifications show, never below its start
+    for _ in range(50):
+        p.verified(Seq(), 4, 4, 5)
+    assert p.prior > 0.8 and Seq().spec.acceptance == 0.6
+    fresh = type("S", (), {"req": Seq().req, "out_ids": [], "spec": None})()
+    p.propose([fresh], [10])
+    assert fresh.spec.acceptance > 0.8
+    for _ in range(500):
+        p.verified(Seq(), 4, 0, 1)
+    assert p.prior == 0.5
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
@@ -133,7 +144,7 @@ def test_sampled_answers_follow_the_model_distribution(tmp_path):
     model = load_model(ckpt, info, dtype=torch.float32, max_seq_len=64, max_batch_size=32)
     engine = Engine(model, NoTextTokenizer(), 0, 1, "cpu", seed=0, step_tokens=256,
                     speculation=SpeculationConfig("ngram", 3))
-    engine.proposer.step_costs = [1.0] * 64
+    engine.proposer.costs = StepCosts(lambda rows, proposed: 1.0)
     params = [SamplingParams(temperature=T, top_p=1.0, max_new_tokens=3, seed=i) for i in range(N)]
     done = engine.generate([Request(i, prompt, p) for i, p in enumerate(params)])
     answers = torch.tensor([done[i][0] for i in range(N)])
@@ -197,4 +208,15 @@ def test_a_draft_must_share_the_vocabulary_and_its_flags_go_together(ckpts, tmp_
                        dtype=torch.float32, max_seq_len=64, max_batch_size=2)
     with pytest.raises(ValueError, match="vocabulary"):
         Engine(target, load_tokenizer(ckpts["mha-1"]), speculation=SpeculationConfig("draft", 4), draft=small)
+
+
+def test_measured_step_costs_interpolate_between_the_shapes_timed():
+    # rows 1, 4: proposing 0, 1, 2 tokens each
+    costs = StepCosts.measured([1, 4], [[1.0, 1.2, 1.5], [2.0, 3.0, 4.0]], [0.4, 1.0])
+    assert costs.target(1, 0) == 1.0 and costs.target(4, 8) == 4.0
+    assert costs.target(4, 4) == pytest.approx(3.0) and costs.target(4, 6) == pytest.approx(3.5)  # 1.5 each
+    assert costs.target(2, 0) == pytest.approx(1.0 + (2.0 - 1.0) / 3)  # between 1 and 4 rows
+    assert costs.target(8, 0) == pytest.approx(4.0)  # beyond the last: in proportion to rows
+    assert costs.target(1, 4) == pytest.approx(1.5 * 5 / 3)  # beyond the longest proposal timed
+    assert costs.draft(1) == 0.4 and costs.draft(4) == 1.0 and costs.draft(8) == pytest.approx(2.0)
 

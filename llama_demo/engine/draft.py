@@ -26,46 +26,40 @@ import torch
 
 from ..model.parts import Part, padded_tables
 from ..model.transformer import Transformer
-from .speculative import PRIOR_ACCEPTANCE, RELAX, Proposer, SpecState, SpeculationConfig, expected_tokens
+from .speculative import DRAFT_PRIOR_ACCEPTANCE, RELAX, Proposer, SpecState, SpeculationConfig, expected_tokens
 
-# A sequence's draft catches up at most this many tokens a step (a long prompt over several steps,
-# proposing once it is in): one draft step must not hold the answers of everyone else back.
-CATCH_UP_TOKENS = 512
+# The drafts of a step's sequences catch up at most this many tokens in all (a long prompt over
+# several steps, proposing once it is in): one draft step must not hold everyone's answers back.
+CATCH_UP_TOKENS = 256
 
 
 class DraftProposer(Proposer):
     """Proposals from a draft model. The number of tokens proposed is chosen as the n-gram
     proposer's is, by tokens expected a second, here with the draft's own steps in the cost:
     k tokens cost k draft steps of the batch's rows beside the target's wider step
-    (`draft_costs`: a draft step of n tokens relative to a target step of 1, measured at
-    start-up by Engine.calibrate_speculation)."""
+    (`costs.draft`, measured at start-up by Engine.calibrate_speculation)."""
 
     def __init__(self, config: SpeculationConfig, draft: Transformer, device: torch.device | str):
-        super().__init__(config)
+        super().__init__(config, DRAFT_PRIOR_ACCEPTANCE)
         self.draft, self.device = draft, torch.device(device)
-        self.draft_costs = [0.3 + 0.05 * n for n in range(65)]  # until measured, a guess
-
-    def draft_cost(self, tokens: int) -> float:
-        c = self.draft_costs
-        return c[tokens - 1] if tokens <= len(c) else c[-1] * tokens / len(c)
 
     def propose(self, seqs: list, limits: list[int], room=None) -> list[list[int]]:
         for s in seqs:
             if s.spec is None:
-                s.spec = SpecState()
+                s.spec = SpecState(self.prior)
             self._settle(s)
         rows = len(seqs)
         wants = [min(self.config.tokens, limit) for limit in limits]
-        best_k, best = 0, rows / self.cost(rows)
+        best_k, best = 0, rows / self.costs.target(rows, 0)
         for k in range(1, max(wants, default=0) + 1):
             lens = [min(k, w) for w in wants]
             gain = sum(expected_tokens(s.spec.acceptance, n) for s, n in zip(seqs, lens))
-            rate = gain / (self.cost(rows + sum(lens)) + k * self.draft_cost(rows))
+            rate = gain / (self.costs.target(rows, sum(lens)) + k * self.costs.draft(rows))
             if rate > best:
                 best_k, best = k, rate
         if best_k == 0:
             for s in seqs:
-                s.spec.acceptance += RELAX * (PRIOR_ACCEPTANCE - s.spec.acceptance)
+                s.spec.acceptance += RELAX * (self.prior - s.spec.acceptance)
             return [[] for _ in seqs]
         lens = [min(best_k, w) for w in wants]
         if room is not None:  # positions with blocks (the draft writes where the target will)
@@ -92,11 +86,13 @@ class DraftProposer(Proposer):
         give the first proposal), then one token per step for those that want more."""
         dev, bs = self.device, self.draft.block_size
         tokens, pos, parts, at, going = [], [], [], [], []
+        budget = CATCH_UP_TOKENS
         for s, n in zip(seqs, lens):
-            if n == 0:
-                continue  # it proposes nothing this step: catching up can wait
             start = s.spec.draft_computed
-            stop = min(s.length, start + CATCH_UP_TOKENS)
+            if n == 0 or budget <= 0:
+                continue  # it proposes nothing this step: catching up can wait
+            stop = min(s.length, start + budget)
+            budget -= stop - start
             parts.append(Part.of(len(tokens), torch.tensor([s.blocks], device=dev),
                                  torch.arange(start, stop, device=dev)[None], bs, kv_len=stop))
             tokens += s.tokens(start, stop)

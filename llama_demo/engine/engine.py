@@ -34,13 +34,13 @@ from .sampler import (apply_logit_bias, apply_penalties, apply_repetition_penalt
                       SamplingBatch, sample, top_logprobs)
 from .grammar import Matcher
 from .draft import DraftProposer
-from .speculative import Proposer, SpeculationConfig, accept_or_replace
+from .speculative import Proposer, SpeculationConfig, StepCosts, accept_or_replace
 from .scheduler import PromptTooLong, Request, Scheduler, Sequence, check_prompt, check_request, request_generator
 
 __all__ = ["Engine", "Request", "TokenEvent", "PromptTooLong", "StepOutOfMemory", "check_prompt", "check_request"]
 
 PROBE_ROUNDS = 2  # calibrate's timings per candidate chunk
-SPEC_COST_SIZES = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64)  # step widths calibrate_speculation times
+SPEC_COST_ROWS = (1, 2, 4, 8, 16, 32, 64)  # decoding sequences calibrate_speculation times (up to max_batch_size)
 
 # Finish codes broadcast with each sampled id (one home for their meaning).
 CONTINUE, STOP_ID, STOP_STRING, LENGTH, ERROR, REPEATING, GRAMMAR_END = 0, 1, 2, 3, 4, 5, 6
@@ -218,47 +218,61 @@ class Engine:
         self.calibration = {n: round(r, 1) for n, r in rates.items()}
         return self.step_tokens
 
-    def calibrate_speculation(self) -> list[float] | None:
-        """With speculative decoding: time a step of n tokens of one sequence (logits at each, as a
-        verification has) for n up to SPEC_COST_SIZES' largest, relative to a step of one token,
-        and give the proposer these costs (interpolated between the sizes timed): it proposes
-        only where a wider step pays for itself on this machine. Rank 0's times are broadcast:
-        every rank must make the same proposals. Drops every cached prefix (uses the first blocks)."""
+    def calibrate_speculation(self) -> StepCosts | None:
+        """With speculative decoding: time the steps a verification makes, for SPEC_COST_ROWS
+        decoding sequences (up to max_batch_size) each proposing 0 .. --num_speculative_tokens
+        tokens (0: the plain decode part), and, with a draft model, its step of that many rows;
+        relative to a target step of one row, they are the proposer's costs (StepCosts): it
+        proposes only where a wider step pays for itself on this machine. Rank 0's times are
+        broadcast: every rank must make the same proposals. Drops every cached prefix (the timed
+        rows share the pool's first blocks)."""
         if self.proposer is None:
             return None
         assert self.idle, "calibrate before serving"
         self.scheduler.forget_cached()
-        sizes = [n for n in SPEC_COST_SIZES if n < self.max_seq_len // 2]
-        models = [self.model] + ([self.proposer.draft] if isinstance(self.proposer, DraftProposer) else [])
-        times = [self._step_times(m, sizes) for m in models]
-        one = times[0][sizes[0]]  # every cost is relative to the target's step of one token
-        measured = torch.tensor([t[n] / one for t in times for n in sizes], device=self.device)
+        cap = self.model.args.max_batch_size
+        rows = sorted({r for r in SPEC_COST_ROWS if r <= cap} | {cap})
+        ks = range(self.proposer.config.tokens + 1)
+        draft = self.proposer.draft if isinstance(self.proposer, DraftProposer) else None
+        shapes = [(self.model, r, k) for r in rows for k in ks] + ([(draft, r, 0) for r in rows] if draft else [])
+        times = [float("inf")] * len(shapes)
+        for _ in range(PROBE_ROUNDS + 1):  # the first round warms up; the best of each kept
+            for i, (model, r, k) in enumerate(shapes):
+                times[i] = min(times[i], self._time_verification(model, r, k))
+        one = times[0]  # the target's step of one row, proposing nothing
+        measured = torch.tensor([t / one for t in times], device=self.device)
         if self.world_size > 1:
             broadcast_from_first(measured, None)
-        ratios = measured.view(len(models), len(sizes)).tolist()
-        self.proposer.step_costs = _interpolated(sizes, ratios[0], floor=1.0)
-        if len(models) > 1:  # a draft step of n tokens, relative to the same
-            self.proposer.draft_costs = _interpolated(sizes, ratios[1], floor=0.0)
-        return self.proposer.step_costs
+        ratio = measured.tolist()
+        target = [ratio[i * len(ks):(i + 1) * len(ks)] for i in range(len(rows))]
+        for by_k in target:  # never cheaper to carry more tokens
+            for k in range(1, len(by_k)):
+                by_k[k] = max(by_k[k], by_k[k - 1])
+        self.proposer.costs = StepCosts.measured(rows, target, ratio[len(rows) * len(ks):] if draft else None)
+        return self.proposer.costs
 
-    def _step_times(self, model: Transformer, sizes: list[int]) -> dict[int, float]:
-        """Seconds of a step of n tokens of one sequence (logits at each) for each n in sizes, the
-        best of PROBE_ROUNDS, after a prompt of a typical length; writes the pool's first blocks."""
+    def _time_verification(self, model: Transformer, rows: int, proposed: int) -> float:
+        """Seconds of one step of `rows` sequences each feeding 1 + `proposed` tokens (logits at
+        each), as a verification step has them: one part of `rows` decode rows when nothing is
+        proposed, else a part per sequence. After a prompt of a typical length; every row reads
+        and writes the pool's first blocks."""
         dev, bs = self.device, model.block_size
-        at = min(256, self.max_seq_len - sizes[-1] - 1)
-        table = torch.arange(-(-(at + sizes[-1]) // bs), device=dev)[None]
-        times = {}
-        for n in [sizes[0]] + sizes * PROBE_ROUNDS:
-            pos = torch.arange(at, at + n, device=dev)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            t0 = time.perf_counter()
-            model.step(torch.zeros(n, dtype=torch.long, device=dev), pos, [Part.of(0, table, pos[None], bs)],
-                       torch.arange(n, device=dev))
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            times[n] = min(times.get(n, float("inf")), time.perf_counter() - t0)
-        return times
+        n = 1 + proposed
+        at = min(256, self.max_seq_len - n - 1)
+        table = torch.arange(-(-(at + n) // bs), device=dev)[None]
+        pos = torch.arange(at, at + n, device=dev)
+        if proposed == 0:
+            parts = [Part.of(0, table.expand(rows, -1), torch.full((rows, 1), at, device=dev), bs)]
+        else:
+            parts = [Part.of(i * n, table, pos[None], bs) for i in range(rows)]
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        model.step(torch.zeros(rows * n, dtype=torch.long, device=dev), pos.repeat(rows), parts,
+                   torch.arange(rows * n, device=dev), every_rank=model is not self.model)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter() - t0
 
     # ----------------------------------------------------------------- the step
     def step(self) -> list[TokenEvent]:
@@ -621,16 +635,3 @@ class Engine:
                 if on_event:
                     on_event(ev)
         return {k: (toks[k], "".join(texts[k]), reasons.get(k)) for k in toks}
-
-
-def _interpolated(sizes: list[int], ratio: list[float], floor: float) -> list[float]:
-    """Costs of steps of 1 .. sizes[-1] tokens: linear between the sizes timed, never cheaper
-    than a smaller step (nor than `floor`)."""
-    at = dict(zip(sizes, ratio))
-    costs = []
-    for n in range(1, sizes[-1] + 1):
-        lo = max(m for m in sizes if m <= n)
-        hi = min(m for m in sizes if m >= n)
-        c = at[lo] if hi == lo else at[lo] + (at[hi] - at[lo]) * (n - lo) / (hi - lo)
-        costs.append(max(c, costs[-1] if costs else floor))
-    return costs

@@ -18,6 +18,7 @@ depends only on accepted counts, which the step's broadcast gives every rank.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,10 +27,19 @@ import torch
 from .sampler import draw, filtered_probs
 
 # Each sequence's estimate of the chance that its next proposed token stands: a running average
-# over its verifications, relaxing towards PRIOR_ACCEPTANCE on every step it does not verify (so
-# a sequence whose proposals failed tries again some steps later, when its text may have changed).
+# over its verifications, relaxing towards the proposer's prior on every step it does not verify
+# (so a sequence whose proposals failed tries again some steps later, when its text may have
+# changed). The prior starts at PRIOR_ACCEPTANCE (a draft model's at DRAFT_PRIOR_ACCEPTANCE: a
+# draft is chosen to agree with its target, and the served model's own int8 copy agrees on ~0.98
+# of greedy tokens) and then rises with the verifications of every sequence (PRIOR_DECAY), so a
+# new sequence starts from what this workload has shown: with a fixed prior, a self-draft that
+# would have paid at 1 user never proposed, so never learned that it agrees. It never falls
+# below its start: where proposals fail, each sequence's own estimate falls, and a prior that
+# fell with them would stop every later sequence from ever trying again.
 PRIOR_ACCEPTANCE = 0.5
-ACCEPTANCE_DECAY = 0.7  # weight of the past in the running average, per verification
+DRAFT_PRIOR_ACCEPTANCE = 0.8
+ACCEPTANCE_DECAY = 0.7  # weight of the past in a sequence's running average, per verification
+PRIOR_DECAY = 0.98  # weight of the past in the proposer's prior, per verification
 RELAX = 0.02  # share of the way back to the prior, per step without a verification
 
 
@@ -90,23 +100,55 @@ def expected_tokens(acceptance: float, proposed: int) -> float:
     return sum(acceptance ** i for i in range(proposed + 1))
 
 
+@dataclass
+class StepCosts:
+    """What steps cost on this machine, relative to a target step of one decode row: `target`
+    (rows, proposed) for a step of `rows` decoding sequences carrying `proposed` tokens between
+    them, `draft` (rows) for one draft-model step of `rows` rows. Measured at start-up
+    (Engine.calibrate_speculation: the shapes a verification really has, since a step of 8
+    sequences with 4 proposed tokens each costs more than one sequence's 40 tokens); until then
+    a guess."""
+    target: Callable[[int, int], float] = lambda rows, proposed: 1.0 + 0.15 * (rows + proposed - 1)
+    draft: Callable[[int], float] = lambda rows: 0.3 + 0.05 * rows
+
+    @classmethod
+    def measured(cls, rows: list[int], target: list[list[float]], draft: list[float] | None = None) -> "StepCosts":
+        """From timings at each of `rows`: target[i][k] for rows[i] sequences proposing k tokens
+        each, draft[i] for a draft step of rows[i] rows; linear between the points measured (and
+        beyond the last, in proportion to rows)."""
+        def at_rows(values, r: float):
+            if r >= rows[-1]:
+                return [v * r / rows[-1] for v in values[-1]] if isinstance(values[-1], list) else values[-1] * r / rows[-1]
+            hi = next(i for i, n in enumerate(rows) if n >= r)
+            lo = max(0, hi - 1) if rows[hi] > r else hi
+            f = 0.0 if hi == lo else (r - rows[lo]) / (rows[hi] - rows[lo])
+            a, b = values[lo], values[hi]
+            return [x + (y - x) * f for x, y in zip(a, b)] if isinstance(a, list) else a + (b - a) * f
+
+        def target_cost(r: int, proposed: int) -> float:
+            by_k = at_rows(target, r)
+            k = proposed / r  # tokens each sequence proposes, on average
+            if k >= len(by_k) - 1:
+                return by_k[-1] * (1 + k) / len(by_k)
+            i = int(k)
+            return by_k[i] + (by_k[i + 1] - by_k[i]) * (k - i)
+
+        return cls(target_cost, (lambda r: at_rows(draft, r)) if draft else (lambda r: 0.0))
+
+
 class Proposer:
     """The step's proposals: a candidate per decoding sequence, cut to the length at which the
     step is expected to give the most tokens a second, given each sequence's acceptance and
-    what a step of N tokens costs on this machine (`step_costs`, measured at start-up by
+    what steps cost on this machine (`costs`, measured at start-up by
     Engine.calibrate_speculation). With nothing to gain, nobody proposes: on a machine where a
     wider step costs about what its tokens do (a large batch, a compute-bound device) speculation
     switches itself off rather than slow the answers down. Identical on every rank."""
 
-    def __init__(self, config: SpeculationConfig):
+    def __init__(self, config: SpeculationConfig, prior: float = PRIOR_ACCEPTANCE):
         self.config = config
         self.counters = SpecCounters()
-        # step_costs[n]: a step of n + 1 tokens, relative to one of 1; until measured, a guess
-        self.step_costs = [1.0 + 0.15 * n for n in range(65)]
-
-    def cost(self, tokens: int) -> float:
-        c = self.step_costs
-        return c[tokens - 1] if tokens <= len(c) else c[-1] * tokens / len(c)
+        self.first_prior = self.prior = prior  # a new sequence's acceptance (see PRIOR_DECAY)
+        self.costs = StepCosts()
 
     def propose(self, seqs: list, limits: list[int], room=None) -> list[list[int]]:
         """Proposed tokens for each decoding sequence (maybe none), each within its limit. `room`
@@ -115,23 +157,23 @@ class Proposer:
         cands = []
         for s, limit in zip(seqs, limits):
             if s.spec is None:
-                s.spec = SpecState()
+                s.spec = SpecState(self.prior)
             k = min(self.config.tokens, limit)
             cands.append(ngram_proposal(s.req.prompt_ids + s.out_ids, k, self.config.ngram_max,
                                         self.config.ngram_min) if k > 0 else [])
         rows = len(seqs)
-        best_k, best = 0, rows / self.cost(rows)
+        best_k, best = 0, rows / self.costs.target(rows, 0)
         for k in range(1, self.config.tokens + 1):
             extra = sum(min(k, len(c)) for c in cands)
             if k > 1 and extra == sum(min(k - 1, len(c)) for c in cands):
                 break  # no candidate is longer: the same step again
             gain = sum(expected_tokens(s.spec.acceptance, min(k, len(c))) for s, c in zip(seqs, cands))
-            rate = gain / self.cost(rows + extra)
+            rate = gain / self.costs.target(rows, extra)
             if rate > best:
                 best_k, best = k, rate
         for s, c in zip(seqs, cands):
             if best_k == 0 or not c:
-                s.spec.acceptance += RELAX * (PRIOR_ACCEPTANCE - s.spec.acceptance)
+                s.spec.acceptance += RELAX * (self.prior - s.spec.acceptance)
         return [c[:best_k] for c in cands]
 
     def verified(self, seq, proposed: int, accepted: int, emitted: int) -> None:
@@ -145,6 +187,7 @@ class Proposer:
         # stood, the first rejected one (if any) was tried and failed
         rate = accepted / (accepted + (accepted < proposed))
         seq.spec.acceptance = ACCEPTANCE_DECAY * seq.spec.acceptance + (1 - ACCEPTANCE_DECAY) * rate
+        self.prior = max(self.first_prior, PRIOR_DECAY * self.prior + (1 - PRIOR_DECAY) * rate)
 
 
 def accept_or_replace(logits: torch.Tensor, proposed: int, temperature: float, top_p: float, top_k: int,

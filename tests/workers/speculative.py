@@ -13,7 +13,7 @@ import torch
 
 from llama_demo.engine.engine import Engine, Request
 from llama_demo.engine.sampler import SamplingParams
-from llama_demo.engine.speculative import SpeculationConfig
+from llama_demo.engine.speculative import SpeculationConfig, StepCosts
 from llama_demo.model.parallel import init_distributed, shutdown_distributed
 from llama_demo.text.tokenizer import load_tokenizer
 from llama_demo.weights.loading import load_model
@@ -37,9 +37,7 @@ def engine(spec: str | None, prefix_cache: bool = True, draft=None) -> Engine:
     e = Engine(model, tok, info.rank, info.world_size, info.device, seed=0, step_tokens=64, prefix_cache=prefix_cache,
                speculation=SpeculationConfig(spec, 4) if spec else None, draft=draft)
     if spec:
-        e.proposer.step_costs = [1.0] * 64
-        if draft is not None:
-            e.proposer.draft_costs = [0.0] * 64
+        e.proposer.costs = StepCosts(lambda rows, proposed: 1.0, lambda rows: 0.0)
     return e
 
 
