@@ -89,10 +89,7 @@ def load_draft(a: argparse.Namespace, info: DistInfo, dtype: torch.dtype | None,
         raise ConfigError(f"rank {info.rank} ran out of {info.device.type} memory loading the draft model "
                           f"({folder}) beside the served one: use --speculative int4, a smaller draft or "
                           "a smaller --kv_cache_tokens") from None
-    if draft.args.vocab_size != model.args.vocab_size:
-        raise ConfigError(f"the draft model {folder} has {draft.args.vocab_size} tokens, the served model "
-                          f"{model.args.vocab_size}: a draft must share the served model's tokenizer")
-    return draft
+    return draft  # Engine checks that it shares the served model's vocabulary and KV layout
 
 
 def add_quantize_arg(p: argparse.ArgumentParser) -> None:

@@ -26,7 +26,7 @@ import torch
 
 from ..model.parts import Part, padded_tables
 from ..model.transformer import Transformer
-from .speculative import DRAFT_PRIOR_ACCEPTANCE, RELAX, Proposer, SpecState, SpeculationConfig, expected_tokens
+from .speculative import DRAFT_PRIOR_ACCEPTANCE, Proposer, SpecState, SpeculationConfig
 
 # The drafts of a step's sequences catch up at most this many tokens in all (a long prompt over
 # several steps, proposing once it is in): one draft step must not hold everyone's answers back.
@@ -48,18 +48,9 @@ class DraftProposer(Proposer):
             if s.spec is None:
                 s.spec = SpecState(self.prior)
             self._settle(s)
-        rows = len(seqs)
         wants = [min(self.config.tokens, limit) for limit in limits]
-        best_k, best = 0, rows / self.costs.target(rows, 0)
-        for k in range(1, max(wants, default=0) + 1):
-            lens = [min(k, w) for w in wants]
-            gain = sum(expected_tokens(s.spec.acceptance, n) for s, n in zip(seqs, lens))
-            rate = gain / (self.costs.target(rows, sum(lens)) + k * self.costs.draft(rows))
-            if rate > best:
-                best_k, best = k, rate
+        best_k = self.best_length(seqs, wants, self.costs.draft(len(seqs)))
         if best_k == 0:
-            for s in seqs:
-                s.spec.acceptance += RELAX * (self.prior - s.spec.acceptance)
             return [[] for _ in seqs]
         lens = [min(best_k, w) for w in wants]
         if room is not None:  # positions with blocks (the draft writes where the target will)
@@ -103,9 +94,9 @@ class DraftProposer(Proposer):
                 going.append((s, n))
         proposals: dict[int, list[int]] = {}
         if not going:
-            if parts:  # catching up only
+            if parts:  # catching up only: no logits wanted (no output layer)
                 self.draft.step(torch.tensor(tokens, device=dev), torch.tensor(pos, device=dev), parts,
-                                torch.tensor([len(tokens) - 1], device=dev), every_rank=True)
+                                torch.zeros(0, dtype=torch.long, device=dev), every_rank=True)
             return [[] for _ in seqs]
         logits = self.draft.step(torch.tensor(tokens, device=dev), torch.tensor(pos, device=dev), parts,
                                  torch.tensor(at, device=dev), every_rank=True)

@@ -115,25 +115,24 @@ class StepCosts:
     def measured(cls, rows: list[int], target: list[list[float]], draft: list[float] | None = None) -> "StepCosts":
         """From timings at each of `rows`: target[i][k] for rows[i] sequences proposing k tokens
         each, draft[i] for a draft step of rows[i] rows; linear between the points measured (and
-        beyond the last, in proportion to rows)."""
-        def at_rows(values, r: float):
+        beyond the last, in proportion to rows or to tokens)."""
+        def between(values: list[float], r: float) -> float:
             if r >= rows[-1]:
-                return [v * r / rows[-1] for v in values[-1]] if isinstance(values[-1], list) else values[-1] * r / rows[-1]
+                return values[-1] * r / rows[-1]
             hi = next(i for i, n in enumerate(rows) if n >= r)
-            lo = max(0, hi - 1) if rows[hi] > r else hi
-            f = 0.0 if hi == lo else (r - rows[lo]) / (rows[hi] - rows[lo])
-            a, b = values[lo], values[hi]
-            return [x + (y - x) * f for x, y in zip(a, b)] if isinstance(a, list) else a + (b - a) * f
+            if hi == 0 or rows[hi] == r:
+                return values[hi]
+            return values[hi - 1] + (values[hi] - values[hi - 1]) * (r - rows[hi - 1]) / (rows[hi] - rows[hi - 1])
 
         def target_cost(r: int, proposed: int) -> float:
-            by_k = at_rows(target, r)
+            by_k = [between([t[k] for t in target], r) for k in range(len(target[0]))]
             k = proposed / r  # tokens each sequence proposes, on average
             if k >= len(by_k) - 1:
                 return by_k[-1] * (1 + k) / len(by_k)
             i = int(k)
             return by_k[i] + (by_k[i + 1] - by_k[i]) * (k - i)
 
-        return cls(target_cost, (lambda r: at_rows(draft, r)) if draft else (lambda r: 0.0))
+        return cls(target_cost, (lambda r: between(draft, r)) if draft else (lambda r: 0.0))
 
 
 class Proposer:
@@ -161,20 +160,26 @@ class Proposer:
             k = min(self.config.tokens, limit)
             cands.append(ngram_proposal(s.req.prompt_ids + s.out_ids, k, self.config.ngram_max,
                                         self.config.ngram_min) if k > 0 else [])
+        best_k = self.best_length(seqs, [len(c) for c in cands])
+        return [c[:best_k] for c in cands]
+
+    def best_length(self, seqs: list, longest: list[int], draft_step: float = 0.0) -> int:
+        """The one proposal length k (0 = none) giving the most expected tokens per unit of step
+        cost, for sequences that can propose up to longest[i] tokens each, with k draft steps of
+        `draft_step` each (a draft model's); the sequences left proposing nothing relax their
+        acceptance towards the prior."""
         rows = len(seqs)
         best_k, best = 0, rows / self.costs.target(rows, 0)
-        for k in range(1, self.config.tokens + 1):
-            extra = sum(min(k, len(c)) for c in cands)
-            if k > 1 and extra == sum(min(k - 1, len(c)) for c in cands):
-                break  # no candidate is longer: the same step again
-            gain = sum(expected_tokens(s.spec.acceptance, min(k, len(c))) for s, c in zip(seqs, cands))
-            rate = gain / self.costs.target(rows, extra)
+        for k in range(1, max(longest, default=0) + 1):
+            lens = [min(k, n) for n in longest]
+            gain = sum(expected_tokens(s.spec.acceptance, n) for s, n in zip(seqs, lens))
+            rate = gain / (self.costs.target(rows, sum(lens)) + k * draft_step)
             if rate > best:
                 best_k, best = k, rate
-        for s, c in zip(seqs, cands):
-            if best_k == 0 or not c:
+        for s, n in zip(seqs, longest):
+            if best_k == 0 or n == 0:
                 s.spec.acceptance += RELAX * (self.prior - s.spec.acceptance)
-        return [c[:best_k] for c in cands]
+        return best_k
 
     def verified(self, seq, proposed: int, accepted: int, emitted: int) -> None:
         """Every rank, after the broadcast: update seq's acceptance and the counters."""
