@@ -9,6 +9,7 @@ import time
 from llama_demo.text.chat_format import JinjaChatFormat
 from llama_demo.engine.engine import TokenEvent
 from llama_demo.engine.sampler import SamplingParams
+from llama_demo.model.parallel import free_port
 from llama_demo.serve.loop import Health, QueueFull
 from llama_demo.text.detok import StreamDecoder
 from llama_demo.text.tokenizer import Tokenizer
@@ -143,3 +144,72 @@ class ServerThread:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+class SlowEventStream:
+    """A TCP proxy on 127.0.0.1 in front of `port` that hands on the responses to Gradio's event
+    stream (/queue/data) `delay` seconds late and everything else at once: a busy or distant link,
+    where the page hears that an answer has ended well after the server has ended it."""
+
+    def __init__(self, port: int, delay: float):
+        self.target, self.delay = port, delay
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    async def _pipe(self, client_r, client_w):
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target)
+        slow = False  # is the response now flowing back the event stream's?
+        due: asyncio.Queue = asyncio.Queue()
+
+        async def upstream():
+            nonlocal slow
+            while data := await client_r.read(65536):
+                if data[:8].split(b" ")[0] in (b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS"):
+                    slow = b"/queue/data" in data.split(b"\r\n", 1)[0]  # HTTP/1.1: one response at a time
+                server_w.write(data)
+                await server_w.drain()
+            server_w.close()
+
+        async def downstream():
+            while data := await server_r.read(65536):
+                await due.put((time.monotonic() + (self.delay if slow else 0.0), data))
+            await due.put((time.monotonic() + self.delay, b""))
+
+        async def deliver():
+            while True:
+                when, data = await due.get()
+                await asyncio.sleep(max(0.0, when - time.monotonic()))
+                if not data:
+                    break
+                client_w.write(data)
+                await client_w.drain()
+            client_w.close()
+
+        try:
+            await asyncio.gather(upstream(), downstream(), deliver())
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            client_w.close()
+            server_w.close()
+
+    def __enter__(self) -> "SlowEventStream":
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._pipe, "127.0.0.1", self.port), self.loop).result(10)
+        return self
+
+    async def _close(self) -> None:
+        self.server.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def __exit__(self, *exc) -> None:
+        asyncio.run_coroutine_threadsafe(self._close(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()

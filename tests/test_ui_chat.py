@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from conftest import ROOT, make_tokenizer
-from fakes import FakeClient, ServerThread, chat_format
+from fakes import FakeClient, ServerThread, SlowEventStream, chat_format
 from llama_demo.config import ServerConfig
 from llama_demo.model.parallel import free_port
 from llama_demo.serve.app import build_app
@@ -172,6 +172,35 @@ def test_what_is_typed_after_sending_is_never_wiped_by_the_reply_to_the_send(pag
         cdp.send("Network.emulateNetworkConditions",
                  {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
         cdp.detach()
+
+
+def test_a_message_sent_as_the_last_answer_ends_is_answered(site):
+    # On a slow link the page hears that the answer to "first" has ended 0.8 s after the server has
+    # ended it: "second", sent in between, must be answered all the same (it was left unanswered
+    # twice over: the page skipped its answering event while it counted the last one as running,
+    # and Gradio's server closed the tab's event stream, so the answer never reached the page).
+    _, context, server, fake = site
+    fake.script, fake.delay, fake.capacity = "short answer", 0.004, 1000
+    with SlowEventStream(server.port, delay=0.8) as link:
+        page = context.new_page()
+        try:
+            page.goto(f"{link.url}/")
+            wait_ready(page)
+            page.click("#new-chat")
+            asked = len(fake.requests)
+            page.fill("#message textarea", "first")
+            page.press("#message textarea", "Enter")
+            wait_for(page, lambda: len(fake.requests) > asked)
+            page.wait_for_timeout(300)  # the server is done with "first" (~0.05 s); the page does not know yet
+            assert messages(page, "note") == []
+            page.fill("#message textarea", "second")
+            page.press("#message textarea", "Enter")
+            wait_notes(page, 2)
+            assert messages(page, "user") == ["first", "second"]
+            # and "second" was asked after "first" and its answer, not in a chat without them
+            assert "first" in fake.tokenizer.decode(fake.requests[-1][0])
+        finally:
+            page.close()
 
 
 def test_a_busy_server_answers_with_a_warning_in_the_chat(page):

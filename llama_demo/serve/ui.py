@@ -5,6 +5,7 @@ What a visitor keeps (conversations, settings) lives in their own browser (gr.Br
 on the server: a shared link shows each visitor only their own chats."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import secrets
@@ -27,6 +28,9 @@ ASSETS = Path(__file__).resolve().parents[2] / "assets"
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "\\[", "right": "\\]", "display": True},
          {"left": "$", "right": "$", "display": False}, {"left": "\\(", "right": "\\)", "display": False}]
 SETTINGS = ("system_prompt", "temperature", "top_p", "max_new_tokens", "seed")
+# How often the page's stream-keeping event looks up (see keep_stream_open): the longest it
+# outlives a closed tab on the server.
+STREAM_KEEPER_S = 10.0
 
 
 class ShareError(RuntimeError):
@@ -139,32 +143,37 @@ def build_ui(client: EngineClient, gate: Gate, cfg: ServerConfig, system_prompt:
 
         private = dict(api_visibility="private")
         drain_kw = dict(fn=drain, inputs=[chatbot, inbox, chats, *settings], outputs=[chatbot, stats, queued, chats],
-                        concurrency_id="model", concurrency_limit=cfg.max_batch_size, **private)
+                        concurrency_id="model", concurrency_limit=cfg.max_batch_size,
+                        trigger_mode="multiple", **private)
         # A message typed within a round trip of the last one must not be lost: trigger_mode
-        # "multiple" (Gradio's default, "once", ignores a submit while the previous one is still on
-        # its way), and the box emptied in the browser as the message leaves (emptied by the
-        # server's reply, it wiped what was typed meanwhile)
+        # "multiple" on the send and on the drain after it (Gradio's default, "once", skips an event
+        # while the browser still counts the previous one as running, and the browser hears of a
+        # drain's end later than the server: a message queued in between was left unanswered; a
+        # drain that finds another running leaves its queue to it), and the box emptied in the
+        # browser as the message leaves (emptied by the server's reply, it wiped what was typed meanwhile)
         answering = [trigger(enqueue, [message, inbox], [queued], js=ui_js.TAKE_MESSAGE, queue=False,
                              trigger_mode="multiple", **private).then(**drain_kw)
                      for trigger in (message.submit, send.click)]
 
         def regenerate(history, box: Inbox):
             """The last answer dropped and its question queued again, with a fresh seed."""
+            history = box.chat(history)
             last = max((i for i, m in enumerate(history) if m.get("role") == "user"), default=None)
             if last is None:
                 return gr.skip()
             box.queue.insert(0, Turn(ui_chats.text_of(history[last].get("content")), fresh_seed=True))
-            return history[:last]
+            return box.shows(history[:last])
 
         def resend_edited(history, box: Inbox, edit: gr.EditData):
             """The conversation up to the edited message, which is queued to be answered afresh."""
+            history = box.chat(history)
             at = edit.index[0] if isinstance(edit.index, (list, tuple)) else edit.index
             dropped = sum(1 for m in history[at + 1:] if not ui_chats.is_stats(m))
             box.queue.insert(0, Turn(ui_chats.text_of(edit.value)))
             if dropped:
                 gr.Info(f"Your edited message is sent again; the {dropped} message{'s' if dropped != 1 else ''} "
                         "after it were dropped.")
-            return history[:at]
+            return box.shows(history[:at])
 
         answering.append(chatbot.retry(regenerate, [chatbot, inbox], [chatbot], queue=False, **private)
                          .then(**drain_kw))
@@ -172,26 +181,26 @@ def build_ui(client: EngineClient, gate: Gate, cfg: ServerConfig, system_prompt:
             answering.append(chatbot.edit(resend_edited, [chatbot, inbox], [chatbot], **private)  # queued: its toast shows
                              .then(**drain_kw))
 
-        def undo(history, store):
+        def undo(history, box: Inbox, store):
             """The last question and its answer removed; the question goes back to the input box."""
+            history = box.chat(history)
             last = max((i for i, m in enumerate(history) if m.get("role") == "user"), default=None)
             if last is None:
                 return gr.skip(), gr.skip(), gr.skip()
-            kept = history[:last]
+            kept = box.shows(history[:last])
             return kept, ui_chats.text_of(history[last].get("content")), ui_chats.save(store, kept)
 
-        chatbot.undo(undo, [chatbot, chats], [chatbot, message, chats], queue=False, **private)
+        chatbot.undo(undo, [chatbot, inbox, chats], [chatbot, message, chats], queue=False, **private)
 
         def stopped(history, line: str, box: Inbox, store, typed: str):
             """After Stop: the partial answer kept with a stats note, queued messages back in the box."""
             box.busy = None
             waiting = [t.text for t in box.queue] + ([typed] if typed and typed.strip() else [])
             box.queue.clear()
-            history = [ui_chats.plain(m) for m in history or []]
-            history = box.latest if ui_chats.extends(box.latest, history) else history
+            history = box.chat(history)
             if history and history[-1]["role"] == "assistant" and not ui_chats.is_stats(history[-1]) and line:
                 history.append(ui_chats.stats_message(line.replace("**", "") + " · stopped", "Stopped by you"))
-            return history, "\n\n".join(waiting) or gr.skip(), "", ui_chats.save(store, history)
+            return box.shows(history), "\n\n".join(waiting) or gr.skip(), "", ui_chats.save(store, history)
 
         stop.click(None, cancels=answering, **private).then(
             stopped, [chatbot, stats, inbox, chats, message], [chatbot, message, queued, chats], queue=False, **private)
@@ -204,13 +213,13 @@ def build_ui(client: EngineClient, gate: Gate, cfg: ServerConfig, system_prompt:
         def start_new(box: Inbox, store):
             box.queue.clear()
             box.busy = None
-            return [], "", "", ui_chats.open_chat(store, None)
+            return box.shows([]), "", "", ui_chats.open_chat(store, None)
 
         def open_selected(chat_id, box: Inbox, store):
             box.queue.clear()
             box.busy = None
             store = ui_chats.open_chat(store, chat_id)
-            return (ui_chats.current(store) or {}).get("messages", []), "", "", store
+            return box.shows((ui_chats.current(store) or {}).get("messages", [])), "", "", store
 
         for trigger in (new_chat.click, chatbot.clear):  # the chat's own bin button starts a new one too
             trigger(None, cancels=answering, **private).then(
@@ -227,11 +236,11 @@ def build_ui(client: EngineClient, gate: Gate, cfg: ServerConfig, system_prompt:
         for trigger in (rename.click, title.submit):
             trigger(renamed, [title, chats], [chats], queue=False, **private)
 
-        def deleted(store):
+        def deleted(box: Inbox, store):
             store = ui_chats.delete(store)
-            return (ui_chats.current(store) or {}).get("messages", []), "", store
+            return box.shows((ui_chats.current(store) or {}).get("messages", [])), "", store
 
-        delete.click(None, cancels=answering, **private).then(deleted, [chats], [chatbot, stats, chats], queue=False,
+        delete.click(None, cancels=answering, **private).then(deleted, [inbox, chats], [chatbot, stats, chats], queue=False,
                                                                **private)
 
         def as_markdown(history, store):
@@ -246,7 +255,7 @@ def build_ui(client: EngineClient, gate: Gate, cfg: ServerConfig, system_prompt:
         export.click(as_json, [chatbot, chats, *settings], [json_text], queue=False, **private).then(
             None, [json_text], None, js=ui_js.DOWNLOAD, **private)
 
-        def imported(path, store):
+        def imported(path, box: Inbox, store):
             """An exported conversation read back (the upload is deleted once read) and opened."""
             try:
                 data = Path(path).read_bytes()
@@ -256,10 +265,10 @@ def build_ui(client: EngineClient, gate: Gate, cfg: ServerConfig, system_prompt:
                 gr.Warning(f"could not import that file: {e}")
                 return gr.skip(), gr.skip()
             gr.Info(f"Imported “{name}”: {len(messages)} messages")
-            return messages, ui_chats.add_imported(store, name, messages)
+            return box.shows(messages), ui_chats.add_imported(store, name, messages)
 
         load_json.upload(None, cancels=answering, **private).then(
-            imported, [load_json, chats], [chatbot, chats], queue=False, **private)
+            imported, [load_json, inbox, chats], [chatbot, chats], queue=False, **private)
 
         # --- settings: kept in the browser, the model's defaults one click away ----------------
         def kept(*values):
@@ -269,17 +278,31 @@ def build_ui(client: EngineClient, gate: Gate, cfg: ServerConfig, system_prompt:
               trigger_mode="always_last", **private)
         reset.click(lambda: [defaults[k] for k in SETTINGS], None, settings, queue=False, **private)
 
-        def reopened(store, saved):
+        def reopened(box: Inbox, store, saved):
             """On load: the last conversation and this browser's settings."""
             saved = saved if isinstance(saved, dict) else {}
             values = [saved.get(k, defaults[k]) for k in SETTINGS]
             chat = ui_chats.current(store)
-            return [(chat or {}).get("messages", []), *shown_store(store), *values]
+            return [box.shows((chat or {}).get("messages", [])), *shown_store(store), *values]
 
         demo.load(None, js=ui_js.ON_LOAD, **private)
+
+        async def keep_stream_open():
+            """One event that runs as long as the tab is open, so the tab's event stream never
+            closes. Gradio's server closes a session's stream when its last event completes; a
+            message sent before the browser has heard of that close joins the queue on a stream the
+            browser still thinks open, and its answer waits on the server, never shown (seen on a
+            busy machine). Costs a sleeping task per open tab; ends at the first look after the
+            tab has gone (Gradio marks its events dead when the stream drops)."""
+            while True:
+                await asyncio.sleep(STREAM_KEEPER_S)
+                yield
+
+        demo.load(keep_stream_open, None, None, concurrency_id="stream-keeper", concurrency_limit=None,
+                  show_progress="hidden", **private)
         # body[data-ready] once the browser's conversation and settings are back: before that an
         # edit would be overwritten by them (tests wait for it)
-        demo.load(reopened, [chats, kept_settings], [chatbot, chat_list, title, *settings], queue=False,
+        demo.load(reopened, [inbox, chats, kept_settings], [chatbot, chat_list, title, *settings], queue=False,
                   **private).then(None, js=ui_js.READY, **private)
 
         # the API endpoint, as gr.ChatInterface makes its own: an event no one in the page triggers

@@ -76,9 +76,20 @@ class Inbox:
     """One tab's messages waiting for the model (gr.State: per session, never shared)."""
     queue: list[Turn] = field(default_factory=list)
     busy: str | None = None  # the token of the drain answering them, None when idle
-    # the chat as last sent to the browser: Stop keeps this, which may be a chunk ahead of the
-    # value the browser sends with the click (the chunk was on its way)
+    # the chat as the server last sent it to the browser (every event that changes the chat says so
+    # through `shows`); the value the browser sends with an event may lag behind it, a chunk or a
+    # whole answer that was on its way, and must not wind the chat back
     latest: list[dict] = field(default_factory=list)
+
+    def shows(self, history: list[dict]) -> list[dict]:
+        """`history` is what the browser is sent now."""
+        self.latest = history
+        return history
+
+    def chat(self, sent: list[dict] | None) -> list[dict]:
+        """The conversation an event works on: the browser's, unless the server has sent more of it."""
+        sent = [ui_chats.plain(m) for m in sent or []]
+        return self.latest if ui_chats.leads(self.latest, sent) else sent
 
     def shown(self) -> str:
         """The queued messages as the page shows them above the input box."""
@@ -157,22 +168,23 @@ class Answerer:
             yield gr.skip(), gr.skip(), inbox.shown(), gr.skip()
             return
         inbox.busy = token = secrets.token_hex(4)
-        history = [ui_chats.plain(m) for m in history or []]
+        # a drain started as the last one ended gets the chat as the browser had it then, which
+        # may lack that last answer
+        history = inbox.chat(history)
         try:
             while inbox.queue and inbox.busy == token:
                 turn = inbox.queue.pop(0)
                 seed = draw_seed(s.seed, turn.fresh_seed)
                 before, rate, text, line = history, Rate(), "", ""
                 history = before + [{"role": "user", "content": turn.text}]
-                yield history, "", inbox.shown(), gr.skip()
+                yield inbox.shows(history), "", inbox.shown(), gr.skip()
                 async for text, line in self.answer(turn.text, before, s, seed, rate):
-                    inbox.latest = history + [{"role": "assistant", "content": text}]
-                    yield inbox.latest, line, gr.skip(), gr.skip()
+                    yield inbox.shows(history + [{"role": "assistant", "content": text}]), line, gr.skip(), gr.skip()
                 history = history + [{"role": "assistant", "content": text}]
                 if line:  # a refused question gets no stats note
                     history.append(ui_chats.stats_message(line.replace("**", ""), self.details(rate, s, seed)))
-                store, inbox.latest = ui_chats.save(store, history), history
-                yield history, line, inbox.shown(), store
+                store = ui_chats.save(store, history)
+                yield inbox.shows(history), line, inbox.shown(), store
         finally:
             if inbox.busy == token:
                 inbox.busy = None

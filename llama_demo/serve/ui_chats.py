@@ -43,12 +43,14 @@ def plain(message: dict) -> dict:
     return out
 
 
-def extends(ahead: list[dict], shown: list[dict]) -> bool:
-    """Whether `ahead` is `shown` with its last message grown (a streamed chunk the browser had not
-    drawn yet)."""
-    if not ahead or len(ahead) != len(shown):
+def leads(ahead: list[dict], shown: list[dict]) -> bool:
+    """Whether `ahead` is `shown` carried further: the same messages, the last one maybe grown and
+    maybe more after it (what the server has sent that the browser had not drawn yet)."""
+    if not ahead or len(ahead) < len(shown):
         return False
-    ahead, shown = [plain(m) for m in ahead], [plain(m) for m in shown]
+    if not shown:
+        return True
+    ahead, shown = [plain(m) for m in ahead[:len(shown)]], [plain(m) for m in shown]
     return ahead[:-1] == shown[:-1] and ahead[-1]["role"] == shown[-1]["role"] \
         and ahead[-1]["content"].startswith(shown[-1]["content"])
 
