@@ -11,7 +11,7 @@ import torch
 
 from conftest import make_checkpoint, make_tokenizer, python_module
 from fakes import FakeClient, ServerThread, chat_format
-from llama_demo.config import ConfigError, ServerConfig
+from llama_demo.config import ConfigError, ModelArgs, ServerConfig
 from llama_demo.model.parallel import DistInfo, free_port
 from llama_demo.serve.auth import exposure_warnings, parse_login, read_secret
 from llama_demo.serve.app import build_app
@@ -97,7 +97,7 @@ def test_kv_cache_check_counts_this_ranks_heads(tmp_path, monkeypatch):
 
     folder = make_checkpoint(tmp_path / "m", "gqa", 1)  # 2 KV heads of 16, 3 layers
     a = argparse.Namespace(ckpt_dir=str(folder), max_seq_len=1000, max_batch_size=4, kv_cache_tokens=4000,
-                           kv_cache_memory=None)
+                           kv_cache_memory=None, speculative=None)
     need = 2 * 3 * 4000 * 2 * 16 * 4  # k and v, layers, tokens, KV heads, head dim, float32
     info = DistInfo(0, 1, 0, torch.device("cpu"))
     monkeypatch.setattr(startup, "free_memory", lambda device: need)
@@ -107,6 +107,35 @@ def test_kv_cache_check_counts_this_ranks_heads(tmp_path, monkeypatch):
         startup.check_kv_cache_fits(a, info, torch.float32)
     # two ranks hold one KV head each: half the bytes
     startup.check_kv_cache_fits(a, DistInfo(0, 2, 0, torch.device("cpu")), torch.float32)
+    # a self-draft keeps a pool of as many tokens, of the same shape: twice the bytes
+    a.speculative = "int8"
+    monkeypatch.setattr(startup, "free_memory", lambda device: 2 * need - 1)
+    with pytest.raises(ConfigError, match=r"KV cache needs .* tokens and the draft model's pool of as many\)"):
+        startup.check_kv_cache_fits(a, info, torch.float32)
+    monkeypatch.setattr(startup, "free_memory", lambda device: 2 * need)
+    startup.check_kv_cache_fits(a, info, torch.float32)
+    # a draft checkpoint of its own: its shape counts (mha: more KV heads than gqa's)
+    a.speculative, a.draft_ckpt_dir = "draft", str(make_checkpoint(tmp_path / "d", "mha", 1))
+    draft = ModelArgs.from_params_file(tmp_path / "d" / "params.json", max_seq_len=1000, max_batch_size=4)
+    both = need + 4000 * draft.kv_bytes_per_token(1, 4)
+    assert both > 2 * need
+    monkeypatch.setattr(startup, "free_memory", lambda device: both - 1)
+    with pytest.raises(ConfigError, match="and the draft model's pool"):
+        startup.check_kv_cache_fits(a, info, torch.float32)
+    monkeypatch.setattr(startup, "free_memory", lambda device: both)
+    startup.check_kv_cache_fits(a, info, torch.float32)
+
+
+def test_a_kv_pool_sized_in_memory_leaves_room_for_the_drafts(tmp_path):
+    """--speculative int8 with --kv_cache_memory: the two pools (as many tokens each) share the
+    fraction, and the draft's weights are in before it is measured; the answer is plain greedy's."""
+    folder = make_checkpoint(tmp_path / "m", "gqa", 1)
+    common = ["llama_demo.generate", "--ckpt_dir", str(folder), "--prompt", "The quick brown fox",
+              "--max_new_tokens", "8", "--temperature", "0", "--max_seq_len", "256", "--kv_cache_memory", "0.02"]
+    plain = python_module(common)
+    drafted = python_module(common + ["--speculative", "int8"])
+    assert plain.returncode == 0 and drafted.returncode == 0, plain.stderr + drafted.stderr
+    assert drafted.stdout == plain.stdout and plain.stdout.strip()
 
 
 def test_kv_cache_flags():

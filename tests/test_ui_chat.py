@@ -265,7 +265,8 @@ def test_export_to_json_and_import_it_back(page, tmp_path):
     page.set_input_files("#import input[type=file], input[type=file]", str(saved))
     page.wait_for_function(f"() => ({MESSAGES_JS})('user').join() === 'export this'")
     assert messages(page, "answer") == [page.locator('#chatbot [data-testid="bot"]').first.inner_text().strip()]
-    assert page.locator("#chat-list label", has_text="export this").count() == 2  # the original and the import
+    # the original and the import (the list follows the store a round trip later)
+    wait_for(page, lambda: page.locator("#chat-list label", has_text="export this").count() == 2)
 
 
 def test_conversations_are_listed_renamed_deleted_and_reopened_on_reload_in_this_browser_only(site, page):

@@ -74,22 +74,54 @@ def speculation_config(a: argparse.Namespace) -> SpeculationConfig | None:
     return SpeculationConfig(method, a.num_speculative_tokens)
 
 
-def load_draft(a: argparse.Namespace, info: DistInfo, dtype: torch.dtype | None, model: Transformer) -> Transformer | None:
-    """The draft model of --speculative draft / int8 / int4, with a KV pool of as many blocks as
-    the served model's (it is read through the same block tables), or None."""
+def load_draft(a: argparse.Namespace, info: DistInfo, dtype: torch.dtype | None) -> Transformer | None:
+    """The draft model of --speculative draft / int8 / int4, or None. Loaded before the served
+    model, so that a KV pool sized from the free memory (--kv_cache_memory) is measured with the
+    draft's weights in; its own pool is one sequence until attach_draft_cache gives it the served
+    model's block count (it is read through the same block tables)."""
     method = getattr(a, "speculative", None)
     if method not in DRAFT_METHODS:
         return None
-    folder = a.draft_ckpt_dir if method == "draft" else a.ckpt_dir
+    folder = draft_folder(a)
     try:
-        draft = load_model(folder, info, dtype, a.max_seq_len, a.max_batch_size, progress=False,
-                           quantize=None if method == "draft" else method,
-                           kv_cache_tokens=model.kv_blocks * model.block_size)
+        return load_model(folder, info, dtype, a.max_seq_len, a.max_batch_size, progress=False,
+                          quantize=None if method == "draft" else method, kv_cache_tokens=a.max_seq_len)
     except torch.OutOfMemoryError:
         raise ConfigError(f"rank {info.rank} ran out of {info.device.type} memory loading the draft model "
-                          f"({folder}) beside the served one: use --speculative int4, a smaller draft or "
-                          "a smaller --kv_cache_tokens") from None
-    return draft  # Engine checks that it shares the served model's vocabulary and KV layout
+                          f"({folder}): use --speculative int4 or a smaller draft") from None
+    # Engine checks that it shares the served model's vocabulary and KV layout
+
+
+def draft_folder(a: argparse.Namespace) -> str:
+    return a.draft_ckpt_dir if a.speculative == "draft" else a.ckpt_dir
+
+
+def attach_draft_cache(draft: Transformer, model: Transformer, info: DistInfo) -> None:
+    """The draft's KV pool: as many blocks as the served model's."""
+    try:
+        draft.setup_cache(model.args.max_batch_size, model.args.max_seq_len, info.device,
+                          draft.layers[0].attention.cache_k.dtype, kv_tokens=model.kv_blocks * model.block_size,
+                          block_size=model.block_size)
+    except torch.OutOfMemoryError:
+        raise ConfigError(f"rank {info.rank} ran out of {info.device.type} memory for the draft model's KV cache "
+                          f"({model.kv_blocks * model.block_size} tokens, as many as the served model's): lower "
+                          "--kv_cache_tokens or --kv_cache_memory") from None
+    if info.device.type == "cpu":
+        from ..model.native_decode import plan_for
+
+        plan_for(draft)  # its C step's plan now, on every rank together (setup_cache dropped it)
+
+
+def draft_kv_bytes_per_token(a: argparse.Namespace, info: DistInfo, element: int) -> int:
+    """One rank's bytes of the draft's KV cache per token (0 without a draft): its pool holds as
+    many tokens as the served model's, so each token of that pool costs this much more."""
+    if getattr(a, "speculative", None) not in DRAFT_METHODS:
+        return 0
+    params = model_folder(draft_folder(a)) / "params.json"
+    if not params.is_file():
+        return 0  # load_model names what is missing
+    args = ModelArgs.from_params_file(params, max_seq_len=a.max_seq_len, max_batch_size=a.max_batch_size)
+    return args.kv_bytes_per_token(info.world_size, element)
 
 
 def add_quantize_arg(p: argparse.ArgumentParser) -> None:
@@ -138,18 +170,23 @@ def build_engine(a: argparse.Namespace, dist_timeout: float = DEFAULT_DIST_TIMEO
         from ..model.cpu_kernels import native
 
         native()  # build (or load) the C kernels now: a compiler's failure is said at start-up, not at a first request
+    draft = load_draft(a, info, dtype)
     try:
         model = load_model(a.ckpt_dir, info, dtype, a.max_seq_len, a.max_batch_size, quantize=a.quantize,
-                           kv_cache_tokens=kv_cache_tokens(a), kv_cache_memory=getattr(a, "kv_cache_memory", None))
+                           kv_cache_tokens=kv_cache_tokens(a), kv_cache_memory=getattr(a, "kv_cache_memory", None),
+                           kv_extra_bytes_per_token=draft_kv_bytes_per_token(a, info, kv_element_size(dtype, info)))
     except torch.OutOfMemoryError:
         raise ConfigError(f"rank {info.rank} ran out of {info.device.type} memory loading the model and its KV cache "
-                          f"({kv_cache_tokens(a) or 'a fraction of the free memory in'} tokens): lower --kv_cache_tokens "
+                          f"({kv_cache_tokens(a) or 'a fraction of the free memory in'} tokens"
+                          f"{', beside the draft model' if draft is not None else ''}): lower --kv_cache_tokens "
                           "or --kv_cache_memory, use --quantize, or more ranks") from None
+    if draft is not None:
+        attach_draft_cache(draft, model, info)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}: wrong tokenizer for {a.ckpt_dir}?")
     engine = Engine(model, tokenizer, info.rank, info.world_size, info.device, seed=getattr(a, "seed", None),
                     step_tokens=a.step_tokens, prefix_cache=not a.no_prefix_cache, speculation=speculation,
-                    draft=load_draft(a, info, dtype, model))
+                    draft=draft)
     if a.step_tokens is None:
         engine.calibrate()
     engine.calibrate_speculation()
@@ -166,13 +203,20 @@ def check_kv_cache_fits(a: argparse.Namespace, info: DistInfo, dtype: torch.dtyp
     if not params.is_file() or tokens is None:
         return  # load_model names what is missing
     args = ModelArgs.from_params_file(params, max_seq_len=a.max_seq_len, max_batch_size=a.max_batch_size)
-    element = torch.finfo(dtype).bits // 8 if dtype is not None else 4 if info.device.type == "cpu" else 2
-    need, free = tokens * args.kv_bytes_per_token(info.world_size, element), free_memory(info.device)
+    element = kv_element_size(dtype, info)
+    per_token = args.kv_bytes_per_token(info.world_size, element) + draft_kv_bytes_per_token(a, info, element)
+    need, free = tokens * per_token, free_memory(info.device)
     if free and need > free:
+        drafted = " and the draft model's pool of as many" if getattr(a, "speculative", None) in DRAFT_METHODS else ""
         raise ConfigError(
-            f"the KV cache needs {need / 2**30:.1f} GiB on rank {info.rank} ({tokens} tokens) but only "
+            f"the KV cache needs {need / 2**30:.1f} GiB on rank {info.rank} ({tokens} tokens{drafted}) but only "
             f"{free / 2**30:.1f} GiB of {info.device.type} memory is free: lower --kv_cache_tokens (default "
             f"{DEFAULT_KV_ROWS} x --max_seq_len) or --max_seq_len, size it with --kv_cache_memory, or use more ranks")
+
+
+def kv_element_size(dtype: torch.dtype | None, info: DistInfo) -> int:
+    """Bytes of one KV cache element: the compute dtype's (float32 on CPU, half on CUDA by default)."""
+    return torch.finfo(dtype).bits // 8 if dtype is not None else 4 if info.device.type == "cpu" else 2
 
 
 def run_command(body: Callable[[], int]) -> int:

@@ -16,11 +16,12 @@ from ..model.transformer import Transformer, fuse_linears, skip_fairscale_init
 def load_model(ckpt_dir: str | Path, dist_info: DistInfo, dtype: torch.dtype | None = None,
                max_seq_len: int = DEFAULT_MAX_SEQ_LEN, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, progress: bool = True,
                quantize: str | None = None, optimize: bool = True, kv_cache_tokens: int | None = None,
-               kv_cache_memory: float | None = None) -> Transformer:
+               kv_cache_memory: float | None = None, kv_extra_bytes_per_token: int = 0) -> Transformer:
     """This rank's model: its slice of every split weight, in `dtype`, with a KV pool shared by at
     most max_batch_size running sequences of up to max_seq_len tokens: of `kv_cache_tokens`
     positions, or `kv_cache_memory` of the device memory free once the weights are in, or by
-    default max_batch_size x max_seq_len positions (Transformer.setup_cache); `quantize` ("int8"/"int4") quantizes the
+    default max_batch_size x max_seq_len positions (Transformer.setup_cache), a position counted
+    `kv_extra_bytes_per_token` dearer in that memory (a draft model's pool of as many); `quantize` ("int8"/"int4") quantizes the
     linear layers' weights one tensor at a time as they load (quant.py: round-to-nearest). A
     checkpoint written by llama_demo.quantize (params.json "quantization") loads as stored, its
     integers straight into quantized layers: no float copy of its linear weights is ever made.
@@ -63,7 +64,7 @@ def load_model(ckpt_dir: str | Path, dist_info: DistInfo, dtype: torch.dtype | N
 
         prepare_quantized(model, dtype)  # scales to the compute dtype; CUDA kernels' packing
     if kv_cache_memory:
-        kv_cache_tokens = kv_tokens_in_memory(model, dist_info, dtype, kv_cache_memory)
+        kv_cache_tokens = kv_tokens_in_memory(model, dist_info, dtype, kv_cache_memory, kv_extra_bytes_per_token)
     model.setup_cache(max_batch_size, max_seq_len, dist_info.device, dtype, kv_tokens=kv_cache_tokens)
     if optimize and (ckpt.quant or on_the_fly):
         from ..model.quant import fuse_quantized
@@ -99,10 +100,12 @@ def share_tied_output(model: Transformer, world_size: int) -> bool:
     return True
 
 
-def kv_tokens_in_memory(model: Transformer, dist_info: DistInfo, dtype: torch.dtype, fraction: float) -> int:
-    """KV positions that `fraction` of this device's free memory holds, the least over the ranks:
-    every rank must have the same pool (their schedulers place every token alike)."""
-    per_token = model.args.kv_bytes_per_token(dist_info.world_size, torch.finfo(dtype).bits // 8)
+def kv_tokens_in_memory(model: Transformer, dist_info: DistInfo, dtype: torch.dtype, fraction: float,
+                        extra_bytes_per_token: int = 0) -> int:
+    """KV positions that `fraction` of this device's free memory holds, each costing
+    `extra_bytes_per_token` more than its own (a draft's pool beside it), the least over the
+    ranks: every rank must have the same pool (their schedulers place every token alike)."""
+    per_token = model.args.kv_bytes_per_token(dist_info.world_size, torch.finfo(dtype).bits // 8) + extra_bytes_per_token
     tokens = torch.tensor([int(free_memory(dist_info.device) * fraction) // per_token], device=dist_info.device)
     if dist_info.world_size > 1:
         torch.distributed.all_reduce(tokens, op=torch.distributed.ReduceOp.MIN)
