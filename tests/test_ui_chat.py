@@ -15,6 +15,7 @@ from conftest import ROOT, make_tokenizer
 from fakes import FakeClient, ServerThread, SlowEventStream, chat_format
 from llama_demo.config import ServerConfig
 from llama_demo.model.parallel import free_port
+from llama_demo.serve import ui_js
 from llama_demo.serve.app import build_app
 from llama_demo.text.tokenizer import load_tokenizer
 from test_ui_browser import CHROMIUM, CHROMIUM_ARGS, wait_ready
@@ -201,6 +202,17 @@ def test_a_message_sent_as_the_last_answer_ends_is_answered(site):
             assert "first" in fake.tokenizer.decode(fake.requests[-1][0])
         finally:
             page.close()
+
+
+def test_sending_empties_the_box_only_of_the_message_sent(page):
+    # The send's browser step runs some event-loop turns after Enter: what was typed meanwhile stays
+    take = ui_js.TAKE_MESSAGE
+    page.fill("#message textarea", "two")
+    assert page.evaluate(f"() => ({take})('one', null)[0]") == "one"
+    assert page.input_value("#message textarea") == "two"
+    page.fill("#message textarea", "one")
+    page.evaluate(f"() => ({take})('one', null)")
+    assert page.input_value("#message textarea") == ""
 
 
 def test_a_busy_server_answers_with_a_warning_in_the_chat(page):

@@ -16,10 +16,12 @@ DOWNLOAD = """(text) => { if (!text) return; const name = (JSON.parse(text).titl
   a.href = URL.createObjectURL(new Blob([text], {type: 'application/json'})); a.click();
   setTimeout(() => URL.revokeObjectURL(a.href), 10000); }"""
 
-# Send: the text goes to the server as it is, and the box is emptied in the browser at once (an
-# input event, so Gradio's own value follows), so what is typed next is never wiped by the reply.
+# Send: the text goes to the server as it is, and the box is emptied in the browser (an input
+# event, so Gradio's own value follows), so what is typed next is never wiped by the reply. Only
+# if the box still holds the text sent: Gradio runs this a few event-loop turns after Enter, and a
+# next message typed in between (seen under load in CI) must not be emptied away.
 TAKE_MESSAGE = """(text, box) => { const t = document.querySelector('#message textarea');
-  if (t) { t.value = ''; t.dispatchEvent(new Event('input', {bubbles: true})); }
+  if (t && t.value === text) { t.value = ''; t.dispatchEvent(new Event('input', {bubbles: true})); }
   return [text, box]; }"""
 
 # The page is ready for the visitor once its stored conversation and settings are shown.
