@@ -126,10 +126,21 @@ def test_kv_cache_check_counts_this_ranks_heads(tmp_path, monkeypatch):
     startup.check_kv_cache_fits(a, info, torch.float32)
 
 
-def test_a_kv_pool_sized_in_memory_leaves_room_for_the_drafts(tmp_path):
+def test_a_kv_pool_sized_in_memory_leaves_room_for_the_drafts(tmp_path, monkeypatch):
     """--speculative int8 with --kv_cache_memory: the two pools (as many tokens each) share the
     fraction, and the draft's weights are in before it is measured; the answer is plain greedy's."""
+    from types import SimpleNamespace
+
+    from llama_demo.weights import loading
+
     folder = make_checkpoint(tmp_path / "m", "gqa", 1)
+    args = ModelArgs.from_params_file(folder / "params.json", max_seq_len=256, max_batch_size=4)
+    own = args.kv_bytes_per_token(1, 4)
+    monkeypatch.setattr(loading, "free_memory", lambda device: 2000 * own)
+    model, info = SimpleNamespace(args=args), DistInfo(0, 1, 0, torch.device("cpu"))
+    assert loading.kv_tokens_in_memory(model, info, torch.float32, 0.5) == 1000
+    assert loading.kv_tokens_in_memory(model, info, torch.float32, 0.5, extra_bytes_per_token=own) == 500
+    monkeypatch.undo()
     common = ["llama_demo.generate", "--ckpt_dir", str(folder), "--prompt", "The quick brown fox",
               "--max_new_tokens", "8", "--temperature", "0", "--max_seq_len", "256", "--kv_cache_memory", "0.02"]
     plain = python_module(common)

@@ -78,7 +78,8 @@ def load_draft(a: argparse.Namespace, info: DistInfo, dtype: torch.dtype | None)
     """The draft model of --speculative draft / int8 / int4, or None. Loaded before the served
     model, so that a KV pool sized from the free memory (--kv_cache_memory) is measured with the
     draft's weights in; its own pool is one sequence until attach_draft_cache gives it the served
-    model's block count (it is read through the same block tables)."""
+    model's block count (it is read through the same block tables). Engine checks that it shares
+    the served model's vocabulary and KV layout."""
     method = getattr(a, "speculative", None)
     if method not in DRAFT_METHODS:
         return None
@@ -89,7 +90,6 @@ def load_draft(a: argparse.Namespace, info: DistInfo, dtype: torch.dtype | None)
     except torch.OutOfMemoryError:
         raise ConfigError(f"rank {info.rank} ran out of {info.device.type} memory loading the draft model "
                           f"({folder}): use --speculative int4 or a smaller draft") from None
-    # Engine checks that it shares the served model's vocabulary and KV layout
 
 
 def draft_folder(a: argparse.Namespace) -> str:
