@@ -107,28 +107,29 @@ def test_kv_cache_check_counts_this_ranks_heads(tmp_path, monkeypatch):
         startup.check_kv_cache_fits(a, info, torch.float32)
     # two ranks hold one KV head each: half the bytes
     startup.check_kv_cache_fits(a, DistInfo(0, 2, 0, torch.device("cpu")), torch.float32)
-    # a self-draft keeps a pool of as many tokens, of the same shape: twice the bytes
+    # a self-draft (the model's own weights quantized) shares the served pool: no more bytes
     a.speculative = "int8"
-    monkeypatch.setattr(startup, "free_memory", lambda device: 2 * need - 1)
-    with pytest.raises(ConfigError, match=r"KV cache needs .* tokens and the draft model's pool of as many\)"):
-        startup.check_kv_cache_fits(a, info, torch.float32)
-    monkeypatch.setattr(startup, "free_memory", lambda device: 2 * need)
+    monkeypatch.setattr(startup, "free_memory", lambda device: need)
     startup.check_kv_cache_fits(a, info, torch.float32)
+    monkeypatch.setattr(startup, "free_memory", lambda device: need - 1)
+    with pytest.raises(ConfigError, match=r"KV cache needs .* \(4000 tokens\) but"):
+        startup.check_kv_cache_fits(a, info, torch.float32)
     # a draft checkpoint of its own: its shape counts (mha: more KV heads than gqa's)
     a.speculative, a.draft_ckpt_dir = "draft", str(make_checkpoint(tmp_path / "d", "mha", 1))
     draft = ModelArgs.from_params_file(tmp_path / "d" / "params.json", max_seq_len=1000, max_batch_size=4)
     both = need + 4000 * draft.kv_bytes_per_token(1, 4)
     assert both > 2 * need
     monkeypatch.setattr(startup, "free_memory", lambda device: both - 1)
-    with pytest.raises(ConfigError, match="and the draft model's pool"):
+    with pytest.raises(ConfigError, match=r"KV cache needs .* tokens and the draft model's pool of as many\)"):
         startup.check_kv_cache_fits(a, info, torch.float32)
     monkeypatch.setattr(startup, "free_memory", lambda device: both)
     startup.check_kv_cache_fits(a, info, torch.float32)
 
 
 def test_a_kv_pool_sized_in_memory_leaves_room_for_the_drafts(tmp_path, monkeypatch):
-    """--speculative int8 with --kv_cache_memory: the two pools (as many tokens each) share the
-    fraction, and the draft's weights are in before it is measured; the answer is plain greedy's."""
+    """--kv_cache_memory with a draft: a draft checkpoint's pool (as many tokens) shares the
+    fraction (kv_tokens_in_memory's extra bytes); --speculative int8 shares the served pool, its
+    weights in before the pool is measured; the answer is plain greedy's."""
     from types import SimpleNamespace
 
     from llama_demo.weights import loading

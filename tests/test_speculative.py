@@ -125,6 +125,11 @@ def test_speculation_is_exact_in_the_engine(ckpts, tmp_path, ranks):
     assert same["accepted"] >= 0.95 * same["proposed"], same
     assert other["accepted"] < 0.5 * other["proposed"], other
     assert int8["accepted"] > 0.5 * int8["proposed"], int8
+    # the self-draft reads the target's keys: fed only its proposals' tokens (the last token and k - 1
+    # proposed, k <= 4), never a prompt; a draft checkpoint catches up on every prompt in its own pool
+    assert got["int8"]["shares_cache"] and not got["draft_same"]["shares_cache"]
+    assert got["int8"]["draft_fed"] <= 4 * got["int8"]["counters"]["verifications"], got["int8"]
+    assert got["draft_same"]["draft_fed"] > 4 * got["draft_same"]["counters"]["verifications"], got["draft_same"]
 
 
 def test_sampled_answers_follow_the_model_distribution(tmp_path):

@@ -63,6 +63,7 @@ def add_model_args(p: argparse.ArgumentParser, ckpt_help: str | None = None) -> 
 
 
 DRAFT_METHODS = ("draft", "int8", "int4")  # --speculative choices that load a draft model
+SELF_DRAFTS = ("int8", "int4")  # of those, the served checkpoint itself quantized: it shares the served KV pool
 
 
 def speculation_config(a: argparse.Namespace) -> SpeculationConfig | None:
@@ -78,8 +79,8 @@ def load_draft(a: argparse.Namespace, info: DistInfo, dtype: torch.dtype | None)
     """The draft model of --speculative draft / int8 / int4, or None. Loaded before the served
     model, so that a KV pool sized from the free memory (--kv_cache_memory) is measured with the
     draft's weights in; its own pool is one sequence until attach_draft_cache gives it the served
-    model's block count (it is read through the same block tables). Engine checks that it shares
-    the served model's vocabulary and KV layout."""
+    model's pool (a self-draft) or one of as many blocks (a draft checkpoint: it is read through the
+    same block tables). Engine checks that it shares the served model's vocabulary and KV layout."""
     method = getattr(a, "speculative", None)
     if method not in DRAFT_METHODS:
         return None
@@ -96,26 +97,32 @@ def draft_folder(a: argparse.Namespace) -> str:
     return a.draft_ckpt_dir if a.speculative == "draft" else a.ckpt_dir
 
 
-def attach_draft_cache(draft: Transformer, model: Transformer, info: DistInfo) -> None:
-    """The draft's KV pool: as many blocks as the served model's."""
-    try:
-        draft.setup_cache(model.args.max_batch_size, model.args.max_seq_len, info.device,
-                          draft.layers[0].attention.cache_k.dtype, kv_tokens=model.kv_blocks * model.block_size,
-                          block_size=model.block_size)
-    except torch.OutOfMemoryError:
-        raise ConfigError(f"rank {info.rank} ran out of {info.device.type} memory for the draft model's KV cache "
-                          f"({model.kv_blocks * model.block_size} tokens, as many as the served model's): lower "
-                          "--kv_cache_tokens or --kv_cache_memory") from None
+def attach_draft_cache(draft: Transformer, model: Transformer, info: DistInfo, method: str) -> None:
+    """The draft's KV pool: a self-draft (int8 / int4) reads and writes the served model's own
+    (Transformer.share_cache: it attends over the served model's keys, so it never reads a prompt
+    again and needs no memory of its own); a draft checkpoint gets a pool of as many blocks."""
+    if method in SELF_DRAFTS:
+        draft.share_cache(model)
+    else:
+        try:
+            draft.setup_cache(model.args.max_batch_size, model.args.max_seq_len, info.device,
+                              draft.layers[0].attention.cache_k.dtype, kv_tokens=model.kv_blocks * model.block_size,
+                              block_size=model.block_size)
+        except torch.OutOfMemoryError:
+            raise ConfigError(f"rank {info.rank} ran out of {info.device.type} memory for the draft model's KV cache "
+                              f"({model.kv_blocks * model.block_size} tokens, as many as the served model's): lower "
+                              "--kv_cache_tokens or --kv_cache_memory") from None
     if info.device.type == "cpu":
         from ..model.native_decode import plan_for
 
-        plan_for(draft)  # its C step's plan now, on every rank together (setup_cache dropped it)
+        plan_for(draft)  # its C step's plan now, on every rank together (setup_cache or share_cache dropped it)
 
 
 def draft_kv_bytes_per_token(a: argparse.Namespace, info: DistInfo, element: int) -> int:
-    """One rank's bytes of the draft's KV cache per token (0 without a draft): its pool holds as
-    many tokens as the served model's, so each token of that pool costs this much more."""
-    if getattr(a, "speculative", None) not in DRAFT_METHODS:
+    """One rank's bytes of the draft's KV cache per token (0 without a draft checkpoint: a
+    self-draft shares the served pool): its pool holds as many tokens as the served model's, so
+    each token of that pool costs this much more."""
+    if getattr(a, "speculative", None) != "draft":
         return 0
     params = model_folder(draft_folder(a)) / "params.json"
     if not params.is_file():
@@ -181,7 +188,7 @@ def build_engine(a: argparse.Namespace, dist_timeout: float = DEFAULT_DIST_TIMEO
                           f"{', beside the draft model' if draft is not None else ''}): lower --kv_cache_tokens "
                           "or --kv_cache_memory, use --quantize, or more ranks") from None
     if draft is not None:
-        attach_draft_cache(draft, model, info)
+        attach_draft_cache(draft, model, info, a.speculative)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}: wrong tokenizer for {a.ckpt_dir}?")
     engine = Engine(model, tokenizer, info.rank, info.world_size, info.device, seed=getattr(a, "seed", None),
@@ -207,7 +214,7 @@ def check_kv_cache_fits(a: argparse.Namespace, info: DistInfo, dtype: torch.dtyp
     per_token = args.kv_bytes_per_token(info.world_size, element) + draft_kv_bytes_per_token(a, info, element)
     need, free = tokens * per_token, free_memory(info.device)
     if free and need > free:
-        drafted = " and the draft model's pool of as many" if getattr(a, "speculative", None) in DRAFT_METHODS else ""
+        drafted = " and the draft model's pool of as many" if getattr(a, "speculative", None) == "draft" else ""
         raise ConfigError(
             f"the KV cache needs {need / 2**30:.1f} GiB on rank {info.rank} ({tokens} tokens{drafted}) but only "
             f"{free / 2**30:.1f} GiB of {info.device.type} memory is free: lower --kv_cache_tokens (default "

@@ -6,10 +6,20 @@ The draft is a smaller checkpoint with the same vocabulary (`--speculative draft
 e.g. Llama 3.2 1B for Llama 3.1 8B), or the served checkpoint itself quantized at load
 (`--speculative int8` / `int4`): loaded by the same loader, split over the same ranks.
 
-Its KV cache: a pool of its own with as many blocks as the target's, read through the same block
-tables, so a sequence's draft keys sit in the same block and offset as its target keys and need
-no allocation of their own. The draft's keys never decide an answer, only proposals, so they are
-kept loosely: each sequence counts the positions whose draft keys hold its own tokens
+Its KV cache. A self-draft (int8 / int4: the target's own layers, quantized) reads and writes the
+target's pool itself (Transformer.share_cache): the keys of every accepted position are the
+target's, which the draft attends over as its context, so a sequence's first proposal costs one
+draft step like every other (no prompt to read again: that catch-up once made grounded answers
+slower than without speculation) and the draft needs no memory for keys. It writes only at the
+positions it is fed (the sequence's last token, then k - 1 proposed ones), all in the sequence's
+own blocks past its accepted tokens (a block is shared only once full of accepted tokens), and
+the verification step feeds those very positions, so the target's keys replace the draft's
+before any attention reads them (every step writes a part's keys before it attends).
+
+A draft checkpoint of its own has a pool of its own with as many blocks as the target's, read
+through the same block tables, so a sequence's draft keys sit in the same block and offset as its
+target keys and need no allocation of their own. The draft's keys never decide an answer, only
+proposals, so they are kept loosely: each sequence counts the positions whose draft keys hold its own tokens
 (`SpecState.draft_computed`); a proposal first feeds the draft what it lacks (the prompt at a
 sequence's first proposal, the tokens accepted since), then k - 1 proposed tokens one at a time.
 Once the verification has spoken, the positions whose fed token stood stay counted, the rest are
@@ -39,15 +49,20 @@ class DraftProposer(Proposer):
     k tokens cost k draft steps of the batch's rows beside the target's wider step
     (`costs.draft`, measured at start-up by Engine.calibrate_speculation)."""
 
-    def __init__(self, config: SpeculationConfig, draft: Transformer, device: torch.device | str):
+    def __init__(self, config: SpeculationConfig, draft: Transformer, device: torch.device | str,
+                 shares_cache: bool = False):
         super().__init__(config, DRAFT_PRIOR_ACCEPTANCE)
         self.draft, self.device = draft, torch.device(device)
+        self.shares_cache = shares_cache  # a self-draft on the target's pool (module docstring)
 
     def propose(self, seqs: list, limits: list[int], room=None) -> list[list[int]]:
         for s in seqs:
             if s.spec is None:
                 s.spec = SpecState(self.prior)
-            self._settle(s)
+            if self.shares_cache:  # the target's keys of every position but the last token's
+                s.spec.draft_computed, s.spec.fed = s.length - 1, None
+            else:
+                self._settle(s)
         wants = [min(self.config.tokens, limit) for limit in limits]
         best_k = self.best_length(seqs, wants, self.costs.draft(len(seqs)))
         if best_k == 0:

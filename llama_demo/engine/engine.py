@@ -125,7 +125,7 @@ class Engine:
             if draft.args.vocab_size != model.args.vocab_size:
                 raise ValueError(f"the draft model's vocabulary ({draft.args.vocab_size} tokens) is not the served "
                                  f"model's ({model.args.vocab_size}): a draft must share its tokenizer")
-            self.proposer = DraftProposer(speculation, draft, self.device)
+            self.proposer = DraftProposer(speculation, draft, self.device, shares_cache=draft.shares_cache_with(model))
         elif speculation is not None:
             self.proposer = Proposer(speculation)
         if rank == 0:

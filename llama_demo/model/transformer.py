@@ -296,6 +296,27 @@ class Transformer(nn.Module):
         self.rope = rope_table(self.args, max_seq_len, device)
         self.invalidate_decode_plan()
 
+    def share_cache(self, other: "Transformer") -> None:
+        """Read and write `other`'s KV pool instead of a pool of this model's own: for a self-draft
+        (speculative decoding with the served checkpoint's own weights quantized), whose layers and
+        heads are the served model's, so the same pool layout. The draft then attends over the
+        served model's keys of every accepted position (no prompt to read again, no second pool in
+        memory) and writes only at the positions it proposes for, which the verification step
+        writes over with the served model's keys before anything reads them (engine.draft)."""
+        for mine, theirs in zip(self.layers, other.layers):
+            a, b = mine.attention, theirs.attention
+            if len(self.layers) != len(other.layers) or a.cache_k is None or b.cache_k is None \
+                    or (a.n_local_kv_heads, a.head_dim, a.cache_k.dtype) != (b.n_local_kv_heads, b.head_dim, b.cache_k.dtype):
+                raise ValueError("a model shares only a KV pool of its own layout (layers, KV heads, head dim, dtype)")
+            a.cache_k, a.cache_v = b.cache_k, b.cache_v
+        self.kv_blocks, self.block_size = other.kv_blocks, other.block_size
+        self.args.max_batch_size, self.args.max_seq_len = other.args.max_batch_size, other.args.max_seq_len
+        self.rope = rope_table(self.args, other.args.max_seq_len, other.rope.device)  # its own rope settings
+        self.invalidate_decode_plan()
+
+    def shares_cache_with(self, other: "Transformer") -> bool:
+        return self.layers[0].attention.cache_k is other.layers[0].attention.cache_k
+
     @property
     def blocks_per_row(self) -> int:
         """Blocks of one sequence of max_seq_len positions."""

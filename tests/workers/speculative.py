@@ -28,8 +28,21 @@ prompts = {"a": base * 2, "b": base[3:] + base, "c": [5, 6, 7, 8] * 5}
 
 
 def draft_model(folder: Path, quantize: str | None = None):
+    """A draft checkpoint gets a pool of its own; the target's own weights quantized (a self-draft,
+    as the server's start-up does it) read and write the target's pool."""
     d = load_model(folder, info, dtype=torch.float32, max_seq_len=192, max_batch_size=4, quantize=quantize)
-    d.setup_cache(4, 192, info.device, torch.float32, kv_tokens=model.kv_blocks * 4, block_size=4)
+    if quantize:
+        d.share_cache(model)
+    else:
+        d.setup_cache(4, 192, info.device, torch.float32, kv_tokens=model.kv_blocks * 4, block_size=4)
+    fed = [0]  # tokens fed to the draft, in all
+    step = d.step
+
+    def counted(tokens, *args, **kw):
+        fed[0] += len(tokens)
+        return step(tokens, *args, **kw)
+
+    d.step, d.fed = counted, fed
     return d
 
 
@@ -97,6 +110,8 @@ for name, (method, folder) in proposers.items():
     got["counters"] = {"verifications": c.verifications, "proposed": c.proposed, "accepted": c.accepted,
                        "emitted": c.emitted}
     got["blocks_held_after"] = spec_engine.scheduler.pool.used
+    if draft is not None:
+        got["draft_fed"], got["shares_cache"] = draft.fed[0], spec_engine.proposer.shares_cache
     result[name] = got
 if info.rank == 0:
     out.mkdir(parents=True, exist_ok=True)
