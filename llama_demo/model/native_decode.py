@@ -97,19 +97,21 @@ def plan_for(model) -> DecodePlan | None:
 
 
 PROBE_ROWS = 16  # a batched decode step's rows, for the probe below
-PROBE_CHUNK = 128  # a prompt chunk's tokens, for the probe below
+PROBE_CHUNKS = (32, 64, 96, 128)  # prompt chunks' tokens, for the probe below
 
 
 def float_rows_limit(model, plan: DecodePlan) -> int | None:
-    """The most tokens a float32 step should run in C. Two probes, C against the torch ops (whose
-    products are oneDNN's on its blocked weights): a decode step of PROBE_ROWS rows, and a step
-    carrying a PROBE_CHUNK-token prompt chunk. None (no limit) when C wins both; PROBE_ROWS when
-    it wins decode steps only (the mixed steps of a prompt chunk then take the torch ops: on the
-    2-core AVX2 VM C took 310-340 ms for a 128-token chunk where oneDNN took 200); else 4, the C
-    product's tile, at which it streams the weights once and wins anyway. A probe, not a rule,
-    because the answer depends on the CPU: oneDNN uses AVX-512 and AMX where a CPU has them, the
-    C kernel does not. Runs once per model, at its first CPU step (~1 s here), on every rank
-    together (both paths make the same collectives); the ranks agree on the answer. The probes
+    """The most tokens a float32 step should run in C. Probes, C against the torch ops (whose
+    products are oneDNN's or MKL's GEMM): a decode step of PROBE_ROWS rows, then steps carrying a
+    prompt chunk of each of PROBE_CHUNKS tokens, in turn until C loses one. 4, the C product's tile
+    (at which it streams the weights once and wins anyway), when C loses the decode step; else the
+    largest chunk C won (at least PROBE_ROWS), or None (no limit) when it won them all. On the
+    2-core AVX2 VM C won up to 96 tokens (10-20% faster from 17 to 96: chat turns, prompts of a
+    few sentences, verifications of several sequences) and lost at 128 (276 vs 262 ms), where a
+    GEMM's blocking pays. A probe, not a rule, because the answer depends on the CPU: oneDNN uses
+    AVX-512 and AMX where a CPU has them, the C kernel does not. Runs once per model, at its
+    first CPU step (~2-3 s for SmolLM2-135M here), on every rank together (both paths make the
+    same collectives, and the ranks agree on each outcome before the next probe). The probes
     write the cache's first blocks, restored after."""
     import time
 
@@ -117,18 +119,18 @@ def float_rows_limit(model, plan: DecodePlan) -> int | None:
     if rows <= 4:
         return None
     at = min(63, model.args.max_seq_len - 1)
-    chunk = min(PROBE_CHUNK, model.args.max_seq_len)
+    chunks = [n for n in PROBE_CHUNKS if n <= model.args.max_seq_len]
     bs = model.block_size
-    table = torch.arange(-(-max(at + 1, chunk) // bs))[None]  # every probe row reads and writes these blocks
+    table = torch.arange(-(-max([at + 1] + chunks) // bs))[None]  # every probe row reads and writes these blocks
     caches = [(b.attention.cache_k, b.attention.cache_v) for b in model.layers]
     saved = [(k[:table.shape[1]].clone(), v[:table.shape[1]].clone()) for k, v in caches]
-    probes = {
-        "decode": (torch.full((rows,), at, dtype=torch.long), [Part.of(0, table.expand(rows, -1), torch.full((rows, 1), at), bs)]),
-        "chunk": (torch.arange(chunk), [Part.of(0, table, torch.arange(chunk)[None], bs)]),
-    }
-    wins = []
+    probes = [(torch.full((rows,), at, dtype=torch.long), [Part.of(0, table.expand(rows, -1), torch.full((rows, 1), at), bs)])]
+    probes += [(torch.arange(n), [Part.of(0, table, torch.arange(n)[None], bs)]) for n in chunks]
+    group = get_model_parallel_group()
+    everyone = torch.distributed.get_world_size(group)
+    won = []  # the probes C won, on every rank, in order until the first it lost
     with torch.inference_mode():
-        for pos, parts in probes.values():
+        for pos, parts in probes:
             h = model.tok_embeddings(torch.ones(1, len(pos), dtype=torch.long))
             last = torch.tensor([len(pos) - 1])
             times = {"c": [], "torch": []}
@@ -140,13 +142,15 @@ def float_rows_limit(model, plan: DecodePlan) -> int | None:
                     else:
                         model.torch_step(h, pos, parts, last)
                     times[path].append(time.perf_counter() - t0)
-            wins.append(1.0 if min(times["c"]) <= min(times["torch"]) else 0.0)
+            win = torch.tensor([1.0 if min(times["c"]) <= min(times["torch"]) else 0.0])
+            if all_reduce_sum(win, group).item() != everyone:
+                break
+            won.append(len(pos))
         for (k, v), (k0, v0) in zip(caches, saved):
             k[:len(k0)], v[:len(v0)] = k0, v0
-        votes = all_reduce_sum(torch.tensor(wins), get_model_parallel_group()).tolist()
-    everyone = torch.distributed.get_world_size(get_model_parallel_group())
-    decode_wins, chunk_wins = (v == everyone for v in votes)
-    return None if decode_wins and chunk_wins else PROBE_ROWS if decode_wins else 4
+    if not won:
+        return 4
+    return None if len(won) == len(probes) else max(PROBE_ROWS, won[-1])
 
 
 def decode_step(model, plan: DecodePlan, h: torch.Tensor, pos: torch.Tensor, parts, logits_at,
