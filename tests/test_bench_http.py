@@ -35,3 +35,34 @@ def test_streamed_clients_are_timed_and_counted(family_server, load):
     assert r["requests"] == 4 and r["lost"] == 0 and 4 <= r["output_tokens"] <= 16  # usage's completion tokens, at most 4 each
     assert r["tok_s"] > 0 and 0 < r["ttft_p50"] <= r["ttft_p99"] < r["wall_s"]
     assert 0 <= r["itl_p50"] <= r["itl_p99"]
+
+
+def test_loads_run_interleaved_on_every_server_and_figures_are_medians(tmp_path, monkeypatch):
+    # every server is started before any load; each round sends each load to every server in turn
+    from contextlib import contextmanager
+
+    started, sent = [], []
+
+    @contextmanager
+    def fake_running(cmd, base, env=None, log=None):
+        started.append(cmd[0])
+        yield None
+
+    async def fake_drive(base, model, requests, new_tokens, concurrency=None, rate=None, seed=0):
+        return {}
+
+    monkeypatch.setattr(bench_http, "running", fake_running)
+    monkeypatch.setattr(bench_http, "drive", fake_drive)
+    speeds = iter([10.0, 20.0, 30.0, 40.0, 14.0, 26.0, 33.0, 44.0, 12.0, 24.0, 31.0, 48.0])
+
+    def measure(name, base, load, rnd):
+        assert started == ["a", "b"]  # both up before the first load
+        sent.append((rnd, load, name))
+        return {"server": name, "load": load, "tok_s": next(speeds), "ttft_p50": float(rnd)}
+
+    rows = bench_http.interleaved([("a", ["a"], None), ("b", ["b"], None)], ["x", "y"], 3, [], 8, 1, tmp_path, measure)
+    assert sent[:4] == [(0, "x", "a"), (0, "x", "b"), (0, "y", "a"), (0, "y", "b")] and len(sent) == 12
+    summary = {(r["server"], r["load"]): r for r in bench_http.summarize(rows, ("server", "load"))}
+    assert summary["a", "x"]["tok_s"] == 12.0 and summary["a", "x"]["rounds"] == [10.0, 14.0, 12.0]
+    assert summary["b", "y"]["tok_s"] == 44.0 and summary["b", "y"]["ttft_p50"] == 1.0
+    assert bench_http.summarize(rows[:4], ("server", "load"))[0]["tok_s"] == 10.0  # one round passes through

@@ -30,7 +30,7 @@ from ..weights.hf import hf_model_from_meta
 from ..weights.loading import load_model
 from .bench_measure import NoTextTokenizer, bench_engine, bench_hf, random_checkpoint
 from .bench_weights import bench_weights, default_gguf, parse_weights
-from .startup import add_quantize_arg, run_command
+from .startup import add_quantize_arg, positive_int, run_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draft_ckpt_dir", default=None, help="with --scenario speculative and the draft method: its folder")
     p.add_argument("--num_speculative_tokens", type=int, default=DEFAULT_SPECULATIVE_TOKENS,
                    help="with --scenario speculative: proposed tokens per verification, for both servers")
+    p.add_argument("--rounds", type=positive_int, default=1,
+                   help="with --scenario serve / speculative: interleaved rounds of every load on every server; "
+                        "the figures are their medians")
     p.add_argument("--rates", default="", help="with --scenario serve: comma-separated request rates (requests/s)")
     p.add_argument("--requests", type=int, default=32, help="with --scenario serve: requests per load")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="with --scenario serve: threads of each server")
@@ -157,7 +160,12 @@ def _bench_serve(a: argparse.Namespace, conc: list[int]) -> int:
     text = a.text if a.text != "assets/pride_and_prejudice.txt" else str(Path(__file__).resolve().parents[2] / a.text)
     rows = bench_http.serve_scenario(a.ckpt_dir, weights, conc, [float(r) for r in a.rates.split(",") if r],
                                      a.requests, a.new_tokens, text, a.threads, server, gguf, a.server_args.split(),
-                                     cache_root() / "bench" / "llama.cpp", cache_root() / "bench" / "serve-logs")
+                                     cache_root() / "bench" / "llama.cpp", cache_root() / "bench" / "serve-logs",
+                                     a.rounds)
+    if a.rounds > 1:
+        print(f"medians of {a.rounds} interleaved rounds:")
+        for r in rows:
+            bench_http.print_row(r)
     bench_http.print_ratios(rows)
     if a.json:
         print(json.dumps(rows))
@@ -174,7 +182,12 @@ def _bench_speculative(a: argparse.Namespace, conc: list[int], methods: tuple[st
     text = a.text if a.text != "assets/pride_and_prejudice.txt" else str(Path(__file__).resolve().parents[2] / a.text)
     rows = bench_speculative.speculative_scenario(a.ckpt_dir, conc, a.requests, a.new_tokens, text, a.threads, server,
                                                   gguf, a.num_speculative_tokens, cache_root() / "bench" / "llama.cpp",
-                                                  cache_root() / "bench" / "serve-logs", methods, a.draft_ckpt_dir)
+                                                  cache_root() / "bench" / "serve-logs", methods, a.draft_ckpt_dir,
+                                                  a.rounds)
+    if a.rounds > 1:
+        print(f"medians of {a.rounds} interleaved rounds:")
+        for r in rows:
+            bench_speculative.print_row(r)
     bench_speculative.print_ratios(rows)
     if a.json:
         print(json.dumps(rows))

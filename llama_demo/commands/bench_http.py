@@ -6,8 +6,8 @@ of the bench text and a question; greedy; up to --new_tokens tokens) through the
 Per run: output tokens a second over the run's wall time, time to first token (request sent to
 first content delta) and inter-token latency (between content deltas) at p50 and p99.
 
-Both servers are started by this module, one at a time, on this machine, with the same thread
-count: ours is `app.py` (one rank); the peer is `llama-server` (found on PATH, at $LLAMA_SERVER, or
+Every server is started by this module, one after another, on this machine, with the same thread
+count, and then the loads run in interleaved rounds (`interleaved`; medians over `--rounds`): ours is `app.py` (one rank); the peer is `llama-server` (found on PATH, at $LLAMA_SERVER, or
 given with --llama_server) on the same model's GGUF, with as many parallel slots as clients. How to
 build llama-server from the llama-cpp-python sdist (package registries only) is in the README.
 """
@@ -150,6 +150,60 @@ def running(cmd: list[str], base: str, env: dict | None = None, log: Path | None
             out.close()
 
 
+def interleaved(servers: list[tuple[str, list[str], dict | None]], loads: list, rounds: int, warm_up: list[list[dict]],
+                new_tokens: int, slots: int, logs: Path, measure) -> list[dict]:
+    """Every server started (one after another, each ready before the next starts: a start-up's
+    probes time an otherwise idle machine) and warmed up, then `rounds` rounds of every load, each
+    load on every server in turn: a slow minute of a shared machine then falls on all the servers
+    of one load alike, not on whichever server ran in it (on the 2-core VM one server's figures
+    moved by 15-30% between runs minutes apart). servers: (name, command without its port flags,
+    env: ours when given, which then takes --zmq_port); measure(name, base, load, round) -> the
+    load's row. Returns every round's rows, in order (summarize gives the medians)."""
+    from contextlib import ExitStack
+
+    rows = []
+    with ExitStack() as stack:
+        bases = {}
+        for name, cmd, env in servers:
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            cmd = cmd + ["--port", str(port)] + (["--zmq_port", str(free_port())] if env is not None else [])
+            stack.enter_context(running(cmd, base, env, logs / f"{name.replace(' ', '-')}.log"))
+            asyncio.run(drive(base, "m", warm_up, new_tokens, concurrency=slots))
+            bases[name] = base
+        for rnd in range(rounds):
+            for load in loads:
+                for name, base in bases.items():
+                    rows.append({**measure(name, base, load, rnd), "round": rnd})
+    return rows
+
+
+FIGURES = ("tok_s", "ttft_p50", "ttft_p99", "itl_p50", "itl_p99", "acceptance", "tokens_per_verification")
+
+
+def summarize(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
+    """One row per `keys` (server, load, ...): each figure's median over its rounds (the middle
+    round's for an odd count, the mean of the middle two for an even one), and every round's
+    tok/s under "rounds"; rows of one round pass through as they are."""
+    from statistics import median
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    out = []
+    for group in groups.values():
+        row = dict(group[0])
+        row.pop("round", None)
+        if len(group) > 1:
+            for f in FIGURES:
+                values = [r[f] for r in group if f in r]
+                if values:
+                    row[f] = median(values)
+            row["rounds"] = [r["tok_s"] for r in group]
+        out.append(row)
+    return out
+
+
 def find_llama_server(given: str | None) -> str | None:
     path = given or os.environ.get("LLAMA_SERVER") or shutil.which("llama-server")
     return path if path and Path(path).is_file() else None
@@ -174,47 +228,49 @@ def peer_gguf(llama_server: str, source: Path, kind: str, cache: Path) -> Path:
 
 def serve_scenario(ckpt_dir: str, weights: list[str], concurrency: list[int], rates: list[float], n_requests: int,
                    new_tokens: int, text: str, threads: int, llama_server: str | None, gguf: Path | None,
-                   extra_args: list[str], cache: Path, logs: Path) -> list[dict]:
-    """Each weight kind (float32, int8, int4), ours then llama-server's, at each concurrency and rate."""
-    # every load gets requests of its own (the same for both servers): a server must not find the
-    # previous load's prompts in its cache (llama-server keeps prompts in host memory, we keep rows)
-    loads = [("c", n) for n in concurrency] + [("r", r) for r in rates]
-    requests = {load: workload(text, n_requests, seed=i + 1) for i, load in enumerate(loads)}
+                   extra_args: list[str], cache: Path, logs: Path, rounds: int = 1) -> list[dict]:
+    """Each weight kind (float32, int8, int4), ours and llama-server's, at each concurrency and
+    rate, `rounds` times interleaved (interleaved); the rows are the medians (summarize)."""
+    # every load of every round gets requests of its own (the same for all servers): a server must
+    # not find an earlier load's prompts in its cache (llama-server keeps prompts in host memory,
+    # we keep blocks)
+    loads = [(w, kind, x) for w in weights for kind, x in [("c", n) for n in concurrency] + [("r", r) for r in rates]]
+    requests = {(load, rnd): workload(text, n_requests, seed=1 + i + rnd * len(loads))
+                for rnd in range(rounds) for i, load in enumerate(loads)}
     warm_up = workload(text, max(concurrency + [8]), seed=0)
     peer_kind = {"float32": "f32", "int8": "q8_0", "int4": "q4_0"}
-    rows = []
     env = dict(os.environ, LLAMA_DEMO_TORCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     logs.mkdir(parents=True, exist_ok=True)
     slots = max(concurrency + [8 if rates else 1])
+    servers = []
     for w in weights:
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, str(Path(__file__).resolve().parents[2] / "app.py"), "--ckpt_dir", ckpt_dir,
-               "--port", str(port), "--zmq_port", str(free_port()), "--max_batch_size", str(slots),
-               "--max_waiting", str(4 * n_requests), *extra_args]
-        if w != "float32":
-            cmd += ["--quantize", w]
-        servers = [("llama_demo", cmd, base, env)]
+               "--max_batch_size", str(slots), "--max_waiting", str(4 * n_requests), *extra_args]
+        servers.append((f"llama_demo {w}", cmd + (["--quantize", w] if w != "float32" else []), env))
         if llama_server and gguf:
-            pport = free_port()
             path = peer_gguf(llama_server, gguf, peer_kind[w], cache)
-            pcmd = [llama_server, "-m", str(path), "--port", str(pport), "--host", "127.0.0.1", "-t", str(threads),
-                    "-tb", str(threads), "-np", str(slots), "-c", str(slots * 2048), "--no-webui"]
-            servers.append(("llama-server", pcmd, f"http://127.0.0.1:{pport}", None))
-        for name, c, b, e in servers:
-            with running(c, b, e, logs / f"{name}-{w}.log"):
-                asyncio.run(drive(b, "m", warm_up, new_tokens, concurrency=slots))
-                for kind, x in loads:
-                    figures = asyncio.run(drive(b, "m", requests[kind, x], new_tokens,
-                                                **({"concurrency": x} if kind == "c" else {"rate": x})))
-                    rows.append({"server": name, "weights": w, "load": f"{x} users" if kind == "c" else f"{x:g} req/s",
-                                 **figures})
-                    print_row(rows[-1])
-    return rows
+            servers.append((f"llama-server {w}", [llama_server, "-m", str(path), "--host", "127.0.0.1", "-t", str(threads),
+                                                  "-tb", str(threads), "-np", str(slots), "-c", str(slots * 2048),
+                                                  "--no-webui"], None))
+
+    def measure(name: str, base: str, load, rnd: int) -> dict:
+        w, kind, x = load
+        server, served = name.split(" ")
+        if served != w:
+            return {}
+        figures = asyncio.run(drive(base, "m", requests[load, rnd], new_tokens,
+                                    **({"concurrency": x} if kind == "c" else {"rate": x})))
+        row = {"server": server, "weights": w, "load": f"{x} users" if kind == "c" else f"{x:g} req/s", **figures}
+        print_row(row, rnd if rounds > 1 else None)
+        return row
+
+    rows = [r for r in interleaved(servers, loads, rounds, warm_up, new_tokens, slots, logs, measure) if "server" in r]
+    return summarize(rows, ("server", "weights", "load"))
 
 
-def print_row(r: dict) -> None:
-    print(f"{r['server']:>12} {r['weights']:>7} {r['load']:>10}: {r['tok_s']:6.1f} tok/s  TTFT p50 {r['ttft_p50']:.2f} "
+def print_row(r: dict, rnd: int | None = None) -> None:
+    print(f"{'' if rnd is None else f'round {rnd + 1}: '}{r['server']:>12} {r['weights']:>7} {r['load']:>10}: "
+          f"{r['tok_s']:6.1f} tok/s  TTFT p50 {r['ttft_p50']:.2f} "
           f"p99 {r['ttft_p99']:.2f} s  ITL p50 {1000 * r['itl_p50']:.0f} p99 {1000 * r['itl_p99']:.0f} ms "
           f"({r['requests']} requests, {r['output_tokens']} tokens, {r['lost']} without an answer)", flush=True)
 
@@ -226,5 +282,5 @@ def print_ratios(rows: list[dict]) -> None:
         p = peer.get((r["weights"], r["load"]))
         if r["server"] != "llama_demo" or p is None:
             continue
-        print(f"ratio {r['weights']:>7} {r['load']:>10}: tok/s {r['tok_s'] / p['tok_s']:.2f}x, "
+        print(f"{'median ' if 'rounds' in r else ''}ratio {r['weights']:>7} {r['load']:>10}: tok/s {r['tok_s'] / p['tok_s']:.2f}x, "
               f"TTFT p50 {r['ttft_p50']:.2f} vs {p['ttft_p50']:.2f} s, ITL p99 {r['itl_p99'] / max(p['itl_p99'], 1e-9):.2f}x")

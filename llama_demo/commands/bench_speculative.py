@@ -1,6 +1,7 @@
 """`bench --scenario speculative`: speculative decoding as users meet it, through the HTTP API.
 
-The same streamed chat requests (greedy) go to several servers in one run, one after the other:
+The same streamed chat requests (greedy) go to several servers in one run, all started first, then
+each load sent to every server in turn, in --rounds interleaved rounds (bench_http.interleaved):
 app.py as it is, app.py with each `--speculative` method asked for (ngram, int8 / int4: its own
 weights quantized as the draft, draft: --draft_ckpt_dir), and, where llama.cpp's `llama-server`
 is found, llama-server as it is, with its own n-gram speculation (`--spec-type ngram-simple`) and,
@@ -19,7 +20,7 @@ import random
 import sys
 from pathlib import Path
 
-from .bench_http import drive, free_port, peer_gguf, running
+from .bench_http import drive, interleaved, peer_gguf, summarize
 
 SYSTEM = "You are a helpful assistant."
 GROUNDED_TASKS = ["Copy the passage above exactly, word for word.",
@@ -68,60 +69,62 @@ def _spec_metrics(base: str) -> dict:
 def speculative_scenario(ckpt_dir: str, concurrency: list[int], n_requests: int, new_tokens: int, text: str,
                          threads: int, llama_server: str | None, gguf: Path | None, spec_tokens: int,
                          cache: Path, logs: Path, methods: tuple[str, ...] = ("ngram",),
-                         draft_dir: str | None = None) -> list[dict]:
+                         draft_dir: str | None = None, rounds: int = 1) -> list[dict]:
+    """Every server (ours plain and with each method; llama-server plain and with its modes) on
+    each workload at 1 user and at the most, `rounds` times interleaved (bench_http.interleaved);
+    the rows are the medians (bench_http.summarize)."""
     users = sorted({1, max(concurrency)})
     loads = [(w, u) for w in ("grounded", "open chat") for u in users]
-    requests = {(w, u): (grounded(text, n_requests, seed=i + 1) if w == "grounded" else open_chat(n_requests, seed=i + 1))
-                for i, (w, u) in enumerate(loads)}
+    requests = {(load, rnd): (grounded(text, n_requests, seed=1 + i + rnd * len(loads)) if load[0] == "grounded"
+                              else open_chat(n_requests, seed=1 + i + rnd * len(loads)))
+                for rnd in range(rounds) for i, load in enumerate(loads)}
     warm_up = open_chat(max(users), seed=0)
     env = dict(os.environ, LLAMA_DEMO_TORCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     logs.mkdir(parents=True, exist_ok=True)
     slots = max(users)
     app = [sys.executable, str(Path(__file__).resolve().parents[2] / "app.py"), "--ckpt_dir", ckpt_dir,
            "--max_batch_size", str(slots), "--max_waiting", str(4 * n_requests)]
-    servers = [("llama_demo", app, True)]
+    servers = [("llama_demo", app, env)]
     for m in methods:
         extra = ["--draft_ckpt_dir", draft_dir] if m == "draft" else []
         servers.append((f"llama_demo {m}", app + ["--speculative", m, "--num_speculative_tokens", str(spec_tokens)]
-                        + extra, True))
+                        + extra, env))
     if llama_server and gguf:
         path = peer_gguf(llama_server, gguf, "f32", cache)
         peer = [llama_server, "-m", str(path), "--host", "127.0.0.1", "-t", str(threads), "-tb", str(threads),
                 "-np", str(slots), "-c", str(slots * 2048), "--no-webui"]
-        servers.append(("llama-server", peer, False))
+        servers.append(("llama-server", peer, None))
         if "ngram" in methods:
             servers.append(("llama-server ngram", peer + ["--spec-type", "ngram-simple", "--spec-draft-n-max",
-                                                          str(spec_tokens)], False))
+                                                          str(spec_tokens)], None))
         for m, kind in (("int8", "q8_0"), ("int4", "q4_0")):
             if m in methods:  # the same model quantized, as llama.cpp's own draft model
                 servers.append((f"llama-server {m}", peer + ["-md", str(peer_gguf(llama_server, gguf, kind, cache)),
-                                                             "--spec-draft-n-max", str(spec_tokens)], False))
-    rows = []
-    for name, cmd, ours in servers:
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        cmd = cmd + (["--port", str(port), "--zmq_port", str(free_port())] if ours else ["--port", str(port)])
-        with running(cmd, base, env if ours else None, logs / f"{name.replace(' ', '-')}.log"):
-            asyncio.run(drive(base, "m", warm_up, new_tokens, concurrency=slots))
-            for w, u in loads:
-                before = _spec_metrics(base) if ours else {}
-                figures = asyncio.run(drive(base, "m", requests[w, u], new_tokens, concurrency=u))
-                row = {"server": name, "workload": w, "users": u, **figures}
-                after = _spec_metrics(base) if ours else {}
-                if after.get("verifications", 0) > before.get("verifications", 0):
-                    d = {k: after.get(k, 0) - before.get(k, 0) for k in ("verifications", "proposed_tokens",
-                                                                          "accepted_tokens")}
-                    row["acceptance"] = d["accepted_tokens"] / max(1, d["proposed_tokens"])
-                    row["tokens_per_verification"] = (d["accepted_tokens"] + d["verifications"]) / d["verifications"]
-                rows.append(row)
-                print_row(row)
-    return rows
+                                                             "--spec-draft-n-max", str(spec_tokens)], None))
+
+    def measure(name: str, base: str, load, rnd: int) -> dict:
+        w, u = load
+        ours = name.startswith("llama_demo")
+        before = _spec_metrics(base) if ours else {}
+        row = {"server": name, "workload": w, "users": u,
+               **asyncio.run(drive(base, "m", requests[load, rnd], new_tokens, concurrency=u))}
+        after = _spec_metrics(base) if ours else {}
+        if after.get("verifications", 0) > before.get("verifications", 0):
+            d = {k: after.get(k, 0) - before.get(k, 0) for k in ("verifications", "proposed_tokens", "accepted_tokens")}
+            row["acceptance"] = d["accepted_tokens"] / max(1, d["proposed_tokens"])
+            row["tokens_per_verification"] = (d["accepted_tokens"] + d["verifications"]) / d["verifications"]
+        print_row(row, rnd if rounds > 1 else None)
+        return row
+
+    rows = interleaved(servers, loads, rounds, warm_up, new_tokens, slots, logs, measure)
+    return summarize(rows, ("server", "workload", "users"))
 
 
-def print_row(r: dict) -> None:
+def print_row(r: dict, rnd: int | None = None) -> None:
     spec = (f", acceptance {r['acceptance']:.2f}, {r['tokens_per_verification']:.2f} tokens/verification"
             if "acceptance" in r else "")
-    print(f"{r['server']:>18} {r['workload']:>9} {r['users']:>2} users: {r['tok_s']:6.1f} tok/s, TTFT p50 "
+    print(f"{'' if rnd is None else f'round {rnd + 1}: '}{r['server']:>18} {r['workload']:>9} {r['users']:>2} users: "
+          f"{r['tok_s']:6.1f} tok/s, TTFT p50 "
           f"{r['ttft_p50']:.2f} s, ITL p50 {1000 * r['itl_p50']:.0f} p99 {1000 * r['itl_p99']:.0f} ms{spec}", flush=True)
 
 
@@ -135,6 +138,7 @@ def print_ratios(rows: list[dict]) -> None:
         name, method = server.split(" ", 1)
         plain = by.get((name, w, u))
         if plain:
-            print(f"speed-up {server:>18} {w:>9} {u:>2} users: {r['tok_s'] / plain['tok_s']:.2f}x")
+            print(f"{'median ' if 'rounds' in r else ''}speed-up {server:>18} {w:>9} {u:>2} users: "
+                  f"{r['tok_s'] / plain['tok_s']:.2f}x")
         if name == "llama_demo" and (f"llama-server {method}", w, u) in by:
             print(f"  vs llama-server {method}: {r['tok_s'] / by[f'llama-server {method}', w, u]['tok_s']:.2f}x")
