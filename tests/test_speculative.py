@@ -63,11 +63,49 @@ def test_the_acceptance_rule_draws_from_the_target_distribution():
     assert accept_or_replace(logits, wrong, 0.0, 1.0, 0, 0.0, 0.0, 0.5) == (int(logits.argmax()), False)
 
 
+class Seq:
+    """What the proposer reads of a sequence (scheduler.Sequence's tokens and length)."""
+
+    def __init__(self, prompt=(1, 2, 3, 4, 5, 1, 2, 3), spec=None):
+        self.req = type("R", (), {"prompt_ids": list(prompt)})()
+        self.out_ids, self.spec = [], spec if spec is not None else SpecState(acceptance=0.6)
+
+    @property
+    def length(self):
+        return len(self.req.prompt_ids) + len(self.out_ids)
+
+    def tokens(self, start, stop):
+        return (self.req.prompt_ids + self.out_ids)[start:stop]
+
+
+def test_the_ngram_table_kept_up_to_date_proposes_as_a_scan_of_every_token():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        toks = torch.randint(0, 4 + trial, (60,), generator=g).tolist()
+        p = Proposer(SpeculationConfig("ngram", 3))
+        p.costs = StepCosts(lambda rows, proposed: 1.0)
+        s = Seq(toks[:10], SpecState(acceptance=0.9))
+        for i in range(10, 60, 1 + trial % 3):  # the answer grows by one or more tokens a step
+            s.out_ids = toks[10:i]
+            assert p.propose([s], [3]) == [ngram_proposal(toks[:i], 3)], (trial, i)
+
+
+def test_a_sequence_whose_proposals_fail_settles_low():
+    # between verifications a sequence relaxes to its own record weighed with the prior, not to
+    # the prior: one that failed 20 times stays silent where a wider step costs 20% more
+    p = Proposer(SpeculationConfig("ngram", 4))
+    p.costs = StepCosts(lambda rows, proposed: 1.0 + 0.2 * (rows + proposed - 1))
+    s = Seq()
+    for _ in range(20):
+        p.verified(s, 1, 0, 1)
+    for _ in range(300):
+        assert p.propose([s], [10]) == [[]]
+    assert s.spec.acceptance < 0.2 and s.spec.settled(p.prior) == pytest.approx(8 * 0.5 / 28)
+    fresh = Seq()  # a new sequence still starts from the prior
+    assert p.propose([fresh], [10]) == [[4, 5]]
+
+
 def test_the_proposer_proposes_only_where_a_wider_step_pays():
-    class Seq:
-        def __init__(self):
-            self.req = type("R", (), {"prompt_ids": [1, 2, 3, 4, 5, 1, 2, 3]})()
-            self.out_ids, self.spec = [], SpecState(acceptance=0.6)
 
     p = Proposer(SpeculationConfig("ngram", 4))
     p.costs = StepCosts(lambda rows, proposed: 1.0)  # a wider step costs nothing more: propose all there is
@@ -84,7 +122,8 @@ def test_the_proposer_proposes_only_where_a_wider_step_pays():
     for _ in range(50):
         p.verified(Seq(), 4, 4, 5)
     assert p.prior > 0.8
-    fresh = type("S", (), {"req": Seq().req, "out_ids": [], "spec": None})()
+    fresh = Seq(spec=False)
+    fresh.spec = None
     p.propose([fresh], [10])
     assert fresh.spec.acceptance > 0.8
     for _ in range(500):
