@@ -18,7 +18,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -112,12 +111,6 @@ async def drive(base: str, model: str, requests: list[list[dict]], new_tokens: i
             "itl_p50": percentile(itl, 50), "itl_p99": percentile(itl, 99)}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def running(cmd: list[str], base: str, env: dict | None = None, log: Path | None = None):
     """Start a server, wait for its /health to answer 200 (bounded), stop it at the end."""
@@ -160,6 +153,8 @@ def interleaved(servers: list[tuple[str, list[str], dict | None]], loads: list, 
     env: ours when given, which then takes --zmq_port); measure(name, base, load, round) -> the
     load's row. Returns every round's rows, in order (summarize gives the medians)."""
     from contextlib import ExitStack
+
+    from ..model.parallel import free_port
 
     rows = []
     with ExitStack() as stack:

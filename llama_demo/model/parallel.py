@@ -27,8 +27,32 @@ class DistInfo:
         return self.rank == 0
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free TCP port on 127.0.0.1 for a server started next (tests, bench).
+
+    Chosen below the kernel's ephemeral range: a port the OS hands out for port 0 is one it also
+    gives to outgoing connections, and between this call and the server's bind another process's
+    connection (gloo's rendezvous, an HTTP client) took it: EADDRINUSE on the request bus in CI."""
+    import random
+
+    low, _ = _ephemeral_range()
+    candidates = list(range(max(1024, low - 12000), low)) if low > 2048 else []
+    for port in random.sample(candidates, min(64, len(candidates))):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no room below the ephemeral range: let the OS choose
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
