@@ -2,7 +2,7 @@
  * int4 (groups along the row, a float16 scale and zero each), the way llama.cpp's Q8_0 / Q4_1
  * dot products work: the activations are quantized to int8 in blocks of 32 (a float scale and
  * the block's float sum each), and each block's dot product is one integer multiply-add of 32
- * byte pairs (AVX2: vpmaddubsw + vpmaddwd), converted to float once per block.
+ * byte pairs (AVX2: vpmaddubsw + vpmaddwd; with VNNI vpdpbusd), converted to float once per block.
  *
  * Built by cpu_kernels.py with the system C compiler for this CPU (-march=native) and loaded
  * through ctypes; threads come from the OpenMP runtime torch already loaded (same soname), so
@@ -133,8 +133,38 @@ void qk_quantize_x(const float *x, int64_t B, int64_t cols, int nibble_order, in
 #ifdef QK_AVX2
 
 /* 8 int32 partial sums of 32 products u8 * s8 (u <= 15 or |s8| <= 127 products: no saturation) */
+/* u8 x s8 byte products summed in fours into 8 int32 lanes, added to acc. With VNNI one instruction
+ * (vpdpbusd, AVX512-VNNI with VL or AVX-VNNI); without it vpmaddubsw + vpmaddwd. The sums are the
+ * same integers both ways: every caller's pairs stay below int16 saturation (u <= 15, or |u|, |s|
+ * <= 127), so a VNNI build's results are bit-identical to an AVX2 build's. */
+static inline __m256i dot_u8s8_acc(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, u, s);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
 static inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) || defined(__AVXVNNI__)
+    return dot_u8s8_acc(_mm256_setzero_si256(), u, s);
+#else
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+/* Two blocks of int4 nibbles (hi: even columns, lo: odd) against their activations: int32 sums,
+ * lanes 0-3 for the first block, 4-7 for the second. */
+static inline __m256i dot_nibbles(__m256i hi, __m256i lo, __m256i x1, __m256i x2) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) || defined(__AVXVNNI__)
+    return dot_u8s8_acc(dot_u8s8_acc(_mm256_setzero_si256(), hi, x1), lo, x2);
+#else
+    /* 16-bit sums stay below 2 * 2 * 15 * 127: no saturation */
+    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(hi, x1), _mm256_maddubs_epi16(lo, x2)),
+                             _mm256_set1_epi16(1));
+#endif
 }
 #endif
 
@@ -147,9 +177,7 @@ static inline __m256 q4_pair(const uint8_t *wp, const int8_t *xp) {
     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m15);  /* even columns */
     const __m256i lo = _mm256_and_si256(raw, m15);                        /* odd columns */
     const __m256i x1 = _mm256_loadu_si256((const __m256i *)xp), x2 = _mm256_loadu_si256((const __m256i *)(xp + QK));
-    /* 16-bit sums stay below 2 * 2 * 15 * 127: no saturation */
-    const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(hi, x1), _mm256_maddubs_epi16(lo, x2));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+    return _mm256_cvtepi32_ps(dot_nibbles(hi, lo, x1, x2));
 }
 
 /* Group size 32 (one scale per block): 8 blocks' scales convert and multiply as one vector; the
@@ -159,7 +187,7 @@ static inline __attribute__((always_inline)) void q4_row_g32_tile(const uint8_t 
                                    int64_t ldy) {
     const int64_t nblk = cols / QK, n8 = nblk / 8 * 8;
     const __m256i idx0 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), two = _mm256_set1_epi32(2);
-    const __m256i m15 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const __m256i m15 = _mm256_set1_epi8(15);
     __m256 acc[TILE_B], zacc[TILE_B];
     for (int b = 0; b < NB; b++) acc[b] = zacc[b] = _mm256_setzero_ps();
     int64_t k = 0;
@@ -182,10 +210,8 @@ static inline __attribute__((always_inline)) void q4_row_g32_tile(const uint8_t 
                 const int8_t *xp = xq + b * cols + kp * QK;
                 const __m256i x1 = _mm256_loadu_si256((const __m256i *)xp);
                 const __m256i x2 = _mm256_loadu_si256((const __m256i *)(xp + QK));
-                /* 16-bit sums stay below 2 * 2 * 15 * 127: no saturation */
-                const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(hi, x1), _mm256_maddubs_epi16(lo, x2));
                 acc[b] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(d8[b], idx),
-                                         _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones)), acc[b]);
+                                         _mm256_cvtepi32_ps(dot_nibbles(hi, lo, x1, x2)), acc[b]);
             }
         }
     }
@@ -198,10 +224,10 @@ static inline __attribute__((always_inline)) void q4_row_g32_tile(const uint8_t 
         for (int b = 0; b < NB; b++) {
             const int8_t *xp = xq + b * cols + k * QK;
             const float *xdb = xd + b * nblk, *xsb = xs + b * nblk;
-            const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)xp)),
-                                                 _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(xp + QK))));
+            const __m256i p32 = dot_nibbles(hi, lo, _mm256_loadu_si256((const __m256i *)xp),
+                                            _mm256_loadu_si256((const __m256i *)(xp + QK)));
             const __m256 d = _mm256_set_m128(_mm_set1_ps(sb * xdb[k + 1]), _mm_set1_ps(sa * xdb[k]));
-            acc[b] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones)), acc[b]);
+            acc[b] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p32), acc[b]);
             tail[b] += ma * xsb[k] + mb * xsb[k + 1];
         }
     }
