@@ -151,7 +151,7 @@ def test_c_decode_step_equals_the_torch_ops(tmp_path, world):
         got = json.loads((tmp_path / f"native.{rank}.json").read_text())
         assert set(got) == {"gqa", "mqa", "mha-int8", "mqa-int4"}
         for tag, r in got.items():
-            assert r["plan"] == [True] * 6, (tag, r)
+            assert r["plan"] == [True] * 7, (tag, r)
             # the same float32 arithmetic in another order (fused residual adds, a polynomial exp):
             # a few ulps of values of order `scale`; quantized products round their activations to
             # int8 on both paths, where an ulp's difference can flip one rounding (seen: 1.8e-3 of
@@ -160,6 +160,9 @@ def test_c_decode_step_equals_the_torch_ops(tmp_path, world):
             assert r["logits"] <= tolerance * max(r["scale"], 1.0), (tag, r)
             assert r["cache"] <= 1e-5, (tag, r)
             assert r["after_move"] <= tolerance * max(r["scale"], 1.0), (tag, r)  # a weight replaced: seen
+            # a 40-token prompt chunk in C (float32: its products in torch's sgemm where torch has MKL)
+            assert r["chunk_logits"] <= tolerance * max(r["scale"], 1.0) and r["chunk_cache"] <= 1e-5, (tag, r)
+            assert r["blas"] == (cpu_kernels.torch_sgemm() is not None), (tag, r)
             assert r["past_the_cache"] == "IndexError", (tag, r)
             # float32 plans probe C against torch ops at 6 decode rows, then chunks of 32 and 64 tokens
             # until C loses (either may win here: no limit, the largest chunk C won, at least 16, or

@@ -10,7 +10,10 @@ are per machine:
   (c_rows_limit: on the 2-core AVX2 VM C ran 2-16 rows 1.3-5x faster than F.linear, e.g. the
   default model's 49152-row output layer at 2 rows 5.8 ms against 21.6 ms).
 - float32, several rows (prefill; batched decode steps that do not run in C, native_decode.py):
-  torch's GEMM (F.linear: MKL in x86 builds) on the same plain weights. oneDNN's blocked copy of
+  torch's GEMM (F.linear: MKL in x86 builds) on the same plain weights. Inside the C layers
+  (native_decode.py) a product of more rows than c_rows_limit() calls that same sgemm (torch_sgemm,
+  lend_blas): the GEMM for the product, C for the norms, rotary, attention and SiLU around it
+  (SmolLM2-135M, 15 decodes + a 256-token chunk: 421 ms against 481 through the torch ops). oneDNN's blocked copy of
   each weight (pack_for_cpu) is made only on request (LLAMA_DEMO_PACK_WEIGHTS=1): it doubles the
   float32 weights held, and on the 2-core AVX2 VM F.linear on the plain weights ran 16-row steps
   and 128-token prompt chunks faster than oneDNN on its blocked copy (README, issue 25 item 5).
@@ -96,6 +99,44 @@ def c_rows_limit() -> int:
                 break
             limit = n
     return limit
+
+
+@functools.cache
+def torch_sgemm() -> int | None:
+    """The address of the sgemm_ that torch's CPU library exports (MKL's, LP64, in x86 builds: what
+    F.linear itself runs), checked on one small product against F.linear; None in builds without
+    MKL, or when it is missing or wrong. The C layers use it for products of many rows
+    (lend_blas)."""
+    if not torch.backends.mkl.is_available():
+        return None
+    try:
+        fn = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).sgemm_
+    except (OSError, AttributeError):
+        return None
+    i, f = ctypes.c_int, ctypes.c_float
+    fn.restype = None
+    x, w = torch.randn(37, 50), torch.randn(23, 50)
+    y = torch.zeros(37, 23)
+    m, n, k, one, zero = i(23), i(37), i(50), f(1.0), f(0.0)
+    ref = ctypes.byref
+    fn(b"T", b"N", ref(m), ref(n), ref(k), ref(one), ctypes.c_void_p(w.data_ptr()), ref(k),
+       ctypes.c_void_p(x.data_ptr()), ref(k), ref(zero), ctypes.c_void_p(y.data_ptr()), ref(m))
+    if not torch.allclose(y, F.linear(x, w), rtol=1e-4, atol=1e-4):
+        return None
+    return ctypes.cast(fn, ctypes.c_void_p).value
+
+
+@functools.cache
+def lend_blas() -> bool:
+    """Let the C layers run float32 products of more rows than c_rows_limit() through torch's sgemm
+    (prompt chunks: there a GEMM's blocking wins, and the rest of the layer stays in C, fused);
+    False, and every product stays in the C kernel, without MKL. Once per process; only speed
+    depends on it (sgemm computes what F.linear does)."""
+    lib, sgemm = native(), torch_sgemm()
+    if lib is None or sgemm is None:
+        return False
+    lib.qk_set_sgemm(sgemm, c_rows_limit() + 1)
+    return True
 
 
 def pack_for_cpu(model, batch_hint: int = 16) -> int:
@@ -310,6 +351,7 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib.qk_decode_attention.argtypes = [p, p, p, p, p]
     lib.qk_decode_ffn.argtypes = [p, p, p, p, p]
     lib.qk_decode_layers.argtypes = [p, p, i64, p, p]
+    lib.qk_set_sgemm.argtypes = [p, i64]
     return lib
 
 

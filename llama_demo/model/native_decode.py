@@ -61,6 +61,7 @@ class DecodePlan:
         # no faster torch product here), as a probe at build time finds (float_rows_limit)
         self.max_rows = None
         if any(layer.w13.kind == 0 for layer in layers):
+            cpu_kernels.lend_blas()  # before the probe: many-row products in torch's GEMM, the rest in C
             self.max_rows = float_rows_limit(model, self)
 
     def takes(self, rows: int) -> bool:

@@ -852,9 +852,40 @@ typedef struct {
     int64_t rows, cols, group;
 } qk_product;
 
+/* A BLAS sgemm (the Fortran interface: column-major, arguments by reference) for float32 products
+ * of many rows: prompt chunks, where a GEMM's cache blocking beats the streaming kernel above. It
+ * is torch's own (MKL in x86 builds), found by cpu_kernels.py, so a step's products are the ones
+ * F.linear would run, while its norms, rotary, attention and SiLU stay here, fused and in cache
+ * (in torch they are ~25 separate passes over the step's activations a layer). Unset (NULL) where
+ * torch has no BLAS to lend: then every product is qk_linear_f32. */
+typedef void (*qk_sgemm_fn)(const char *transa, const char *transb, const int *m, const int *n, const int *k,
+                            const float *alpha, const float *a, const int *lda, const float *b, const int *ldb,
+                            const float *beta, float *c, const int *ldc);
+static qk_sgemm_fn blas_sgemm;
+static int64_t blas_min_rows = INT64_MAX;
+
+/* Products of at least min_rows activation rows go to sgemm (NULL: none do). */
+void qk_set_sgemm(void *sgemm, int64_t min_rows) {
+    blas_sgemm = (qk_sgemm_fn)sgemm;
+    blas_min_rows = sgemm ? min_rows : INT64_MAX;
+}
+
+/* y (B, rows) = x (B, cols) W^T through sgemm; in column-major terms y^T = W x^T, W being
+ * (cols, rows) column-major as stored. */
+static void blas_linear_f32(const float *x, int64_t B, const float *w, int64_t rows, int64_t cols, float *y) {
+    const int m = (int)rows, n = (int)B, k = (int)cols;
+    const float one = 1.f, zero = 0.f;
+    blas_sgemm("T", "N", &m, &n, &k, &one, w, &k, x, &k, &zero, y, &m);
+}
+
 static int product(const qk_product *p, const float *x, int64_t B, float *y) {
     switch (p->kind) {
-    case 0: qk_linear_f32(x, B, p->w, p->rows, p->cols, y); return 0;
+    case 0:
+        if (B >= blas_min_rows && p->rows < INT32_MAX && p->cols < INT32_MAX && B < INT32_MAX)
+            blas_linear_f32(x, B, p->w, p->rows, p->cols, y);
+        else
+            qk_linear_f32(x, B, p->w, p->rows, p->cols, y);
+        return 0;
     case 1: return qk_linear_q8(x, B, p->w, p->scales, p->rows, p->cols, y);
     case 2: return qk_linear_q4(x, B, p->w, p->scales, p->zeros, p->rows, p->cols, p->group, y);
     }

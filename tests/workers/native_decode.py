@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from llama_demo.model import cpu_kernels
 from llama_demo.model.native_decode import DecodePlan
 from llama_demo.model.parallel import init_distributed, shutdown_distributed
 from specs import models
@@ -15,6 +16,12 @@ from specs import models
 out = Path(sys.argv[1])
 info = init_distributed()
 report = {}
+# float32 products of 8 rows or more through torch's sgemm inside the C layers (normally only
+# above c_rows_limit(), 32-64 rows, which these small steps never reach), so the prompt chunk
+# below tests that path wherever torch has MKL
+BLAS = cpu_kernels.lend_blas()
+if BLAS:
+    cpu_kernels.native().qk_set_sgemm(cpu_kernels.torch_sgemm(), 8)
 # 6 rows: more than the C product's tile, so a float32 plan runs its probe (native_decode.float_rows_limit)
 for tag, model in models(sys.argv[2:], info, max_seq_len=64, max_batch_size=6):
     g = torch.Generator().manual_seed(0)
@@ -46,6 +53,22 @@ for tag, model in models(sys.argv[2:], info, max_seq_len=64, max_batch_size=6):
         worst["logits"] = max(worst["logits"], (a - b).abs().max().item())
         worst["scale"] = max(worst["scale"], b.abs().max().item())
         worst["cache"] = max(worst["cache"], max(max((x - y).abs().max().item() for x, y in zip(p, q)) for p, q in zip(ca, cb)))
+    # a prompt chunk of 40 tokens into cache row 4 (products of 40 rows: sgemm where torch lends it)
+    chunk = torch.randint(3, vocab, (1, 40), generator=g)
+    saved = [(k.clone(), v.clone()) for k, v in caches]
+    results = []
+    for native in (True, False):
+        for (k, v), (k0, v0) in zip(caches, saved):
+            k.copy_(k0), v.copy_(v0)
+        model._decode_plan = None if native else False
+        logits = model(chunk, torch.arange(40)[None], [4], 40, logits_at=torch.tensor([39]))
+        if native:
+            worst["plan"].append(isinstance(model._decode_plan, DecodePlan))
+        results.append((logits, [(k.clone(), v.clone()) for k, v in caches]))
+    (a, ca), (b, cb) = results
+    worst["chunk_logits"] = (a - b).abs().max().item()
+    worst["chunk_cache"] = max(max((x - y).abs().max().item() for x, y in zip(p, q)) for p, q in zip(ca, cb))
+    worst["blas"] = BLAS
     # a weight moved to new memory (here: zeroed in a copy) after the plan was built, and the plan
     # invalidated as whoever changes a weight must: the next C step reads the new weight
     model._decode_plan = None
