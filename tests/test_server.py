@@ -202,3 +202,29 @@ def test_metrics_show_the_kv_pool(server):
               if line.startswith("llama_demo_kv_") or line.startswith("llama_demo_preemptions")}
     assert values["llama_demo_kv_blocks"] > 0 and values["llama_demo_kv_blocks_cached"] >= 1
     assert values["llama_demo_kv_blocks_used"] == 0 and values["llama_demo_preemptions"] == 0  # nothing runs now
+
+
+def test_metrics_show_where_a_tokens_time_goes(server):
+    """/metrics times the engine's decode steps, the loop's gaps between them and the web side's work on
+    each token (what `bench --scenario serve` prints per load); a streamed answer moves every one."""
+    def samples() -> dict[str, float]:
+        text = httpx.get(f"{server.url}/metrics").text
+        return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+                if line.startswith("llama_demo_") and not line.startswith("#") and "{" not in line.split(" ")[0]}
+
+    before = samples()
+    stream = _client(server).completions.create(model="x", prompt="A stream timed token by token", max_tokens=8,
+                                               temperature=0, stream=True, stream_options={"include_usage": True})
+    n = [c for c in stream if c.usage][0].usage.completion_tokens
+    assert n >= 4
+    after = samples()
+    grew = {name: after[name] - before.get(name, 0.0) for name in (
+        "llama_demo_decode_steps", "llama_demo_decode_step_seconds", "llama_demo_step_gaps",
+        "llama_demo_step_gap_seconds", "llama_demo_token_handoff_seconds_count", "llama_demo_token_write_seconds_count")}
+    # the prompt's step makes the first token; each later one comes from a decode step, all but the first of
+    # them following another at once
+    assert grew["llama_demo_decode_steps"] >= n - 1 and grew["llama_demo_step_gaps"] >= n - 2
+    assert grew["llama_demo_token_handoff_seconds_count"] >= n and grew["llama_demo_token_write_seconds_count"] >= n
+    step = grew["llama_demo_decode_step_seconds"] / grew["llama_demo_decode_steps"]
+    gap = grew["llama_demo_step_gap_seconds"] / grew["llama_demo_step_gaps"]
+    assert 0 < gap < step * 10 and step < 5  # seconds: a tiny model's step, and a gap that is the loop's own work

@@ -108,7 +108,33 @@ async def drive(base: str, model: str, requests: list[list[dict]], new_tokens: i
     tokens = sum(r["tokens"] for r in results)
     return {"requests": len(results), "lost": sum(1 for r in results if not r["tokens"]), "output_tokens": tokens, "tok_s": tokens / wall, "wall_s": wall,
             "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
-            "itl_p50": percentile(itl, 50), "itl_p99": percentile(itl, 99)}
+            "itl_p50": percentile(itl, 50), "itl_p99": percentile(itl, 99),
+            "itl_mean": sum(itl) / len(itl) if itl else 0.0}
+
+
+def scrape(base: str) -> dict[str, float]:
+    """Our server's /metrics as {sample name: value} (a histogram's _sum and _count among them)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples if not s.labels}
+
+
+def serving_costs(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Where a token's time went in our server over one load (seconds, means): the engine's decode
+    steps, the loop's gap between two of them, the hand-off to the web thread, the web thread's
+    work on the token (serve/metrics.py and serve/loop.StepClock measure them)."""
+    def d(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    def mean(total: str, count: str) -> float:
+        return d(total) / d(count) if d(count) else 0.0
+
+    return {"step": mean("llama_demo_decode_step_seconds", "llama_demo_decode_steps"),
+            "gap": mean("llama_demo_step_gap_seconds", "llama_demo_step_gaps"),
+            "handoff": mean("llama_demo_token_handoff_seconds_sum", "llama_demo_token_handoff_seconds_count"),
+            "write": mean("llama_demo_token_write_seconds_sum", "llama_demo_token_write_seconds_count")}
 
 
 @contextmanager
@@ -173,7 +199,7 @@ def interleaved(servers: list[tuple[str, list[str], dict | None]], loads: list, 
     return rows
 
 
-FIGURES = ("tok_s", "ttft_p50", "ttft_p99", "itl_p50", "itl_p99", "acceptance", "tokens_per_verification")
+FIGURES = ("tok_s", "ttft_p50", "ttft_p99", "itl_p50", "itl_p99", "itl_mean", "acceptance", "tokens_per_verification")
 
 
 def summarize(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
@@ -253,9 +279,12 @@ def serve_scenario(ckpt_dir: str, weights: list[str], concurrency: list[int], ra
         server, served = name.split(" ")
         if served != w:
             return {}
+        before = scrape(base) if server == "llama_demo" else None
         figures = asyncio.run(drive(base, "m", requests[load, rnd], new_tokens,
                                     **({"concurrency": x} if kind == "c" else {"rate": x})))
         row = {"server": server, "weights": w, "load": f"{x} users" if kind == "c" else f"{x:g} req/s", **figures}
+        if before is not None:
+            row["costs"] = serving_costs(before, scrape(base))
         print_row(row, rnd if rounds > 1 else None)
         return row
 
@@ -268,6 +297,12 @@ def print_row(r: dict, rnd: int | None = None) -> None:
           f"{r['tok_s']:6.1f} tok/s  TTFT p50 {r['ttft_p50']:.2f} "
           f"p99 {r['ttft_p99']:.2f} s  ITL p50 {1000 * r['itl_p50']:.0f} p99 {1000 * r['itl_p99']:.0f} ms "
           f"({r['requests']} requests, {r['output_tokens']} tokens, {r['lost']} without an answer)", flush=True)
+    if "costs" in r:
+        c = r["costs"]
+        print(f"{'':>12} a token's time, ms: ITL mean {1000 * r['itl_mean']:.2f} = decode step {1000 * c['step']:.2f} "
+              f"+ {1000 * (r['itl_mean'] - c['step']):.2f} beyond it (the loop's gap between steps "
+              f"{1000 * c['gap']:.2f}; overlapping the next step: hand-off to the web thread {1000 * c['handoff']:.2f}, "
+              f"its work on the token {1000 * c['write']:.2f})", flush=True)
 
 
 def print_ratios(rows: list[dict]) -> None:

@@ -72,6 +72,7 @@ class TokenEvent:
     # first token's logprob None (nothing predicts it)
     prompt_logprobs: list[tuple[int, float | None, list[tuple[int, float]]]] | None = None
     note: str | None = None  # rank 0: why an answer ended early, when a person should know (the repeat guard)
+    delivered: float | None = None  # rank 0: time.monotonic() when the serving loop handed it to the web thread
 
 
 @dataclass
@@ -115,6 +116,7 @@ class Engine:
         self.scheduler = Scheduler(model.args.max_batch_size, self.max_seq_len, model.kv_blocks, model.block_size,
                                    prefix_cache)
         self.steps = 0
+        self.last_prefill_tokens = 0  # prompt tokens the last step fed (0: a step of decodes alone)
         # speculative decoding (--speculative): proposals for decoding sequences, verified in the step
         # (`draft`: the draft model of --speculative draft / int8 / int4, its KV pool as the target's)
         self.proposer = None
@@ -284,6 +286,7 @@ class Engine:
         if not decoding and not plan:
             return []
         self.steps += 1
+        self.last_prefill_tokens = sum(n for _, n in plan)
         try:
             seqs, widths, logits = self._forward_step(decoding, plan)
         except torch.OutOfMemoryError as e:

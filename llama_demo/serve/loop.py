@@ -22,7 +22,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -40,6 +40,18 @@ class RankLost(RuntimeError):
 
 
 @dataclass
+class StepClock:
+    """Rank 0's account of a decoding loop's time (GET /metrics): the engine's steps of decodes
+    alone (no prompt chunk), and the loop's own work from the end of one such step to the start of
+    the next (applying bus messages, handing the events to the web thread). At one user a token
+    takes one step plus that, so it is what serving adds on this side of the web thread."""
+    decode_steps: int = 0
+    decode_step_s: float = 0.0
+    gaps: int = 0  # decode steps that followed a decode step at once (the gap measured)
+    gap_s: float = 0.0
+
+
+@dataclass
 class Health:
     started: float
     last_collective: float  # monotonic time of the last collective every rank completed
@@ -49,6 +61,7 @@ class Health:
     loop_alive: bool = True
     error: str | None = None
     draining_until: float | None = None  # monotonic end of the drain once a stop signal came (serve.shutdown)
+    clock: StepClock = field(default_factory=StepClock)
 
     def ok(self) -> bool:
         # while busy every step is a collective; while idle the heartbeat ticks are
@@ -137,8 +150,10 @@ class EngineClient:
     def deliver(self, events: list[TokenEvent]) -> None:
         with self._lock:
             targets = [(self._queues.get(ev.request_id), ev) for ev in events]
+        now = time.monotonic()
         for target, ev in targets:
             if target is not None:
+                ev.delivered = now
                 loop, queue = target
                 loop.call_soon_threadsafe(queue.put_nowait, ev)
 
@@ -199,6 +214,7 @@ class ServingLoop:
         try:
             self.engine.seal_source = self._read_bus if self.rank == 0 else None
             carried = None  # the seal the last step's outcome broadcast carried
+            clock, last_decode_end = self.health.clock, None
             while True:
                 if carried is not None:
                     self._apply_upto(carried)
@@ -209,13 +225,24 @@ class ServingLoop:
                 if self.stopped:
                     break
                 self.engine.carried_seal = None
+                started = time.perf_counter()
                 events = self.engine.step()
+                ended = time.perf_counter()
                 carried = self.engine.carried_seal
                 self.health.running, self.health.waiting = len(self.engine.running), len(self.engine.waiting)
                 if events:
                     self._mark_collective()
                     if self.client is not None:
                         self.client.deliver(events)
+                if events and not self.engine.last_prefill_tokens:
+                    clock.decode_steps += 1
+                    clock.decode_step_s += ended - started
+                    if last_decode_end is not None:
+                        clock.gaps += 1
+                        clock.gap_s += started - last_decode_end
+                    last_decode_end = ended
+                else:
+                    last_decode_end = None
             if self.client is not None:  # the drain's time ran out with these unfinished
                 self.client.fail_all(RuntimeError("the server stopped before this answer was finished "
                                                   "(its --drain_timeout ran out)"))

@@ -19,6 +19,9 @@ __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 # Seconds: from tens of milliseconds (a small model on a GPU) to minutes (a long queue on a CPU).
 TTFT_BUCKETS = (0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 ITL_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+# Seconds of the web side's work on one token: tens of microseconds when idle, milliseconds when
+# its thread waits for a core the model's threads hold.
+WEB_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 
 
 class Metrics:
@@ -33,7 +36,22 @@ class Metrics:
                               buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram("llama_demo_inter_token_latency_seconds", "Between successive tokens of one answer",
                              buckets=ITL_BUCKETS, registry=r)
+        # Where a token's time goes at one user (bench --scenario serve prints it): the engine's step,
+        # the loop's gap between steps (StepClock), the hand-off to this thread, its chunk's writing.
+        self.handoff = Histogram("llama_demo_token_handoff_seconds", "From the serving loop handing a token to "
+                                 "the web thread to the answer's coroutine taking it", buckets=WEB_BUCKETS, registry=r)
+        self.web_work = Histogram("llama_demo_token_write_seconds", "The web thread's work on one token: its "
+                                  "chunk built and written, until the answer asks for the next", buckets=WEB_BUCKETS,
+                                  registry=r)
         health = client.health
+        clock = health.clock
+        for name, what, read in (
+                ("decode_steps", "Engine steps of decodes alone (no prompt chunk) since start", lambda: clock.decode_steps),
+                ("decode_step_seconds", "Seconds in those steps", lambda: clock.decode_step_s),
+                ("step_gaps", "Decode steps that followed a decode step at once", lambda: clock.gaps),
+                ("step_gap_seconds", "Seconds of the serving loop between those steps (bus, hand-off to the web "
+                 "thread)", lambda: clock.gap_s)):
+            Gauge(f"llama_demo_{name}", what, registry=r).set_function(read)
         Gauge("llama_demo_requests_running", "Requests running (holding KV blocks), at most --max_batch_size",
               registry=r).set_function(lambda: health.running)
         Gauge("llama_demo_requests_waiting", "Requests admitted and waiting to run (the queue, preempted ones first)",
@@ -75,6 +93,9 @@ class Metrics:
         self.prompt_tokens.inc(prompt_tokens)
         try:
             async for ev in events:
+                taken = time.monotonic()
+                if ev.delivered is not None:
+                    self.handoff.observe(taken - ev.delivered)
                 if ev.token_id is not None:
                     now = time.monotonic()
                     (self.ttft.observe(now - started) if last is None else self.itl.observe(now - last))
@@ -83,6 +104,7 @@ class Metrics:
                 if ev.finished:
                     outcome = ev.finish_reason or "stop"
                 yield ev
+                self.web_work.observe(time.monotonic() - taken)  # the answer asks for the next once this one is out
         except Exception:
             outcome = "error"
             raise
