@@ -219,12 +219,14 @@ def test_metrics_show_where_a_tokens_time_goes(server):
     assert n >= 4
     after = samples()
     grew = {name: after[name] - before.get(name, 0.0) for name in (
-        "llama_demo_decode_steps", "llama_demo_decode_step_seconds", "llama_demo_step_gaps",
-        "llama_demo_step_gap_seconds", "llama_demo_token_handoff_seconds_count", "llama_demo_token_write_seconds_count")}
+        "llama_demo_decode_steps", "llama_demo_decode_step_seconds", "llama_demo_decode_forward_seconds",
+        "llama_demo_step_gaps", "llama_demo_step_gap_seconds", "llama_demo_token_handoff_seconds_count",
+        "llama_demo_token_write_seconds_count")}
     # the prompt's step makes the first token; each later one comes from a decode step, all but the first of
     # them following another at once
     assert grew["llama_demo_decode_steps"] >= n - 1 and grew["llama_demo_step_gaps"] >= n - 2
     assert grew["llama_demo_token_handoff_seconds_count"] >= n and grew["llama_demo_token_write_seconds_count"] >= n
     step = grew["llama_demo_decode_step_seconds"] / grew["llama_demo_decode_steps"]
+    assert 0 < grew["llama_demo_decode_forward_seconds"] < grew["llama_demo_decode_step_seconds"]
     gap = grew["llama_demo_step_gap_seconds"] / grew["llama_demo_step_gaps"]
     assert 0 < gap < step * 10 and step < 5  # seconds: a tiny model's step, and a gap that is the loop's own work

@@ -132,6 +132,7 @@ def serving_costs(before: dict[str, float], after: dict[str, float]) -> dict[str
         return d(total) / d(count) if d(count) else 0.0
 
     return {"step": mean("llama_demo_decode_step_seconds", "llama_demo_decode_steps"),
+            "forward": mean("llama_demo_decode_forward_seconds", "llama_demo_decode_steps"),
             "gap": mean("llama_demo_step_gap_seconds", "llama_demo_step_gaps"),
             "handoff": mean("llama_demo_token_handoff_seconds_sum", "llama_demo_token_handoff_seconds_count"),
             "write": mean("llama_demo_token_write_seconds_sum", "llama_demo_token_write_seconds_count")}
@@ -300,6 +301,7 @@ def print_row(r: dict, rnd: int | None = None) -> None:
     if "costs" in r:
         c = r["costs"]
         print(f"{'':>12} a token's time, ms: ITL mean {1000 * r['itl_mean']:.2f} = decode step {1000 * c['step']:.2f} "
+              f"(forward {1000 * c['forward']:.2f}, sampling and the rest {1000 * (c['step'] - c['forward']):.2f}) "
               f"+ {1000 * (r['itl_mean'] - c['step']):.2f} beyond it (the loop's gap between steps "
               f"{1000 * c['gap']:.2f}; overlapping the next step: hand-off to the web thread {1000 * c['handoff']:.2f}, "
               f"its work on the token {1000 * c['write']:.2f})", flush=True)

@@ -117,6 +117,7 @@ class Engine:
                                    prefix_cache)
         self.steps = 0
         self.last_prefill_tokens = 0  # prompt tokens the last step fed (0: a step of decodes alone)
+        self.last_forward_s = 0.0  # seconds of the last step's forward (the rest: deciding, broadcasting, events)
         # speculative decoding (--speculative): proposals for decoding sequences, verified in the step
         # (`draft`: the draft model of --speculative draft / int8 / int4, its KV pool as the target's)
         self.proposer = None
@@ -287,6 +288,7 @@ class Engine:
             return []
         self.steps += 1
         self.last_prefill_tokens = sum(n for _, n in plan)
+        started = time.perf_counter()
         try:
             seqs, widths, logits = self._forward_step(decoding, plan)
         except torch.OutOfMemoryError as e:
@@ -296,6 +298,7 @@ class Engine:
                 f"(longest {max((s.pos for s in decoding), default=0) + 1} tokens) with a {chunk}-token prompt chunk: "
                 f"restart with a smaller --max_batch_size, --max_seq_len or --step_tokens "
                 f"({str(e).splitlines()[0] if str(e) else 'out of memory'})") from None
+        self.last_forward_s = time.perf_counter() - started
         if not seqs:
             return []
         ids, codes = self._decide(logits, seqs, widths)

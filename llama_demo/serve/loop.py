@@ -47,6 +47,7 @@ class StepClock:
     takes one step plus that, so it is what serving adds on this side of the web thread."""
     decode_steps: int = 0
     decode_step_s: float = 0.0
+    decode_forward_s: float = 0.0  # of which the model's forward (the rest: sampling, the outcome's broadcast, events)
     gaps: int = 0  # decode steps that followed a decode step at once (the gap measured)
     gap_s: float = 0.0
 
@@ -237,6 +238,7 @@ class ServingLoop:
                 if events and not self.engine.last_prefill_tokens:
                     clock.decode_steps += 1
                     clock.decode_step_s += ended - started
+                    clock.decode_forward_s += self.engine.last_forward_s
                     if last_decode_end is not None:
                         clock.gaps += 1
                         clock.gap_s += started - last_decode_end

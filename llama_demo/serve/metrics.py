@@ -48,6 +48,8 @@ class Metrics:
         for name, what, read in (
                 ("decode_steps", "Engine steps of decodes alone (no prompt chunk) since start", lambda: clock.decode_steps),
                 ("decode_step_seconds", "Seconds in those steps", lambda: clock.decode_step_s),
+                ("decode_forward_seconds", "Seconds of those steps in the model's forward (the rest: sampling, "
+                 "the outcome's broadcast, the token events)", lambda: clock.decode_forward_s),
                 ("step_gaps", "Decode steps that followed a decode step at once", lambda: clock.gaps),
                 ("step_gap_seconds", "Seconds of the serving loop between those steps (bus, hand-off to the web "
                  "thread)", lambda: clock.gap_s)):
