@@ -99,9 +99,8 @@ class Metrics:
                 if ev.delivered is not None:
                     self.handoff.observe(taken - ev.delivered)
                 if ev.token_id is not None:
-                    now = time.monotonic()
-                    (self.ttft.observe(now - started) if last is None else self.itl.observe(now - last))
-                    last = now
+                    (self.ttft.observe(taken - started) if last is None else self.itl.observe(taken - last))
+                    last = taken
                     self.generation_tokens.inc()
                 if ev.finished:
                     outcome = ev.finish_reason or "stop"
